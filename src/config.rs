@@ -1,0 +1,338 @@
+//! Settings, resolved once: flags, then environment (both through clap), then the TOML file, then the
+//! defaults below. Validated here; nothing reads the environment after this.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::quorum::Rule;
+use crate::secret::Secret;
+
+/// Default quorum: three quarters of the cluster keep serving (the original tool's value).
+pub const DEFAULT_QUORUM: &str = "0.75";
+/// Never leave unless at least this many other members serve.
+pub const DEFAULT_MIN_IN_SERVICE: usize = 1;
+/// Gate: seconds between quorum checks (±20 % jitter).
+pub const DEFAULT_CHECK_INTERVAL: f64 = 30.0;
+/// Gate: checks before giving up (10 × 30 s = about 5 minutes, longer than one peer's restart).
+pub const DEFAULT_MAX_CHECKS: u32 = 10;
+/// Seconds between polls of this instance's health while leaving and coming back. At 5 s with
+/// jitter, a fleet of 12 cycling at once stays under 3 Describe calls/s, far below the account's
+/// 10/s refill (REFERENCE.md, "The Describe API bucket").
+pub const DEFAULT_POLL_INTERVAL: f64 = 5.0;
+/// How long programs may take to stop and reach RUNNING again.
+pub const DEFAULT_RESTART_TIMEOUT: f64 = 120.0;
+/// Timeout of one XML-RPC call to supervisord (stop with wait can take `stopwaitsecs`, default 10).
+pub const DEFAULT_RPC_TIMEOUT: f64 = 30.0;
+/// Added to the load balancer's connection-draining timeout when waiting for deregistration.
+pub const DRAIN_MARGIN: Duration = Duration::from_secs(15);
+/// Added to interval × healthy threshold when waiting for InService.
+pub const HEALTH_MARGIN: Duration = Duration::from_secs(30);
+/// Where supervisord listens when neither flag nor `SUPERVISOR_SERVER_URL` says.
+pub const DEFAULT_SUPERVISOR_URL: &str = "unix:///var/run/supervisor.sock";
+/// Crash-safety state and the lock file.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/elb-quorum";
+/// Read when `--config` is not given and the file exists.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/elb-quorum/elb-quorum.toml";
+
+/// A configuration error: exit status 2.
+#[derive(Debug, Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// The TOML file: every key is the long flag's name.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FileConfig {
+    pub lb: Option<String>,
+    pub domain: Option<Vec<String>>,
+    pub hostname: Option<String>,
+    pub instance_id: Option<String>,
+    pub members: Option<String>,
+    pub quorum: Option<toml::Value>,
+    pub min_in_service: Option<usize>,
+    pub check_interval: Option<f64>,
+    pub max_checks: Option<u32>,
+    pub poll_interval: Option<f64>,
+    pub restart_timeout: Option<f64>,
+    pub rpc_timeout: Option<f64>,
+    pub drain_timeout: Option<f64>,
+    pub health_timeout: Option<f64>,
+    pub dry_run: Option<bool>,
+    pub supervisor_url: Option<String>,
+    pub supervisor_username: Option<String>,
+    pub supervisor_password_file: Option<PathBuf>,
+    pub program: Option<Vec<String>>,
+    pub gate: Option<Vec<String>>,
+    pub state_dir: Option<PathBuf>,
+    pub log_format: Option<String>,
+    pub log_level: Option<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))
+    }
+}
+
+/// Where the cluster's size comes from (never from the load balancer's own list).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembersSource {
+    /// EC2 instances, not terminated, whose `Name` tag is `*.<namespace>`.
+    Ec2Name,
+    /// A fixed number of members.
+    Static(usize),
+}
+
+impl MembersSource {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        if s == "ec2-name" {
+            return Ok(Self::Ec2Name);
+        }
+        if let Some(n) = s.strip_prefix("static:") {
+            return match n.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(Self::Static(n)),
+                _ => err(format!("--members {s:?}: static:N needs a whole number N ≥ 1")),
+            };
+        }
+        err(format!("--members {s:?}: expected `ec2-name` or `static:N`"))
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// How to reach supervisord.
+#[derive(Debug, Clone)]
+pub struct SupervisorSettings {
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub rpc_timeout: Duration,
+}
+
+/// Every setting, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub lb: Option<String>,
+    pub domains: Vec<String>,
+    pub hostname: Option<String>,
+    pub instance_id: Option<String>,
+    pub members: MembersSource,
+    pub rule: Rule,
+    pub check_interval: Duration,
+    pub max_checks: u32,
+    pub poll_interval: Duration,
+    pub restart_timeout: Duration,
+    pub drain_timeout: Option<Duration>,
+    pub health_timeout: Option<Duration>,
+    pub dry_run: bool,
+    pub supervisor: SupervisorSettings,
+    pub programs: Vec<String>,
+    pub gates: Vec<String>,
+    pub state_dir: PathBuf,
+    pub log_format: LogFormat,
+    pub log_level: Option<String>,
+}
+
+/// Parses a quorum fraction `0 < q ≤ 1` (e.g. `0.75`, or `75%`) into parts per million.
+pub fn parse_quorum(s: &str) -> Result<u32, ConfigError> {
+    let bad = || ConfigError(format!("--quorum {s:?}: expected a fraction 0 < q ≤ 1 such as 0.75 (or 75%)"));
+    let s = s.trim();
+    let (num, scale) = match s.strip_suffix('%') {
+        Some(p) => (p.trim(), 10_000u64),
+        None => (s, 1_000_000u64),
+    };
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    if int.is_empty() && frac.is_empty() || !int.chars().chain(frac.chars()).all(|c| c.is_ascii_digit()) {
+        return Err(bad());
+    }
+    if frac.len() > 6 {
+        return Err(bad());
+    }
+    let int: u64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| bad())? };
+    let frac_val: u64 = if frac.is_empty() { 0 } else { frac.parse::<u64>().map_err(|_| bad())? * 10u64.pow(6 - frac.len() as u32) };
+    let ppm = int.checked_mul(scale).ok_or_else(bad)? + frac_val * scale / 1_000_000;
+    if ppm == 0 || ppm > 1_000_000 {
+        return Err(bad());
+    }
+    Ok(ppm as u32)
+}
+
+/// Parses seconds (decimals allowed) for `option`.
+pub fn seconds(option: &str, v: f64) -> Result<Duration, ConfigError> {
+    if !v.is_finite() || v < 0.0 || v > 86_400.0 {
+        return err(format!("--{option} {v}: expected seconds between 0 and 86400"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// Flag and environment values, as clap parsed them (`None` when neither was given).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub lb: Option<String>,
+    pub domain: Vec<String>,
+    pub hostname: Option<String>,
+    pub instance_id: Option<String>,
+    pub members: Option<String>,
+    pub quorum: Option<String>,
+    pub min_in_service: Option<usize>,
+    pub check_interval: Option<f64>,
+    pub max_checks: Option<u32>,
+    pub poll_interval: Option<f64>,
+    pub restart_timeout: Option<f64>,
+    pub rpc_timeout: Option<f64>,
+    pub drain_timeout: Option<f64>,
+    pub health_timeout: Option<f64>,
+    pub dry_run: bool,
+    pub supervisor_url: Option<String>,
+    pub supervisor_username: Option<String>,
+    pub supervisor_password_file: Option<PathBuf>,
+    /// `SUPERVISOR_PASSWORD` (read by main, never a flag: flags show in `ps`).
+    pub supervisor_password: Option<Secret>,
+    pub program: Vec<String>,
+    pub gate: Vec<String>,
+    pub state_dir: Option<PathBuf>,
+    pub log_format: Option<String>,
+    pub log_level: Option<String>,
+}
+
+fn vec_or(flag: Vec<String>, file: Option<Vec<String>>) -> Vec<String> {
+    if flag.is_empty() {
+        file.unwrap_or_default()
+    } else {
+        flag
+    }
+}
+
+impl Settings {
+    /// Merges flags/env over the config file over the defaults and validates the result.
+    pub fn resolve(o: Overrides) -> Result<Settings, ConfigError> {
+        let file = match &o.config {
+            Some(path) => FileConfig::load(path)?,
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => FileConfig::load(Path::new(DEFAULT_CONFIG_FILE))?,
+            None => FileConfig::default(),
+        };
+        let quorum = match (o.quorum, file.quorum) {
+            (Some(q), _) => q,
+            (None, Some(toml::Value::String(s))) => s,
+            (None, Some(toml::Value::Float(f))) => f.to_string(),
+            (None, Some(toml::Value::Integer(i))) => i.to_string(),
+            (None, Some(v)) => return err(format!("config key quorum: expected a number, got {v:?}")),
+            (None, None) => DEFAULT_QUORUM.to_owned(),
+        };
+        let quorum_ppm = parse_quorum(&quorum)?;
+        let members = MembersSource::parse(o.members.as_deref().or(file.members.as_deref()).unwrap_or("ec2-name"))?;
+        let max_checks = o.max_checks.or(file.max_checks).unwrap_or(DEFAULT_MAX_CHECKS);
+        if max_checks == 0 {
+            return err("--max-checks 0: at least one check is needed");
+        }
+        let secs = |name: &str, flag: Option<f64>, file: Option<f64>, default: f64| seconds(name, flag.or(file).unwrap_or(default));
+        let opt_secs = |name: &str, flag: Option<f64>, file: Option<f64>| flag.or(file).map(|v| seconds(name, v)).transpose();
+        let poll_interval = secs("poll-interval", o.poll_interval, file.poll_interval, DEFAULT_POLL_INTERVAL)?;
+        if poll_interval.is_zero() {
+            return err("--poll-interval 0: polls need a pause between them");
+        }
+        let log_format = match o.log_format.as_deref().or(file.log_format.as_deref()).unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => return err(format!("--log-format {other:?}: expected `text` or `json`")),
+        };
+        let domains: Vec<String> =
+            vec_or(o.domain, file.domain).into_iter().map(|d| d.trim().trim_matches('.').to_ascii_lowercase()).collect();
+        if let Some(d) = domains.iter().find(|d| d.is_empty() || d.contains(char::is_whitespace)) {
+            return err(format!("--domain {d:?}: not a domain name"));
+        }
+        let programs = vec_or(o.program, file.program);
+        let gates = vec_or(o.gate, file.gate);
+        for p in programs.iter().chain(&gates) {
+            crate::trigger::valid_program_name(p).map_err(ConfigError)?;
+        }
+        let password_file = o.supervisor_password_file.or(file.supervisor_password_file);
+        let password = match (password_file, o.supervisor_password) {
+            (Some(path), _) => Some(Secret::from_file(&path).map_err(ConfigError)?),
+            (None, p) => p,
+        };
+        let lb = o.lb.or(file.lb).filter(|s| !s.is_empty());
+        Ok(Settings {
+            lb,
+            domains,
+            hostname: o.hostname.or(file.hostname).filter(|s| !s.is_empty()),
+            instance_id: o.instance_id.or(file.instance_id).filter(|s| !s.is_empty()),
+            members,
+            rule: Rule { quorum_ppm, min_in_service: o.min_in_service.or(file.min_in_service).unwrap_or(DEFAULT_MIN_IN_SERVICE) },
+            check_interval: secs("check-interval", o.check_interval, file.check_interval, DEFAULT_CHECK_INTERVAL)?,
+            max_checks,
+            poll_interval,
+            restart_timeout: secs("restart-timeout", o.restart_timeout, file.restart_timeout, DEFAULT_RESTART_TIMEOUT)?,
+            drain_timeout: opt_secs("drain-timeout", o.drain_timeout, file.drain_timeout)?,
+            health_timeout: opt_secs("health-timeout", o.health_timeout, file.health_timeout)?,
+            dry_run: o.dry_run || file.dry_run.unwrap_or(false),
+            supervisor: SupervisorSettings {
+                url: o.supervisor_url.or(file.supervisor_url).unwrap_or_else(|| DEFAULT_SUPERVISOR_URL.to_owned()),
+                username: o.supervisor_username.or(file.supervisor_username),
+                password,
+                rpc_timeout: secs("rpc-timeout", o.rpc_timeout, file.rpc_timeout, DEFAULT_RPC_TIMEOUT)?,
+            },
+            programs,
+            gates,
+            state_dir: o.state_dir.or(file.state_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            log_format,
+            log_level: o.log_level.or(file.log_level),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quorum_fractions() {
+        let cases = [("0.75", Some(750_000)), ("1", Some(1_000_000)), ("75%", Some(750_000)), (".5", Some(500_000)), ("0.333333", Some(333_333)), ("1.0", Some(1_000_000))];
+        for (s, want) in cases {
+            assert_eq!(parse_quorum(s).ok(), want, "{s}");
+        }
+        for bad in ["0", "0.0", "1.01", "2", "-0.5", "abc", "", ".", "0.1234567", "150%", "nan"] {
+            assert!(parse_quorum(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn members_source() {
+        assert_eq!(MembersSource::parse("ec2-name").unwrap(), MembersSource::Ec2Name);
+        assert_eq!(MembersSource::parse("static:6").unwrap(), MembersSource::Static(6));
+        for bad in ["static:0", "static:x", "asg", ""] {
+            assert!(MembersSource::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn flags_override_file_override_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "quorum = 0.5\nmax-checks = 3\ndomain = [\"example.com\"]\ncheck-interval = 2.5\n").unwrap();
+        let s = Settings::resolve(Overrides { config: Some(path.clone()), max_checks: Some(7), ..Default::default() }).unwrap();
+        assert_eq!(s.rule.quorum_ppm, 500_000, "file over default");
+        assert_eq!(s.max_checks, 7, "flag over file");
+        assert_eq!(s.domains, vec!["example.com".to_string()]);
+        assert_eq!(s.check_interval, Duration::from_millis(2500));
+        assert_eq!(s.poll_interval, Duration::from_secs(5), "default");
+        std::fs::write(&path, "quorum = 0.5\nbogus = 1\n").unwrap();
+        let e = Settings::resolve(Overrides { config: Some(path), ..Default::default() }).unwrap_err();
+        assert!(e.0.contains("bogus"), "{e}");
+    }
+}

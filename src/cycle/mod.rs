@@ -1,0 +1,435 @@
+//! The gated restart cycle, shared by `listen` and the one-shot `restart`:
+//! validate programs → gate (quorum) → deregister → recheck → wait drained → restart programs →
+//! register → wait InService. The state file is written before each side effect; `reconcile`
+//! finishes a cycle that a previous process left half done.
+//!
+//! Invariant: whatever fails after deregistering, the instance is registered again before `run`
+//! returns — unless its programs did not come back (`CycleError::ServicesDown`, said loudly) or AWS
+//! stayed unreachable for the whole retry budget (`CycleError::StillDeregistered`, said loudly).
+
+pub mod state_file;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::config::{DRAIN_MARGIN, HEALTH_MARGIN};
+use crate::lb::members::Membership;
+use crate::lb::{InstanceHealth, LbError, LoadBalancer};
+use crate::quorum::{decide, holds_without_me, Rule, Snapshot, Verdict};
+use crate::supervisor::{Services, SupervisorError};
+use crate::trigger::RestartRequest;
+use state_file::{Record, StateFile, StateFileError, Step};
+
+/// How long registering again is retried while AWS is unreachable before giving up loudly.
+pub const REGISTER_RETRY_FOR: Duration = Duration::from_secs(300);
+/// Largest pause between registration retries.
+pub const REGISTER_RETRY_MAX_PAUSE: Duration = Duration::from_secs(30);
+
+/// Timing settings of one cycle.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub check_interval: Duration,
+    pub max_checks: u32,
+    pub poll_interval: Duration,
+    /// Overrides the load balancer's draining timeout (+ margin) when set.
+    pub drain_timeout: Option<Duration>,
+    /// Overrides interval × healthy threshold (+ margin) when set.
+    pub health_timeout: Option<Duration>,
+}
+
+/// What a finished cycle measured.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Summary {
+    pub programs: Vec<String>,
+    pub checks: u32,
+    pub waited_for_quorum: Duration,
+    pub drain: Duration,
+    pub restart: Duration,
+    pub back_in_service: Duration,
+    pub total: Duration,
+    pub races: u32,
+}
+
+/// How a cycle ended without an error.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Done(Summary),
+    /// `--dry-run`: every check made, nothing changed.
+    DryRun(Verdict),
+    /// Quorum not reached after the bounded checks; nothing changed.
+    GaveUp { verdict: Verdict, checks: u32 },
+    /// Shutdown requested while waiting at the gate; nothing changed.
+    Aborted,
+}
+
+#[derive(Debug, Error)]
+pub enum CycleError {
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error("cannot count the cluster's members: {0}")]
+    Members(String),
+    #[error(transparent)]
+    Lb(#[from] LbError),
+    #[error(transparent)]
+    State(#[from] StateFileError),
+    #[error("INSTANCE {instance} LEFT DEREGISTERED FROM {lb}: its programs did not come back ({source}). Fix them, then run `elb-quorum restart {programs}` (or restart the listener) to register it again")]
+    ServicesDown {
+        lb: String,
+        instance: String,
+        programs: String,
+        #[source]
+        source: SupervisorError,
+    },
+    #[error("INSTANCE {instance} IS STILL DEREGISTERED FROM {lb}: registering again failed for {tried:?} ({source}). Register it by hand: aws elb register-instances-with-load-balancer --load-balancer-name {lb} --instances {instance}")]
+    StillDeregistered {
+        lb: String,
+        instance: String,
+        tried: Duration,
+        #[source]
+        source: LbError,
+    },
+    #[error("instance {instance} is registered with {lb} again but not InService: {detail}")]
+    NotInService { lb: String, instance: String, detail: String },
+}
+
+impl CycleError {
+    /// True when the instance is (or may be) out of the load balancer after this error.
+    pub fn left_out(&self) -> bool {
+        matches!(self, CycleError::ServicesDown { .. } | CycleError::StillDeregistered { .. })
+    }
+}
+
+/// ±20 % jitter, so a fleet does not poll in lockstep.
+pub fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.8 + fastrand::f64() * 0.4)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// One instance's restart cycle.
+pub struct Cycle<L, M, S> {
+    pub lb: L,
+    pub members: M,
+    pub services: S,
+    /// This instance's id.
+    pub me: String,
+    pub rule: Rule,
+    pub timing: Timing,
+    pub dry_run: bool,
+    pub state: StateFile,
+    /// Becomes true on SIGTERM/SIGINT: stop waiting at the gate; a cycle past the gate finishes.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+enum Gate {
+    Allowed { verdict: Verdict, checks: u32 },
+    GaveUp { verdict: Verdict, checks: u32 },
+    Aborted,
+}
+
+impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
+    /// Members and load-balancer health, as one snapshot.
+    pub async fn snapshot(&self, known_down: bool) -> Result<(Snapshot, Option<InstanceHealth>), CycleError> {
+        let members = self.members.members().await.map_err(CycleError::Members)?;
+        let registered = self.lb.registered().await?;
+        let mine = registered.iter().find(|h| h.instance_id == self.me).cloned();
+        let serving = registered.into_iter().filter(|h| h.serving()).map(|h| h.instance_id).collect();
+        Ok((Snapshot { members, serving, me: self.me.clone(), known_down }, mine))
+    }
+
+    /// Sleeps `d`, or returns false early when shutdown is requested.
+    async fn pause(&self, d: Duration) -> bool {
+        let mut rx = self.shutdown.clone();
+        if *rx.borrow() {
+            return false;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = rx.wait_for(|s| *s) => false,
+        }
+    }
+
+    async fn gate(&self, req: &RestartRequest, first_check: u32) -> Result<Gate, CycleError> {
+        let mut check = first_check;
+        loop {
+            check += 1;
+            let verdict = match self.snapshot(req.serves_nothing()).await {
+                Ok((snap, _)) => Some(decide(&snap, &self.rule)),
+                Err(CycleError::Lb(e)) if e.is_retryable() => {
+                    warn!(lb = self.lb.name(), check, error = %e, "quorum check failed; counts as a failed check");
+                    None
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(v) = &verdict {
+                info!(lb = self.lb.name(), instance_id = %self.me, check, max_checks = self.timing.max_checks, may_leave = v.may_leave, reason = ?v.reason, "quorum check: {}", v.summary());
+                if v.may_leave {
+                    return Ok(Gate::Allowed { verdict: v.clone(), checks: check });
+                }
+            }
+            if check >= self.timing.max_checks {
+                let verdict = match verdict {
+                    Some(v) => v,
+                    None => return Err(CycleError::Lb(LbError::Unreachable { lb: self.lb.name().into(), action: "quorum check", detail: format!("no check succeeded in {check}") })),
+                };
+                return Ok(Gate::GaveUp { verdict, checks: check });
+            }
+            if !self.pause(jitter(self.timing.check_interval)).await {
+                return Ok(Gate::Aborted);
+            }
+        }
+    }
+
+    fn record(&self, step: Step, programs: &[String], since: u64) -> Record {
+        Record { step, instance_id: self.me.clone(), lb: self.lb.name().to_owned(), programs: programs.to_vec(), since, pid: std::process::id() }
+    }
+
+    /// Runs one gated restart of `req.programs`.
+    pub async fn run(&self, req: &RestartRequest) -> Result<Outcome, CycleError> {
+        let programs: Vec<String> = req.programs.iter().cloned().collect();
+        let started = Instant::now();
+        self.services.validate(&programs).await?;
+        let mut summary = Summary { programs: programs.clone(), ..Default::default() };
+        let mut checks = 0;
+        loop {
+            let (verdict, used) = match self.gate(req, checks).await? {
+                Gate::Allowed { verdict, checks } => (verdict, checks),
+                Gate::GaveUp { verdict, checks } => {
+                    warn!(lb = self.lb.name(), instance_id = %self.me, checks, "giving up: quorum not reached after {checks} checks ({}); nothing changed", verdict.summary());
+                    return Ok(Outcome::GaveUp { verdict, checks });
+                }
+                Gate::Aborted => {
+                    info!("shutdown requested while waiting for quorum; nothing changed");
+                    return Ok(Outcome::Aborted);
+                }
+            };
+            checks = used;
+            summary.checks = checks;
+            if self.dry_run {
+                info!(lb = self.lb.name(), instance_id = %self.me, "dry run: would deregister, restart {}, register; nothing changed", programs.join(" "));
+                return Ok(Outcome::DryRun(verdict));
+            }
+            summary.waited_for_quorum = started.elapsed();
+            let timings = self.lb.timings().await?;
+            let since = unix_now();
+            self.state.save(&self.record(Step::Deregistering, &programs, since))?;
+            let t = Instant::now();
+            info!(lb = self.lb.name(), instance_id = %self.me, "deregistering");
+            if let Err(e) = self.lb.deregister(&self.me).await {
+                error!(lb = self.lb.name(), instance_id = %self.me, error = %e, "deregistering failed; making sure the instance is registered");
+                self.come_back().await?;
+                return Err(e.into());
+            }
+            if !req.serves_nothing() {
+                match self.snapshot(false).await {
+                    Ok((snap, _)) => {
+                        let v = holds_without_me(&snap, &self.rule);
+                        if !v.may_leave {
+                            summary.races += 1;
+                            warn!(lb = self.lb.name(), instance_id = %self.me, "peers left at the same time ({}); registering again and going back to the gate", v.summary());
+                            self.come_back().await?;
+                            if checks >= self.timing.max_checks {
+                                return Ok(Outcome::GaveUp { verdict: v, checks });
+                            }
+                            if !self.pause(jitter(self.timing.check_interval)).await {
+                                return Ok(Outcome::Aborted);
+                            }
+                            continue;
+                        }
+                    }
+                    Err(e) => {
+                        error!(error = %e, "quorum recheck after deregistering failed; registering again");
+                        self.come_back().await?;
+                        return Err(e);
+                    }
+                }
+            }
+            let drain_bound = self.timing.drain_timeout.unwrap_or(timings.drain.unwrap_or(Duration::ZERO) + DRAIN_MARGIN);
+            if let Err(e) = self.wait_out(drain_bound).await {
+                self.come_back().await?;
+                return Err(e);
+            }
+            summary.drain = t.elapsed();
+            info!(lb = self.lb.name(), instance_id = %self.me, drain_s = summary.drain.as_secs_f64(), "out of the load balancer");
+
+            self.state.save(&self.record(Step::Restarting, &programs, since))?;
+            let t = Instant::now();
+            if let Err(source) = self.services.restart(&programs).await {
+                self.state.save(&self.record(Step::ServicesDown, &programs, since))?;
+                let e = CycleError::ServicesDown { lb: self.lb.name().into(), instance: self.me.clone(), programs: programs.join(" "), source };
+                error!(lb = self.lb.name(), instance_id = %self.me, "{e}");
+                return Err(e);
+            }
+            summary.restart = t.elapsed();
+            info!(programs = %programs.join(" "), restart_s = summary.restart.as_secs_f64(), "programs restarted and RUNNING");
+
+            let t = Instant::now();
+            self.state.save(&self.record(Step::Registering, &programs, since))?;
+            self.register_and_wait(timings.healthy_after).await?;
+            summary.back_in_service = t.elapsed();
+            summary.total = started.elapsed();
+            info!(
+                lb = self.lb.name(),
+                instance_id = %self.me,
+                programs = %programs.join(" "),
+                waited_s = summary.waited_for_quorum.as_secs_f64(),
+                drain_s = summary.drain.as_secs_f64(),
+                restart_s = summary.restart.as_secs_f64(),
+                in_service_s = summary.back_in_service.as_secs_f64(),
+                total_s = summary.total.as_secs_f64(),
+                "cycle done: {} restarted after {} quorum check(s)",
+                programs.join(" "),
+                summary.checks
+            );
+            return Ok(Outcome::Done(summary));
+        }
+    }
+
+    /// Polls until this instance is out of service (absent or not serving), within `bound`.
+    /// Past the bound the load balancer has cut connections anyway: go on, with a warning.
+    async fn wait_out(&self, bound: Duration) -> Result<(), CycleError> {
+        let deadline = Instant::now() + bound;
+        loop {
+            match self.lb.registered().await {
+                Ok(reg) => match reg.iter().find(|h| h.instance_id == self.me) {
+                    None => return Ok(()),
+                    Some(h) if !h.serving() && h.description != crate::lb::DEREGISTRATION_IN_PROGRESS => return Ok(()),
+                    Some(h) => info!(state = ?h.state, description = %h.description, "draining"),
+                },
+                Err(e) if e.is_retryable() => warn!(error = %e, "polling deregistration failed; retrying"),
+                Err(e) => return Err(e.into()),
+            }
+            if Instant::now() >= deadline {
+                warn!(lb = self.lb.name(), instance_id = %self.me, bound_s = bound.as_secs_f64(), "deregistration not confirmed within the draining bound; going on");
+                return Ok(());
+            }
+            tokio::time::sleep(jitter(self.timing.poll_interval).min(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10)))).await;
+        }
+    }
+
+    /// Registers again, retrying retryable errors for `REGISTER_RETRY_FOR`, then clears the state
+    /// file. Does not wait for InService (see `register_and_wait`).
+    async fn register(&self) -> Result<(), CycleError> {
+        let start = Instant::now();
+        let mut pause = Duration::from_secs(1);
+        loop {
+            match self.lb.register(&self.me).await {
+                Ok(()) => {
+                    info!(lb = self.lb.name(), instance_id = %self.me, "registered");
+                    self.state.clear()?;
+                    return Ok(());
+                }
+                Err(e) if e.is_retryable() && start.elapsed() < REGISTER_RETRY_FOR => {
+                    error!(lb = self.lb.name(), instance_id = %self.me, error = %e, "registering failed; the instance is deregistered; retrying in {pause:?}");
+                    tokio::time::sleep(jitter(pause)).await;
+                    pause = (pause * 2).min(REGISTER_RETRY_MAX_PAUSE);
+                }
+                Err(source) => {
+                    let e = CycleError::StillDeregistered { lb: self.lb.name().into(), instance: self.me.clone(), tried: start.elapsed(), source };
+                    error!("{e}");
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Registers and waits until InService, bounded by the health check (× threshold) + margin.
+    async fn register_and_wait(&self, healthy_after: Duration) -> Result<(), CycleError> {
+        self.register().await?;
+        let bound = self.timing.health_timeout.unwrap_or(healthy_after + HEALTH_MARGIN);
+        let deadline = Instant::now() + bound;
+        loop {
+            match self.lb.registered().await {
+                Ok(reg) => match reg.iter().find(|h| h.instance_id == self.me) {
+                    Some(h) if h.serving() => {
+                        info!(lb = self.lb.name(), instance_id = %self.me, "InService");
+                        return Ok(());
+                    }
+                    Some(h) if h.never_heals() => {
+                        return Err(CycleError::NotInService { lb: self.lb.name().into(), instance: self.me.clone(), detail: h.description.clone() });
+                    }
+                    Some(h) => info!(state = ?h.state, description = %h.description, "waiting for InService"),
+                    None => warn!("registered but not listed yet"),
+                },
+                Err(e) if e.is_retryable() => warn!(error = %e, "polling health failed; retrying"),
+                Err(e) => return Err(e.into()),
+            }
+            if Instant::now() >= deadline {
+                return Err(CycleError::NotInService {
+                    lb: self.lb.name().into(),
+                    instance: self.me.clone(),
+                    detail: format!("not InService within {bound:?}; it stays registered (check the health check target)"),
+                });
+            }
+            tokio::time::sleep(jitter(self.timing.poll_interval)).await;
+        }
+    }
+
+    /// Best effort after a failure: register again (bounded retries) and wait InService.
+    async fn come_back(&self) -> Result<(), CycleError> {
+        let healthy_after = match self.lb.timings().await {
+            Ok(t) => t.healthy_after,
+            Err(_) => Duration::from_secs(300),
+        };
+        match self.register_and_wait(healthy_after).await {
+            Ok(()) => Ok(()),
+            Err(e @ CycleError::StillDeregistered { .. }) => Err(e),
+            Err(e) => {
+                warn!(error = %e, "registered again, but not InService yet");
+                Ok(())
+            }
+        }
+    }
+
+    /// Finishes a cycle a previous process left half done (found in the state file). A record of
+    /// another instance or load balancer is set aside, never acted on.
+    pub async fn reconcile(&self) -> Result<bool, CycleError> {
+        let record = match self.state.load() {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(false),
+            Err(e @ StateFileError::Corrupt { .. }) => {
+                error!("{e}");
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if record.instance_id != self.me || record.lb != self.lb.name() {
+            let moved = self.state.set_aside("foreign")?;
+            error!(
+                recorded_instance = %record.instance_id,
+                recorded_lb = %record.lb,
+                "state file names instance {} on {}, not this one ({} on {}): a copied disk image? Moved to {} and not acted on",
+                record.instance_id, record.lb, self.me, self.lb.name(), moved.display()
+            );
+            return Ok(false);
+        }
+        warn!(step = ?record.step, programs = %record.programs.join(" "), "a previous run stopped mid-cycle; finishing it");
+        let running = self.services.running(&record.programs).await?;
+        if !running {
+            if record.step == Step::ServicesDown {
+                let source = SupervisorError::ProgramFailed { program: record.programs.join(" "), state: "not RUNNING".into(), detail: " (they failed to come back in an earlier cycle)".into() };
+                let e = CycleError::ServicesDown { lb: self.lb.name().into(), instance: self.me.clone(), programs: record.programs.join(" "), source };
+                error!("{e}");
+                return Err(e);
+            }
+            // Out of the load balancer already: restarting takes nothing from the cluster.
+            self.state.save(&Record { step: Step::Restarting, pid: std::process::id(), ..record.clone() })?;
+            if let Err(source) = self.services.restart(&record.programs).await {
+                self.state.save(&Record { step: Step::ServicesDown, pid: std::process::id(), ..record.clone() })?;
+                let e = CycleError::ServicesDown { lb: self.lb.name().into(), instance: self.me.clone(), programs: record.programs.join(" "), source };
+                error!("{e}");
+                return Err(e);
+            }
+        }
+        let healthy_after = self.lb.timings().await.map(|t| t.healthy_after).unwrap_or(Duration::from_secs(300));
+        self.register_and_wait(healthy_after).await?;
+        info!(lb = self.lb.name(), instance_id = %self.me, "reconciled: registered and InService again");
+        Ok(true)
+    }
+}

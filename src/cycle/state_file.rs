@@ -1,0 +1,208 @@
+//! The crash-safety record (`state.json`) and the lock file (`lock`) in `--state-dir`.
+//!
+//! Written atomically (temporary file, fsync, rename) with mode 0600 before each side effect, so a
+//! listener killed with -9 finds on restart what it had done and finishes the cycle.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Where the cycle stood when the record was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Step {
+    /// About to deregister (or deregistered: the call may have gone through).
+    Deregistering,
+    /// Out of the load balancer; restarting the programs.
+    Restarting,
+    /// The programs did not come back: deliberately left out of the load balancer.
+    ServicesDown,
+    /// Registering again.
+    Registering,
+}
+
+/// What the state file holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub step: Step,
+    pub instance_id: String,
+    pub lb: String,
+    pub programs: Vec<String>,
+    /// Unix seconds when the cycle deregistered.
+    pub since: u64,
+    pub pid: u32,
+}
+
+#[derive(Debug, Error)]
+pub enum StateFileError {
+    #[error("cannot create state directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot write state file {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("cannot read state file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("state file {path} is corrupt ({detail}); it was moved to {moved} and ignored")]
+    Corrupt { path: PathBuf, detail: String, moved: PathBuf },
+    #[error("another elb-quorum restart holds the lock {path} (pid {holder}); not running two cycles at once")]
+    Locked { path: PathBuf, holder: String },
+    #[error("cannot open lock file {path}: {source}")]
+    Lock { path: PathBuf, source: std::io::Error },
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct StateFile {
+    dir: PathBuf,
+}
+
+/// Holds the lock until dropped.
+#[derive(Debug)]
+pub struct LockGuard {
+    _file: File,
+}
+
+impl StateFile {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    fn ensure_dir(&self) -> Result<(), StateFileError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(|source| StateFileError::CreateDir { path: self.dir.clone(), source })
+    }
+
+    /// Writes the record atomically.
+    pub fn save(&self, record: &Record) -> Result<(), StateFileError> {
+        self.ensure_dir()?;
+        let path = self.path();
+        let tmp = self.dir.join(format!(".state.json.{}", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+            f.write_all(&serde_json::to_vec_pretty(record).expect("a record always serializes"))?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            File::open(&self.dir)?.sync_all()
+        };
+        write().map_err(|source| StateFileError::Write { path, source })
+    }
+
+    /// The record, if any. A corrupt file is moved aside and reported.
+    pub fn load(&self) -> Result<Option<Record>, StateFileError> {
+        let path = self.path();
+        let text = match fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateFileError::Read { path, source }),
+        };
+        match serde_json::from_slice(&text) {
+            Ok(r) => Ok(Some(r)),
+            Err(e) => {
+                let moved = self.set_aside("corrupt")?;
+                Err(StateFileError::Corrupt { path, detail: e.to_string(), moved })
+            }
+        }
+    }
+
+    /// Removes the record (the cycle finished).
+    pub fn clear(&self) -> Result<(), StateFileError> {
+        match fs::remove_file(self.path()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StateFileError::Write { path: self.path(), source: e }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Moves the record aside (`state.json.<why>-<unix time>`), never acting on it.
+    pub fn set_aside(&self, why: &str) -> Result<PathBuf, StateFileError> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let to = self.dir.join(format!("state.json.{why}-{now}"));
+        fs::rename(self.path(), &to).map_err(|source| StateFileError::Write { path: self.path(), source })?;
+        Ok(to)
+    }
+
+    /// Takes the lock without waiting; `Locked` when another process holds it.
+    pub fn try_lock(&self) -> Result<LockGuard, StateFileError> {
+        self.ensure_dir()?;
+        let path = self.dir.join("lock");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| StateFileError::Lock { path: path.clone(), source })?;
+        match file.try_lock() {
+            Ok(()) => {
+                let _ = file.set_len(0);
+                let _ = file.write_all(std::process::id().to_string().as_bytes());
+                Ok(LockGuard { _file: file })
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                Err(StateFileError::Locked { path, holder: if holder.is_empty() { "unknown".into() } else { holder } })
+            }
+            Err(fs::TryLockError::Error(source)) => Err(StateFileError::Lock { path, source }),
+        }
+    }
+}
+
+/// Whether the path exists and is a directory we can write (used by `status`).
+pub fn writable_dir(p: &Path) -> bool {
+    p.is_dir() && fs::metadata(p).map(|m| !m.permissions().readonly()).unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn record() -> Record {
+        Record { step: Step::Restarting, instance_id: "i-1".into(), lb: "web".into(), programs: vec!["web".into()], since: 1, pid: 2 }
+    }
+
+    #[test]
+    fn save_load_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let sf = StateFile::new(dir.path().join("sub"));
+        assert_eq!(sf.load().unwrap(), None);
+        sf.save(&record()).unwrap();
+        assert_eq!(fs::metadata(sf.path()).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(sf.load().unwrap(), Some(record()));
+        sf.clear().unwrap();
+        assert_eq!(sf.load().unwrap(), None);
+        sf.clear().unwrap();
+    }
+
+    #[test]
+    fn corrupt_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let sf = StateFile::new(dir.path());
+        fs::write(sf.path(), b"{not json").unwrap();
+        assert!(matches!(sf.load(), Err(StateFileError::Corrupt { .. })));
+        assert_eq!(sf.load().unwrap(), None, "moved aside");
+    }
+
+    #[test]
+    fn lock_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = StateFile::new(dir.path());
+        let guard = a.try_lock().unwrap();
+        match a.try_lock() {
+            Err(StateFileError::Locked { holder, .. }) => assert_eq!(holder, std::process::id().to_string()),
+            other => panic!("{other:?}"),
+        }
+        drop(guard);
+        a.try_lock().unwrap();
+    }
+}

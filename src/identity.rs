@@ -1,0 +1,66 @@
+//! Who am I: instance id (IMDSv2 unless `--instance-id`), the machine's hostname (unless
+//! `--hostname`), and from it the cluster namespace and the load balancer's name.
+
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::BehaviorVersion;
+
+use crate::config::Settings;
+use crate::lb::{lb_name_from_hostname, namespace};
+
+/// This instance and its cluster.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Identity {
+    pub instance_id: String,
+    pub hostname: String,
+    /// `web.example.com` for `i-0abc.web.example.com`.
+    pub namespace: String,
+    pub lb: String,
+}
+
+/// The AWS configuration: the usual chains (env, profile, IMDS) for region and credentials,
+/// `AWS_ENDPOINT_URL*` overrides, and adaptive retry (backs off on throttling, 5 attempts).
+pub async fn aws_config() -> aws_config::SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .retry_config(RetryConfig::adaptive().with_max_attempts(5).with_initial_backoff(Duration::from_millis(500)))
+        .load()
+        .await
+}
+
+/// Resolves the identity from settings, asking IMDS only for what no flag gave.
+pub async fn resolve(settings: &Settings) -> Result<Identity, String> {
+    let hostname = match &settings.hostname {
+        Some(h) => h.clone(),
+        None => gethostname::gethostname()
+            .into_string()
+            .map_err(|_| "the machine's hostname is not UTF-8: give --hostname".to_owned())?,
+    };
+    let lb = match &settings.lb {
+        Some(lb) => lb.clone(),
+        None => lb_name_from_hostname(&hostname, &settings.domains)?,
+    };
+    let ns = match (namespace(&hostname), &settings.members) {
+        (Ok(ns), _) => ns,
+        (Err(_), crate::config::MembersSource::Static(_)) => String::new(),
+        (Err(e), _) => return Err(e),
+    };
+    let instance_id = match &settings.instance_id {
+        Some(id) => id.clone(),
+        None => imds_instance_id().await?,
+    };
+    Ok(Identity { instance_id, hostname, namespace: ns, lb })
+}
+
+async fn imds_instance_id() -> Result<String, String> {
+    let client = aws_config::imds::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .read_timeout(Duration::from_secs(2))
+        .max_attempts(2)
+        .build();
+    client
+        .get("/latest/meta-data/instance-id")
+        .await
+        .map(|s| s.as_ref().trim().to_owned())
+        .map_err(|e| format!("cannot read the instance id from the EC2 metadata service (IMDSv2): {e}; off EC2, give --instance-id"))
+}

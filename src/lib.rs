@@ -1,0 +1,16 @@
+//! elb-quorum: restart an EC2 instance's supervisord programs without taking its load-balanced
+//! cluster below quorum. The binary (`main.rs`) wires these modules; tests and benchmarks use them.
+
+pub mod cli;
+pub mod config;
+pub mod cycle;
+pub mod identity;
+pub mod lb;
+pub mod listener;
+pub mod logging;
+pub mod protocol;
+pub mod quorum;
+pub mod secret;
+pub mod supervisor;
+pub mod trigger;
+pub mod worker;

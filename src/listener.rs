@@ -1,0 +1,139 @@
+//! `elb-quorum listen`: the only code that touches stdin and stdout. Writes `READY`, reads one
+//! event, acknowledges it at once, hands restart requests to the worker, and writes `READY` again.
+//! Stdout carries the protocol and nothing else; logs go through `tracing` (journald or stderr).
+
+use std::io::{self, Read, Write};
+
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use crate::protocol::{EventDecoder, ProtocolError, READY, RESULT_OK};
+use crate::trigger::{Action, Origin, RestartRequest, Triggers};
+use crate::worker::WorkerHandle;
+
+/// Signals the listener reacts to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGHUP: restart every `--program`.
+    Hup,
+    /// SIGTERM or SIGINT: finish the cycle in progress, then exit.
+    Term,
+}
+
+/// Why the listener stopped.
+#[derive(Debug)]
+pub enum End {
+    /// supervisord closed stdin.
+    Eof,
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// The stream cannot be resynchronised (exit 2; supervisord restarts the listener).
+    Fatal(ProtocolError),
+    /// Reading stdin or writing stdout failed.
+    Io(io::Error),
+}
+
+/// Reads stdin on a thread of its own (a blocking read cannot be cancelled) and sends chunks.
+pub fn stdin_chunks() -> mpsc::Receiver<io::Result<Vec<u8>>> {
+    let (tx, rx) = mpsc::channel(4);
+    std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut stdin = io::stdin().lock();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if tx.blocking_send(Ok(buf[..n].to_vec())).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e));
+                        break;
+                    }
+                }
+            }
+        })
+        .expect("spawning the stdin thread");
+    rx
+}
+
+fn write_all(out: &mut impl Write, bytes: &[&[u8]]) -> io::Result<()> {
+    for b in bytes {
+        out.write_all(b)?;
+    }
+    out.flush()
+}
+
+/// Runs the protocol loop until EOF, a signal to stop, or a fatal protocol error.
+pub async fn run(
+    mut input: mpsc::Receiver<io::Result<Vec<u8>>>,
+    mut out: impl Write,
+    mut signals: mpsc::Receiver<Signal>,
+    triggers: &Triggers,
+    hup_programs: &[String],
+    worker: &WorkerHandle,
+) -> End {
+    let mut decoder = EventDecoder::default();
+    if let Err(e) = write_all(&mut out, &[READY]) {
+        return End::Io(e);
+    }
+    loop {
+        tokio::select! {
+            chunk = input.recv() => {
+                let bytes = match chunk {
+                    None => {
+                        if !decoder.is_idle() {
+                            warn!(buffered = decoder.buffered(), "stdin closed in the middle of an event");
+                        }
+                        info!("stdin closed: supervisord is stopping the listener");
+                        return End::Eof;
+                    }
+                    Some(Err(e)) => return End::Io(e),
+                    Some(Ok(b)) => b,
+                };
+                decoder.feed(&bytes);
+                loop {
+                    match decoder.next_event() {
+                        Ok(None) => break,
+                        Ok(Some(event)) => {
+                            match triggers.classify(&event, |p| worker.is_own(p)) {
+                                Action::Restart(req) => {
+                                    info!(event = %event.describe(), programs = ?req.programs, origin = %req.origins[0], "restart requested");
+                                    worker.submit(req);
+                                }
+                                Action::Ignore(why) => debug!(event = %event.describe(), "ignored: {why}"),
+                                Action::Reject(why) => warn!(event = %event.describe(), "unusable request acknowledged and dropped: {why}"),
+                            }
+                        }
+                        Err(e) if e.is_recoverable() => warn!(error = %e, "event acknowledged and dropped"),
+                        Err(e) => {
+                            error!(error = %e, "cannot continue reading events; exiting so that supervisord restarts the listener");
+                            return End::Fatal(e);
+                        }
+                    }
+                    if let Err(e) = write_all(&mut out, &[RESULT_OK, READY]) {
+                        return End::Io(e);
+                    }
+                }
+            }
+            Some(sig) = signals.recv() => match sig {
+                Signal::Hup => {
+                    if hup_programs.is_empty() {
+                        warn!("SIGHUP received but no --program is configured; nothing to restart");
+                    } else {
+                        info!(programs = ?hup_programs, "SIGHUP: restart requested");
+                        worker.submit(RestartRequest::new(hup_programs.iter().cloned(), Origin::Signal));
+                    }
+                }
+                Signal::Term => {
+                    info!("SIGTERM/SIGINT: stopping after the cycle in progress");
+                    return End::Signal;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! Wiring: parses the command line, resolves settings, sets up logging, builds the cycle from its
+//! parts, runs the subcommand and maps the outcome to the exit code:
+//! 0 done (status: may leave now), 1 quorum not reached (nothing changed), 2 usage or configuration
+//! error, 3 runtime failure.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use elb_quorum::cli::{Cli, Command};
+use elb_quorum::config::{ConfigError, MembersSource, Settings};
+use elb_quorum::cycle::state_file::{StateFile, StateFileError};
+use elb_quorum::cycle::{Cycle, CycleError, Outcome, Timing};
+use elb_quorum::identity::{self, Identity};
+use elb_quorum::lb::classic::ClassicElb;
+use elb_quorum::lb::members::{AnyMembers, Ec2NameMembers, Membership, StaticMembers};
+use elb_quorum::listener::{self, End, Signal};
+use elb_quorum::quorum::decide;
+use elb_quorum::secret::Secret;
+use elb_quorum::supervisor::{SupervisorClient, SupervisorError, Supervisord};
+use elb_quorum::trigger::{valid_program_name, Origin, RestartRequest, Triggers, REMOTE_TYPE};
+use elb_quorum::worker::{self, Handler};
+
+const OK: u8 = 0;
+const NO_QUORUM: u8 = 1;
+const USAGE: u8 = 2;
+const RUNTIME: u8 = 3;
+
+/// A failure with its exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn usage(m: impl std::fmt::Display) -> Self {
+        Self { code: USAGE, message: m.to_string() }
+    }
+    fn runtime(m: impl std::fmt::Display) -> Self {
+        Self { code: RUNTIME, message: m.to_string() }
+    }
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure::usage(e)
+    }
+}
+
+impl From<CycleError> for Failure {
+    fn from(e: CycleError) -> Self {
+        match e {
+            CycleError::Supervisor(SupervisorError::UnknownProgram { .. }) => Failure::usage(e),
+            e => Failure::runtime(format!("{:#}", anyhow::Error::from(e))),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { USAGE } else { OK };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building the tokio runtime");
+    let code = runtime.block_on(run(cli)).unwrap_or_else(|f| {
+        // Logging may not be set up yet: say it on stderr as well as in the log.
+        error!("{}", f.message);
+        eprintln!("elb-quorum: {}", f.message);
+        f.code
+    });
+    ExitCode::from(code)
+}
+
+async fn run(cli: Cli) -> Result<u8, Failure> {
+    let mut overrides = cli.opts.overrides();
+    overrides.supervisor_password = std::env::var("SUPERVISOR_PASSWORD").ok().map(Secret::new);
+    let settings = Settings::resolve(overrides)?;
+    let target = elb_quorum::logging::init(settings.log_format, settings.log_level.as_deref(), cli.opts.log_target.as_deref()).map_err(Failure::usage)?;
+    tracing::debug!(target_ = target, "logging set up");
+    match cli.command {
+        Command::Listen => listen(settings).await,
+        Command::Restart { programs } => restart(settings, programs).await,
+        Command::Request { programs } => request(settings, programs).await,
+        Command::Status { json } => status(settings, json).await,
+    }
+}
+
+type ProdCycle = Cycle<ClassicElb, AnyMembers, Supervisord>;
+
+async fn build(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result<(ProdCycle, Identity), Failure> {
+    let identity = identity::resolve(settings).await.map_err(Failure::usage)?;
+    let aws = identity::aws_config().await;
+    let members = match settings.members {
+        MembersSource::Static(n) => AnyMembers::Static(StaticMembers(n)),
+        MembersSource::Ec2Name => AnyMembers::Ec2Name(Ec2NameMembers::new(&aws, identity.namespace.clone())),
+    };
+    let client = SupervisorClient::new(&settings.supervisor).map_err(Failure::usage)?;
+    let services = Supervisord { client, restart_timeout: settings.restart_timeout, poll: std::time::Duration::from_millis(250) };
+    let cycle = Cycle {
+        lb: ClassicElb::new(&aws, identity.lb.clone()),
+        members,
+        services,
+        me: identity.instance_id.clone(),
+        rule: settings.rule,
+        timing: Timing {
+            check_interval: settings.check_interval,
+            max_checks: settings.max_checks,
+            poll_interval: settings.poll_interval,
+            drain_timeout: settings.drain_timeout,
+            health_timeout: settings.health_timeout,
+        },
+        dry_run: settings.dry_run,
+        state: StateFile::new(&settings.state_dir),
+        shutdown,
+    };
+    info!(lb = %identity.lb, instance_id = %identity.instance_id, hostname = %identity.hostname, members = %cycle.members.describe(), quorum_ppm = settings.rule.quorum_ppm, dry_run = settings.dry_run, "elb-quorum {}", env!("CARGO_PKG_VERSION"));
+    Ok((cycle, identity))
+}
+
+/// Forwards SIGHUP, SIGTERM and SIGINT; SIGTERM/SIGINT also raise the shutdown flag.
+fn signals(shutdown: watch::Sender<bool>) -> Result<mpsc::Receiver<Signal>, Failure> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).map_err(Failure::runtime)?;
+    let mut term = signal(SignalKind::terminate()).map_err(Failure::runtime)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(Failure::runtime)?;
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(async move {
+        loop {
+            let sig = tokio::select! {
+                _ = hup.recv() => Signal::Hup,
+                _ = term.recv() => Signal::Term,
+                _ = int.recv() => Signal::Term,
+            };
+            if sig == Signal::Term {
+                let _ = shutdown.send(true);
+            }
+            if tx.send(sig).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// An error and its causes on one line (`anyhow`'s `{:#}` for a borrowed error).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+fn log_outcome(result: &Result<Outcome, CycleError>) {
+    match result {
+        Ok(Outcome::Done(_)) | Ok(Outcome::DryRun(_)) | Ok(Outcome::Aborted) => {}
+        Ok(Outcome::GaveUp { verdict, checks }) => {
+            warn!(checks, "restart request given up: quorum not reached after {checks} checks ({}); nothing changed", verdict.summary())
+        }
+        Err(e) if e.left_out() => error!("{}", chain(e)),
+        Err(e) => error!("restart cycle failed: {}; the instance is registered", chain(e)),
+    }
+}
+
+struct ListenHandler {
+    cycle: Arc<ProdCycle>,
+}
+
+impl Handler for ListenHandler {
+    async fn startup(&self) {
+        let _lock = match self.lock().await {
+            Some(l) => l,
+            None => return,
+        };
+        if let Err(e) = self.cycle.reconcile().await {
+            error!("reconciling the state file failed: {}", chain(&e));
+        }
+    }
+
+    async fn handle(&self, request: RestartRequest) {
+        let Some(_lock) = self.lock().await else { return };
+        let result = self.cycle.run(&request).await;
+        log_outcome(&result);
+    }
+}
+
+impl ListenHandler {
+    /// Waits for the lock a one-shot `restart` may hold.
+    async fn lock(&self) -> Option<elb_quorum::cycle::state_file::LockGuard> {
+        let mut said = false;
+        loop {
+            match self.cycle.state.try_lock() {
+                Ok(g) => return Some(g),
+                Err(StateFileError::Locked { holder, .. }) => {
+                    if !said {
+                        warn!(holder = %holder, "another elb-quorum cycle holds the lock; waiting");
+                        said = true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    error!("cannot take the lock: {e}; request dropped");
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+async fn listen(settings: Settings) -> Result<u8, Failure> {
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let signals = signals(shutdown_tx.clone())?;
+    let (cycle, _identity) = build(&settings, shutdown_rx).await?;
+    let triggers = Triggers { gated: settings.gates.iter().cloned().collect() };
+    let (worker, join) = worker::spawn(ListenHandler { cycle: Arc::new(cycle) });
+    let end = listener::run(listener::stdin_chunks(), std::io::stdout(), signals, &triggers, &settings.programs, &worker).await;
+    // At the gate: give up; past it: the cycle finishes coming back before we exit.
+    let _ = shutdown_tx.send(true);
+    worker.shutdown();
+    let _ = join.await;
+    Ok(match end {
+        End::Eof | End::Signal => OK,
+        End::Fatal(_) => USAGE,
+        End::Io(e) => return Err(Failure::runtime(format!("listener I/O failed: {e}"))),
+    })
+}
+
+async fn restart(settings: Settings, programs: Vec<String>) -> Result<u8, Failure> {
+    for p in &programs {
+        valid_program_name(p).map_err(Failure::usage)?;
+    }
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let _signals = signals(shutdown_tx)?;
+    let (cycle, _identity) = build(&settings, shutdown_rx).await?;
+    let _lock = cycle.state.try_lock().map_err(Failure::runtime)?;
+    cycle.reconcile().await?;
+    let request = RestartRequest::new(programs, Origin::Cli);
+    let result = cycle.run(&request).await;
+    log_outcome(&result);
+    match result? {
+        Outcome::Done(s) => {
+            info!("done in {:.1} s", s.total.as_secs_f64());
+            Ok(OK)
+        }
+        Outcome::DryRun(v) => {
+            info!("dry run: may leave ({}); nothing changed", v.summary());
+            Ok(OK)
+        }
+        Outcome::GaveUp { verdict, checks } => {
+            eprintln!("elb-quorum: quorum not reached after {checks} checks ({}); nothing changed", verdict.summary());
+            Ok(NO_QUORUM)
+        }
+        Outcome::Aborted => {
+            eprintln!("elb-quorum: interrupted while waiting for quorum; nothing changed");
+            Ok(NO_QUORUM)
+        }
+    }
+}
+
+async fn request(settings: Settings, programs: Vec<String>) -> Result<u8, Failure> {
+    for p in &programs {
+        valid_program_name(p).map_err(Failure::usage)?;
+    }
+    let client = SupervisorClient::new(&settings.supervisor).map_err(Failure::usage)?;
+    match client.resolve(&programs).await {
+        Ok(_) => {}
+        Err(e @ SupervisorError::UnknownProgram { .. }) => return Err(Failure::usage(e)),
+        Err(e) => return Err(Failure::runtime(format!("{e:#}"))),
+    }
+    let data = format!("restart {}", programs.join(" "));
+    client.send_remote_comm_event(REMOTE_TYPE, &data).await.map_err(|e| Failure::runtime(format!("{:#}", anyhow::Error::from(e))))?;
+    info!(url = client.url(), "sent {data:?}; the elb-quorum listener will run the restart cycle (see its log)");
+    Ok(OK)
+}
+
+async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
+    let (_tx, rx) = watch::channel(false);
+    let (cycle, identity) = build(&settings, rx).await?;
+    let (snapshot, mine) = cycle.snapshot(false).await.map_err(|e| Failure::runtime(format!("{:#}", anyhow::Error::from(e))))?;
+    let verdict = decide(&snapshot, &settings.rule);
+    let permits = settings.rule.permits(verdict.members);
+    if json {
+        let out = serde_json::json!({
+            "lb": identity.lb,
+            "instance_id": identity.instance_id,
+            "hostname": identity.hostname,
+            "namespace": identity.namespace,
+            "members_source": cycle.members.describe(),
+            "self_health": mine,
+            "quorum": settings.rule.quorum_ppm as f64 / 1e6,
+            "max_out_at_once": permits,
+            "verdict": verdict,
+        });
+        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+    } else {
+        let self_state = mine.map(|h| format!("{:?} ({})", h.state, h.description)).unwrap_or_else(|| "not registered".into());
+        println!("load balancer     {}", identity.lb);
+        println!("instance          {} ({})", identity.instance_id, identity.hostname);
+        println!("members source    {}", cycle.members.describe());
+        println!("members           {}", verdict.members);
+        println!("serving           {} (this instance: {self_state})", verdict.serving);
+        println!("after leaving     {}", verdict.serving_after);
+        println!("required          {} (quorum {}, min in service {})", verdict.required, settings.rule.quorum_ppm as f64 / 1e6, settings.rule.min_in_service);
+        println!("max out at once   {permits}");
+        println!("may leave now     {} ({:?})", if verdict.may_leave { "yes" } else { "no" }, verdict.reason);
+    }
+    Ok(if verdict.may_leave { OK } else { NO_QUORUM })
+}

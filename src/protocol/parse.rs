@@ -1,0 +1,330 @@
+//! nom parsers for the header line and for each event family's payload.
+//!
+//! Frame layer (streaming, `.parse()`): finds the header line; a missing `\n` is `Incomplete`.
+//! Content layer (complete, `.parse_complete()`): the `key:value` tokens of a finished line.
+
+use nom::bytes::{tag, take_till, take_while, take_while1};
+use nom::multi::separated_list1;
+use nom::sequence::separated_pair;
+use nom::{IResult, Parser};
+
+use super::{quote, Channel, EventBody, Header, ProcessState, ProcessStateName, ProtocolError, Source};
+
+/// Longest header line accepted; supervisor's are about 120 bytes.
+pub const MAX_HEADER_LINE: usize = 4096;
+
+/// Frame layer, streaming:
+/// ```text
+/// header-line = *(%x00-09 / %x0B-FF) LF
+/// ```
+/// Returns the line without its `\n`.
+pub(crate) fn header_line(input: &[u8]) -> IResult<&[u8], &[u8]> {
+    let (rest, line) = take_till(|b| b == b'\n').parse(input)?;
+    let (rest, _) = tag(&b"\n"[..]).parse(rest)?;
+    Ok((rest, line))
+}
+
+/// Content layer, complete:
+/// ```text
+/// tokens = token *(SP token)
+/// token  = key ":" value
+/// key    = 1*(ALPHA / DIGIT / "_")
+/// value  = *(%x21-FF)            ; anything but space and control characters
+/// ```
+fn tokens(line: &str) -> IResult<&str, Vec<(&str, &str)>> {
+    let key = take_while1(|c: char| c.is_ascii_alphanumeric() || c == '_');
+    let value = take_while(|c: char| c != ' ' && c != '\n');
+    separated_list1(tag(" "), separated_pair(key, tag(":"), value)).parse_complete(line)
+}
+
+/// Parses a whole token line (nothing may be left over).
+fn token_line(line: &str) -> Result<Vec<(&str, &str)>, String> {
+    match tokens(line) {
+        Ok(("", toks)) => Ok(toks),
+        Ok((rest, _)) => Err(format!("unexpected text {}", quote(rest.as_bytes(), 40))),
+        Err(_) => Err(format!("expected key:value tokens, got {}", quote(line.as_bytes(), 40))),
+    }
+}
+
+fn field<'a>(toks: &[(&'a str, &'a str)], key: &str) -> Option<&'a str> {
+    toks.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+}
+
+fn required<'a>(toks: &[(&'a str, &'a str)], key: &str) -> Result<&'a str, String> {
+    field(toks, key).ok_or_else(|| format!("missing `{key}`"))
+}
+
+fn number<T: std::str::FromStr>(toks: &[(&str, &str)], key: &str) -> Result<Option<T>, String> {
+    match field(toks, key) {
+        None => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| format!("`{key}` is not a number: {}", quote(v.as_bytes(), 20))),
+    }
+}
+
+/// Parses a finished header line (without its `\n`) into a [`Header`].
+/// `ver`, `eventname` and a numeric `len` are required; the rest default to empty or zero.
+pub fn parse_header_line(line: &[u8]) -> Result<Header, ProtocolError> {
+    let bad = |reason| ProtocolError::BadHeader { quoted: quote(line, 120), reason };
+    let text = std::str::from_utf8(line).map_err(|_| bad("not UTF-8"))?;
+    let toks = token_line(text).map_err(|_| bad("expected space-separated key:value tokens"))?;
+    let len = field(&toks, "len").ok_or_else(|| bad("no `len` token"))?;
+    let len = len.parse::<usize>().map_err(|_| bad("`len` is not a number"))?;
+    let eventname = field(&toks, "eventname").filter(|e| !e.is_empty()).ok_or_else(|| bad("no `eventname` token"))?;
+    let ver = field(&toks, "ver").ok_or_else(|| bad("no `ver` token"))?;
+    let serial = number::<u64>(&toks, "serial").map_err(|_| bad("`serial` is not a number"))?;
+    let poolserial = number::<u64>(&toks, "poolserial").map_err(|_| bad("`poolserial` is not a number"))?;
+    Ok(Header {
+        ver: ver.to_owned(),
+        server: field(&toks, "server").unwrap_or_default().to_owned(),
+        serial: serial.unwrap_or(0),
+        pool: field(&toks, "pool").unwrap_or_default().to_owned(),
+        poolserial: poolserial.unwrap_or(0),
+        eventname: eventname.to_owned(),
+        len,
+    })
+}
+
+/// Splits `header-line LF data` payloads; a payload without `\n` is all header.
+fn split_first_line(payload: &str) -> (&str, &str) {
+    payload.split_once('\n').unwrap_or((payload, ""))
+}
+
+fn source(toks: &[(&str, &str)]) -> Result<Source, String> {
+    Ok(Source {
+        processname: required(toks, "processname")?.to_owned(),
+        groupname: field(toks, "groupname").unwrap_or_default().to_owned(),
+        pid: field(toks, "pid").and_then(|p| p.parse().ok()),
+    })
+}
+
+fn channel(name: &str) -> Option<Channel> {
+    match name {
+        "STDOUT" => Some(Channel::Stdout),
+        "STDERR" => Some(Channel::Stderr),
+        _ => None,
+    }
+}
+
+/// Parses a complete payload according to the header's event name.
+///
+/// Errors describe what does not fit; an unknown event name is not an error (`EventBody::Unknown`).
+pub fn parse_body(eventname: &str, payload: &str) -> Result<EventBody, String> {
+    if let Some(state) = eventname.strip_prefix("PROCESS_STATE_") {
+        let Some(state) = ProcessStateName::from_name(state) else {
+            return Ok(EventBody::Unknown { payload: payload.to_owned() });
+        };
+        let toks = token_line(payload.trim_end_matches('\n'))?;
+        return Ok(EventBody::ProcessState(ProcessState {
+            state,
+            processname: required(&toks, "processname")?.to_owned(),
+            groupname: field(&toks, "groupname").unwrap_or_default().to_owned(),
+            from_state: field(&toks, "from_state").and_then(ProcessStateName::from_name),
+            expected: number::<u8>(&toks, "expected")?.map(|e| e != 0),
+            // `pid` may be absent or 0 for a process that never ran.
+            pid: field(&toks, "pid").and_then(|p| p.parse().ok()),
+            tries: number(&toks, "tries")?,
+        }));
+    }
+    if let Some(ch) = eventname.strip_prefix("PROCESS_COMMUNICATION_").and_then(channel) {
+        let (line, data) = split_first_line(payload);
+        let toks = token_line(line)?;
+        return Ok(EventBody::ProcessCommunication { channel: ch, source: source(&toks)?, data: data.to_owned() });
+    }
+    if let Some(ch) = eventname.strip_prefix("PROCESS_LOG_").and_then(channel) {
+        let (line, data) = split_first_line(payload);
+        let toks = token_line(line)?;
+        return Ok(EventBody::ProcessLog { channel: ch, source: source(&toks)?, data: data.to_owned() });
+    }
+    if let Some(period) = eventname.strip_prefix("TICK_") {
+        let Ok(period) = period.parse() else {
+            return Ok(EventBody::Unknown { payload: payload.to_owned() });
+        };
+        let toks = token_line(payload.trim_end_matches('\n'))?;
+        let when = number(&toks, "when")?.ok_or("missing `when`")?;
+        return Ok(EventBody::Tick { period, when });
+    }
+    match eventname {
+        "REMOTE_COMMUNICATION" => {
+            let (line, data) = split_first_line(payload);
+            let toks = token_line(line)?;
+            Ok(EventBody::RemoteCommunication { kind: required(&toks, "type")?.to_owned(), data: data.to_owned() })
+        }
+        "SUPERVISOR_STATE_CHANGE_RUNNING" => Ok(EventBody::SupervisorStateChange { running: true }),
+        "SUPERVISOR_STATE_CHANGE_STOPPING" => Ok(EventBody::SupervisorStateChange { running: false }),
+        "PROCESS_GROUP_ADDED" | "PROCESS_GROUP_REMOVED" => {
+            let toks = token_line(payload.trim_end_matches('\n'))?;
+            Ok(EventBody::ProcessGroup {
+                added: eventname == "PROCESS_GROUP_ADDED",
+                groupname: required(&toks, "groupname")?.to_owned(),
+            })
+        }
+        "EVENT_BUFFER_OVERFLOW" => {
+            let toks = token_line(payload.trim_end_matches('\n'))?;
+            Ok(EventBody::EventBufferOverflow {
+                groupname: field(&toks, "groupname").unwrap_or_default().to_owned(),
+                fields: toks.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            })
+        }
+        _ => Ok(EventBody::Unknown { payload: payload.to_owned() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_line_is_streaming() {
+        // (input, expected line, expected remainder); None = Incomplete
+        let cases: &[(&[u8], Option<(&[u8], &[u8])>)] = &[
+            (b"", None),
+            (b"ver:3.0", None),
+            (b"ver:3.0\n", Some((b"ver:3.0", b""))),
+            (b"ver:3.0\nabc", Some((b"ver:3.0", b"abc"))),
+            (b"\n", Some((b"", b""))),
+        ];
+        for (input, expected) in cases {
+            match (header_line(input), expected) {
+                (Ok((rest, line)), Some((l, r))) => assert_eq!((line, rest), (*l, *r), "input {input:?}"),
+                (Err(nom::Err::Incomplete(_)), None) => {}
+                (got, want) => panic!("input {input:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn header_from_real_bytes() {
+        let h = parse_header_line(
+            b"ver:3.0 server:supervisor serial:1 pool:probe poolserial:1 eventname:PROCESS_STATE_STARTING len:60",
+        )
+        .unwrap();
+        assert_eq!(
+            h,
+            Header {
+                ver: "3.0".into(),
+                server: "supervisor".into(),
+                serial: 1,
+                pool: "probe".into(),
+                poolserial: 1,
+                eventname: "PROCESS_STATE_STARTING".into(),
+                len: 60
+            }
+        );
+    }
+
+    #[test]
+    fn bad_headers_say_why() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"ver:3.0 eventname:TICK_5", "no `len` token"),
+            (b"ver:3.0 eventname:TICK_5 len:abc", "`len` is not a number"),
+            (b"ver:3.0 eventname:TICK_5 len:-1", "`len` is not a number"),
+            (b"ver:3.0 len:3", "no `eventname` token"),
+            (b"garbage here", "expected space-separated key:value tokens"),
+            (b"", "expected space-separated key:value tokens"),
+            (b"eventname:TICK_5 len:3", "no `ver` token"),
+            (b"ver:3.0 eventname:X len:1 \xff", "not UTF-8"),
+        ];
+        for (line, reason) in cases {
+            match parse_header_line(line) {
+                Err(ProtocolError::BadHeader { reason: r, .. }) => assert_eq!(r, *reason, "line {line:?}"),
+                other => panic!("line {line:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn every_family_from_real_payloads() {
+        let ps = |state, from, expected, pid, tries| {
+            EventBody::ProcessState(ProcessState {
+                state,
+                processname: "probe".into(),
+                groupname: "probe".into(),
+                from_state: from,
+                expected,
+                pid,
+                tries,
+            })
+        };
+        let src = |pid| Source { processname: "talker".into(), groupname: "talker".into(), pid };
+        use ProcessStateName::*;
+        let cases: Vec<(&str, &str, EventBody)> = vec![
+            (
+                "PROCESS_STATE_STARTING",
+                "processname:probe groupname:probe from_state:STOPPED tries:0",
+                ps(Starting, Some(Stopped), None, None, Some(0)),
+            ),
+            (
+                "PROCESS_STATE_EXITED",
+                "processname:probe groupname:probe from_state:RUNNING expected:0 pid:13897",
+                ps(Exited, Some(Running), Some(false), Some(13897), None),
+            ),
+            (
+                "PROCESS_STATE_BACKOFF",
+                "processname:probe groupname:probe from_state:STARTING tries:1",
+                ps(Backoff, Some(Starting), None, None, Some(1)),
+            ),
+            ("PROCESS_STATE_FATAL", "processname:probe groupname:probe from_state:BACKOFF", ps(Fatal, Some(Backoff), None, None, None)),
+            (
+                "PROCESS_STATE_STOPPED",
+                "processname:probe groupname:probe from_state:STOPPING pid:0",
+                ps(Stopped, Some(Stopping), None, Some(0), None),
+            ),
+            (
+                "PROCESS_COMMUNICATION_STDOUT",
+                "processname:talker groupname:talker pid:13898\nrestart please",
+                EventBody::ProcessCommunication { channel: Channel::Stdout, source: src(Some(13898)), data: "restart please".into() },
+            ),
+            (
+                "PROCESS_COMMUNICATION_STDERR",
+                "processname:talker groupname:talker pid:1\nline one\nline two\ncafé ✓",
+                EventBody::ProcessCommunication { channel: Channel::Stderr, source: src(Some(1)), data: "line one\nline two\ncafé ✓".into() },
+            ),
+            (
+                "PROCESS_LOG_STDOUT",
+                "processname:talker groupname:talker pid:7 channel:stdout\nhello\n",
+                EventBody::ProcessLog { channel: Channel::Stdout, source: src(Some(7)), data: "hello\n".into() },
+            ),
+            (
+                "REMOTE_COMMUNICATION",
+                "type:elb-quorum\nrestart web",
+                EventBody::RemoteCommunication { kind: "elb-quorum".into(), data: "restart web".into() },
+            ),
+            ("REMOTE_COMMUNICATION", "type:x\n", EventBody::RemoteCommunication { kind: "x".into(), data: "".into() }),
+            ("TICK_5", "when:1795563455", EventBody::Tick { period: 5, when: 1795563455 }),
+            ("TICK_3600", "when:1", EventBody::Tick { period: 3600, when: 1 }),
+            ("SUPERVISOR_STATE_CHANGE_RUNNING", "", EventBody::SupervisorStateChange { running: true }),
+            ("SUPERVISOR_STATE_CHANGE_STOPPING", "", EventBody::SupervisorStateChange { running: false }),
+            ("PROCESS_GROUP_ADDED", "groupname:web\n", EventBody::ProcessGroup { added: true, groupname: "web".into() }),
+            ("PROCESS_GROUP_REMOVED", "groupname:web\n", EventBody::ProcessGroup { added: false, groupname: "web".into() }),
+            (
+                "EVENT_BUFFER_OVERFLOW",
+                "groupname:elb-quorum event:x",
+                EventBody::EventBufferOverflow {
+                    groupname: "elb-quorum".into(),
+                    fields: vec![("groupname".into(), "elb-quorum".into()), ("event".into(), "x".into())],
+                },
+            ),
+            ("SOMETHING_NEW", "any\nthing", EventBody::Unknown { payload: "any\nthing".into() }),
+            ("PROCESS_STATE_NEWSTATE", "x", EventBody::Unknown { payload: "x".into() }),
+        ];
+        for (name, payload, want) in cases {
+            assert_eq!(parse_body(name, payload), Ok(want), "{name}: {payload:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_payloads_are_errors() {
+        let cases = [
+            ("PROCESS_STATE_EXITED", "groupname:probe from_state:RUNNING", "missing `processname`"),
+            ("PROCESS_STATE_EXITED", "processname:p expected:yes", "`expected` is not a number"),
+            ("TICK_5", "when:soon", "`when` is not a number"),
+            ("TICK_5", "", "expected key:value tokens"),
+            ("REMOTE_COMMUNICATION", "restart web", "expected key:value tokens"),
+            ("PROCESS_COMMUNICATION_STDOUT", "pid:1\nrestart", "missing `processname`"),
+        ];
+        for (name, payload, reason) in cases {
+            let err = parse_body(name, payload).unwrap_err();
+            assert!(err.contains(reason), "{name} {payload:?}: {err}");
+        }
+    }
+}

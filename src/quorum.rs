@@ -1,0 +1,279 @@
+//! May this instance leave? Pure: a snapshot and a rule in, a verdict with its numbers out.
+//!
+//! Rule: the serving members other than this instance must be at least `ceil(members × q)` and at
+//! least `min_in_service`. An instance that serves nothing already (the load balancer counts it out,
+//! or its program is known to be down) may always leave: leaving takes nothing from the cluster.
+//! Integers only: `q` is in parts per million.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+/// The policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Rule {
+    /// Quorum fraction in parts per million (750_000 = 0.75).
+    pub quorum_ppm: u32,
+    /// Other members that must keep serving, whatever the fraction says.
+    pub min_in_service: usize,
+}
+
+impl Rule {
+    /// `ceil(members × q)`.
+    pub fn required(&self, members: usize) -> usize {
+        let num = members as u128 * self.quorum_ppm as u128;
+        num.div_ceil(1_000_000) as usize
+    }
+
+    /// How many members may be out at once: `max(0, min(m − ceil(q·m), m − min_in_service))`.
+    pub fn permits(&self, members: usize) -> usize {
+        let by_fraction = members - self.required(members).min(members);
+        let by_min = members.saturating_sub(self.min_in_service);
+        by_fraction.min(by_min)
+    }
+}
+
+/// Who is in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Members {
+    /// Instance ids (EC2 instances in the hostname namespace).
+    Ids(BTreeSet<String>),
+    /// Only a count is known (`--members static:N`): every serving instance counts as a member.
+    Count(usize),
+}
+
+/// What the load balancer and membership source said at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub members: Members,
+    /// Instances the load balancer reports InService and not draining.
+    pub serving: BTreeSet<String>,
+    /// This instance.
+    pub me: String,
+    /// This instance's program is known to be down (a gated crash).
+    pub known_down: bool,
+}
+
+/// Why the verdict is what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    /// Enough others serve.
+    QuorumHolds,
+    /// The load balancer already counts this instance out.
+    NotServing,
+    /// This instance's program is down: it serves nothing.
+    ProgramDown,
+    /// Too few others would serve.
+    BelowQuorum,
+    /// Fewer others than `min_in_service` would serve.
+    BelowMinimum,
+}
+
+/// The answer and the numbers behind it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    pub may_leave: bool,
+    pub reason: Reason,
+    /// Cluster size (the denominator).
+    pub members: usize,
+    /// Members serving now, this instance included.
+    pub serving: usize,
+    /// Members that would serve once this instance is out.
+    pub serving_after: usize,
+    /// `ceil(members × q)`.
+    pub required: usize,
+    pub min_in_service: usize,
+    pub self_serving: bool,
+    pub self_member: bool,
+}
+
+impl Verdict {
+    /// One line for logs: `6 members, 5 serving, 4 after leaving, 5 required`.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} members, {} serving, {} after leaving, {} required (min {})",
+            self.members, self.serving, self.serving_after, self.required, self.min_in_service
+        )
+    }
+}
+
+fn count(snapshot: &Snapshot) -> (usize, usize, bool, bool) {
+    let me = snapshot.me.as_str();
+    let self_serving = snapshot.serving.contains(me);
+    match &snapshot.members {
+        Members::Ids(ids) => {
+            let self_member = ids.contains(me);
+            // A serving instance that the membership source misses is still in the cluster.
+            let members = ids.len() + usize::from(!self_member && self_serving);
+            let others = snapshot.serving.iter().filter(|s| s.as_str() != me && ids.contains(*s)).count();
+            (members, others, self_serving, self_member)
+        }
+        Members::Count(n) => {
+            let others = snapshot.serving.iter().filter(|s| s.as_str() != me).count();
+            (*n, others, self_serving, true)
+        }
+    }
+}
+
+/// The gate's question: may this instance leave now?
+pub fn decide(snapshot: &Snapshot, rule: &Rule) -> Verdict {
+    let (members, others, self_serving, self_member) = count(snapshot);
+    let required = rule.required(members);
+    let quorum_ok = others >= required;
+    let min_ok = others >= rule.min_in_service;
+    let reason = if !self_serving {
+        Reason::NotServing
+    } else if snapshot.known_down {
+        Reason::ProgramDown
+    } else if !quorum_ok {
+        Reason::BelowQuorum
+    } else if !min_ok {
+        Reason::BelowMinimum
+    } else {
+        Reason::QuorumHolds
+    };
+    Verdict {
+        may_leave: matches!(reason, Reason::NotServing | Reason::ProgramDown | Reason::QuorumHolds),
+        reason,
+        members,
+        serving: others + usize::from(self_serving),
+        serving_after: others,
+        required,
+        min_in_service: rule.min_in_service,
+        self_serving,
+        self_member,
+    }
+}
+
+/// The recheck right after deregistering: does the cluster still hold quorum with this instance out?
+/// The serve-nothing exemption does not apply.
+pub fn holds_without_me(snapshot: &Snapshot, rule: &Rule) -> Verdict {
+    let mut v = decide(&Snapshot { known_down: false, ..snapshot.clone() }, rule);
+    v.may_leave = v.serving_after >= v.required && v.serving_after >= rule.min_in_service;
+    v.reason = if v.may_leave {
+        Reason::QuorumHolds
+    } else if v.serving_after < v.required {
+        Reason::BelowQuorum
+    } else {
+        Reason::BelowMinimum
+    };
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ids(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("i-{i:04}")).collect()
+    }
+
+    fn snap(members: usize, serving: &[usize], me: usize, down: bool) -> Snapshot {
+        let all = ids(64);
+        Snapshot {
+            members: Members::Ids(all[..members].iter().cloned().collect()),
+            serving: serving.iter().map(|i| all[*i].clone()).collect(),
+            me: all[me].clone(),
+            known_down: down,
+        }
+    }
+
+    const Q75: Rule = Rule { quorum_ppm: 750_000, min_in_service: 1 };
+
+    #[test]
+    fn table() {
+        // (members, serving indexes, me, known_down, rule, may_leave, reason, required, serving_after)
+        let cases: Vec<(usize, Vec<usize>, usize, bool, Rule, bool, Reason, usize, usize)> = vec![
+            (4, vec![0, 1, 2, 3], 0, false, Q75, true, Reason::QuorumHolds, 3, 3),
+            (4, vec![0, 1, 2], 0, false, Q75, false, Reason::BelowQuorum, 3, 2),
+            (4, vec![1, 2, 3], 0, false, Q75, true, Reason::NotServing, 3, 3),
+            (4, vec![0, 1], 0, true, Q75, true, Reason::ProgramDown, 3, 1),
+            (6, vec![0, 1, 2, 3, 4, 5], 0, false, Q75, true, Reason::QuorumHolds, 5, 5),
+            (6, vec![0, 1, 2, 3, 4], 0, false, Q75, false, Reason::BelowQuorum, 5, 4),
+            (1, vec![0], 0, false, Q75, false, Reason::BelowQuorum, 1, 0),
+            (1, vec![0], 0, false, Rule { quorum_ppm: 1, min_in_service: 0 }, false, Reason::BelowQuorum, 1, 0),
+            (2, vec![0, 1], 0, false, Rule { quorum_ppm: 500_000, min_in_service: 1 }, true, Reason::QuorumHolds, 1, 1),
+            (2, vec![0, 1], 0, false, Rule { quorum_ppm: 500_000, min_in_service: 2 }, false, Reason::BelowMinimum, 1, 1),
+            // Self not a member but serving: counted in (3 members).
+            (2, vec![0, 1, 2], 2, false, Rule { quorum_ppm: 500_000, min_in_service: 1 }, true, Reason::QuorumHolds, 2, 2),
+            // Self not a member, not serving: leaves at once.
+            (2, vec![0, 1], 2, false, Q75, true, Reason::NotServing, 2, 2),
+            // Zero members and self not serving.
+            (0, vec![], 0, false, Q75, true, Reason::NotServing, 0, 0),
+            // Non-members that serve do not count.
+            (3, vec![0, 1, 2, 5], 0, false, Q75, false, Reason::BelowQuorum, 3, 2),
+        ];
+        for (m, serving, me, down, rule, may, reason, required, after) in cases {
+            let v = decide(&snap(m, &serving, me, down), &rule);
+            assert_eq!((v.may_leave, v.reason, v.required, v.serving_after), (may, reason, required, after), "m={m} serving={serving:?} me={me} down={down} {rule:?}");
+        }
+    }
+
+    #[test]
+    fn static_count() {
+        let s = Snapshot {
+            members: Members::Count(4),
+            serving: ["a", "b", "c", "me"].iter().map(|s| s.to_string()).collect(),
+            me: "me".into(),
+            known_down: false,
+        };
+        let v = decide(&s, &Q75);
+        assert!(v.may_leave);
+        assert_eq!((v.members, v.serving, v.serving_after, v.required), (4, 4, 3, 3));
+    }
+
+    #[test]
+    fn recheck_ignores_exemption() {
+        let s = snap(4, &[0, 1], 0, true);
+        assert!(decide(&s, &Q75).may_leave);
+        let v = holds_without_me(&s, &Q75);
+        assert!(!v.may_leave);
+        assert_eq!(v.reason, Reason::BelowQuorum);
+        let s = snap(4, &[1, 2, 3], 0, false);
+        assert!(holds_without_me(&s, &Q75).may_leave, "others still hold quorum");
+    }
+
+    #[test]
+    fn permits_exhaustive() {
+        for m in 0..200usize {
+            for q in [1u32, 250_000, 500_000, 750_000, 900_000, 1_000_000] {
+                for min in 0..4usize {
+                    let r = Rule { quorum_ppm: q, min_in_service: min };
+                    let l = r.permits(m);
+                    // Exactly l members may be out while the rest still satisfies both bounds.
+                    assert!(m - l >= r.required(m) && m - l >= min.min(m), "m={m} q={q} min={min} l={l}");
+                    if l < m {
+                        let more = m - l - 1;
+                        assert!(more < r.required(m) || more < min, "m={m} q={q} min={min}: l={l} is not the largest");
+                    }
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decide_matches_definition(m in 0usize..40, mask in any::<u64>(), me in 0usize..45, down: bool, q in 1u32..=1_000_000, min in 0usize..5) {
+            let serving: Vec<usize> = (0..45).filter(|i| mask >> i & 1 == 1).collect();
+            let s = snap(m, &serving, me, down);
+            let rule = Rule { quorum_ppm: q, min_in_service: min };
+            let v = decide(&s, &rule);
+            let self_serving = serving.contains(&me);
+            let self_member = me < m;
+            let members = m + usize::from(!self_member && self_serving);
+            let others = serving.iter().filter(|&&i| i != me && i < m).count();
+            let required = (members as u64 * q as u64).div_ceil(1_000_000) as usize;
+            prop_assert_eq!(v.members, members);
+            prop_assert_eq!(v.serving_after, others);
+            prop_assert_eq!(v.required, required);
+            let want = !self_serving || down || (others >= required && others >= min);
+            prop_assert_eq!(v.may_leave, want);
+            // Leaving by the ordinary rule never takes the cluster below quorum.
+            if v.reason == Reason::QuorumHolds {
+                prop_assert!(others * 1_000_000 >= members * q as usize);
+            }
+        }
+    }
+}
