@@ -24,6 +24,9 @@ use elb_quorum::supervisor::{SupervisorClient, SupervisorError, Supervisord};
 use elb_quorum::trigger::{valid_program_name, Origin, RestartRequest, Triggers, REMOTE_TYPE};
 use elb_quorum::worker::{self, Handler};
 
+/// Where logs go, once set up.
+static LOG_TARGET: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
 const OK: u8 = 0;
 const NO_QUORUM: u8 = 1;
 const USAGE: u8 = 2;
@@ -70,8 +73,10 @@ fn main() -> ExitCode {
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building the tokio runtime");
     let code = runtime.block_on(run(cli)).unwrap_or_else(|f| {
-        // Logging may not be set up yet: say it on stderr as well as in the log.
-        error!("{}", f.message);
+        // Always on stderr (logging may not be set up yet); in the journal too when logs go there.
+        if LOG_TARGET.get() == Some(&"journald") {
+            error!("{}", f.message);
+        }
         eprintln!("elb-quorum: {}", f.message);
         f.code
     });
@@ -83,7 +88,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     overrides.supervisor_password = std::env::var("SUPERVISOR_PASSWORD").ok().map(Secret::new);
     let settings = Settings::resolve(overrides)?;
     let target = elb_quorum::logging::init(settings.log_format, settings.log_level.as_deref(), cli.opts.log_target.as_deref()).map_err(Failure::usage)?;
-    tracing::debug!(target_ = target, "logging set up");
+    let _ = LOG_TARGET.set(target);
     match cli.command {
         Command::Listen => listen(settings).await,
         Command::Restart { programs } => restart(settings, programs).await,

@@ -1,0 +1,310 @@
+//! Test harness: the real components (supervisord, the moto AWS emulator) started per test on
+//! 127.0.0.1 and stopped by Drop guards, plus helpers. The tools come from the project's venv
+//! (`scripts/test-env`); a missing one fails the test with the command that installs it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const INSTALL_HINT: &str = "run `scripts/test-env` (the README's test command, `scripts/test`, does it) to create the venv with supervisor and moto[server]";
+
+/// The project's venv (`ELB_QUORUM_VENV`, default `.venv` at the repository root).
+pub fn venv() -> PathBuf {
+    std::env::var_os("ELB_QUORUM_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv"))
+}
+
+/// A tool from the venv, or a failure that says how to install it.
+pub fn tool(name: &str) -> PathBuf {
+    let p = venv().join("bin").join(name);
+    assert!(p.exists(), "{} not found: {INSTALL_HINT}", p.display());
+    p
+}
+
+pub fn python() -> PathBuf {
+    tool("python")
+}
+
+/// The binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_elb-quorum"))
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `f` every 50 ms until it returns Some, or panics with `what` after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills a child on drop.
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The moto AWS emulator in server mode on 127.0.0.1.
+pub struct Moto {
+    pub endpoint: String,
+    _child: Guard,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let port = free_port();
+        let child = Command::new(tool("moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env_remove("AWS_PROFILE")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting moto_server: {e}; {INSTALL_HINT}"));
+        let guard = Guard(child);
+        let endpoint = format!("http://127.0.0.1:{port}");
+        eventually(Duration::from_secs(30), "moto_server to listen", || TcpStream::connect(("127.0.0.1", port)).ok());
+        Moto { endpoint, _child: guard }
+    }
+
+    /// Environment for anything that talks to this emulator (and nothing else).
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// Runs `tests/fixtures/moto_cluster.py` against this emulator and parses its JSON.
+    pub fn fixture(&self, args: &[&str]) -> serde_json::Value {
+        let out = Command::new(python())
+            .arg(fixture("moto_cluster.py"))
+            .arg(&self.endpoint)
+            .args(args)
+            .env_remove("AWS_PROFILE")
+            .output()
+            .expect("running moto_cluster.py");
+        assert!(out.status.success(), "moto_cluster.py {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("moto_cluster.py prints JSON")
+    }
+
+    /// Creates a Classic ELB `lb` with `count` members named `nodeI.<ns>`; returns their ids.
+    pub fn cluster(&self, lb: &str, ns: &str, count: usize) -> Vec<String> {
+        let v = self.fixture(&["create", "--lb", lb, "--namespace", ns, "--count", &count.to_string()]);
+        v["members"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect()
+    }
+
+    /// Instance id → State, as the load balancer reports registered instances.
+    pub fn health(&self, lb: &str) -> std::collections::BTreeMap<String, String> {
+        serde_json::from_value(self.fixture(&["health", lb])).unwrap()
+    }
+}
+
+/// A unique load-balancer name and namespace per test (`t<port>-example-com`, `t<port>.example.com`).
+pub fn unique_cluster() -> (String, String) {
+    let n = free_port();
+    (format!("t{n}-example-com"), format!("t{n}.example.com"))
+}
+
+/// A real supervisord with its own directory, unix socket (user/secret) and optional inet port.
+pub struct Supervisord {
+    pub dir: tempfile::TempDir,
+    pub inet_port: Option<u16>,
+    child: Option<Guard>,
+}
+
+pub const USER: &str = "tester";
+pub const PASSWORD: &str = "s3cret-pw";
+
+impl Supervisord {
+    /// Starts supervisord with `programs` (conf sections) appended to a base config.
+    pub fn start(programs: &str, inet: bool, env: &[(String, String)]) -> Supervisord {
+        let dir = tempfile::tempdir().unwrap();
+        let inet_port = inet.then(free_port);
+        let here = dir.path().display().to_string();
+        let mut conf = format!(
+            "[unix_http_server]\nfile={here}/supervisor.sock\nusername={USER}\npassword={PASSWORD}\n\n\
+             [supervisord]\nlogfile={here}/supervisord.log\npidfile={here}/supervisord.pid\nchildlogdir={here}\nnodaemon=true\nloglevel=debug\n\n\
+             [rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n\n\
+             [supervisorctl]\nserverurl=unix://{here}/supervisor.sock\nusername={USER}\npassword={PASSWORD}\n\n"
+        );
+        if let Some(p) = inet_port {
+            conf.push_str(&format!("[inet_http_server]\nport=127.0.0.1:{p}\nusername={USER}\npassword={PASSWORD}\n\n"));
+        }
+        conf.push_str(&programs.replace("{here}", &here));
+        std::fs::write(dir.path().join("supervisord.conf"), conf).unwrap();
+        let mut cmd = Command::new(tool("supervisord"));
+        cmd.args(["-n", "-c"]).arg(dir.path().join("supervisord.conf"));
+        cmd.env_remove("AWS_PROFILE").env_remove("SUPERVISOR_SERVER_URL").env("PATH", path_with_venv());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting supervisord: {e}; {INSTALL_HINT}"));
+        let s = Supervisord { dir, inet_port, child: Some(Guard(child)) };
+        let sock = s.socket();
+        eventually(Duration::from_secs(20), "supervisord's socket", || sock.exists().then_some(()));
+        s
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("supervisor.sock")
+    }
+
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(name)).unwrap_or_default()
+    }
+
+    /// Runs supervisorctl with this instance's config.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(tool("supervisorctl"))
+            .arg("-c")
+            .arg(self.dir.path().join("supervisord.conf"))
+            .args(args)
+            .output()
+            .expect("running supervisorctl")
+    }
+
+    /// `supervisorctl status NAME` text.
+    pub fn status(&self, name: &str) -> String {
+        String::from_utf8_lossy(&self.ctl(&["status", name]).stdout).into_owned()
+    }
+
+    /// The pid of a RUNNING program, if it is RUNNING.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        let s = self.status(name);
+        if !s.contains("RUNNING") {
+            return None;
+        }
+        s.split("pid ").nth(1)?.split(',').next()?.trim().parse().ok()
+    }
+
+    /// Environment for a client of this supervisord (our binary outside supervisord).
+    pub fn client_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("SUPERVISOR_SERVER_URL".into(), self.url()),
+            ("SUPERVISOR_USERNAME".into(), USER.into()),
+            ("SUPERVISOR_PASSWORD".into(), PASSWORD.into()),
+        ]
+    }
+
+    /// Stops supervisord and waits for it (its children get SIGTERM).
+    pub fn stop(&mut self) {
+        if let Some(mut g) = self.child.take() {
+            unsafe_kill(g.0.id(), "TERM");
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(30) {
+                if let Ok(Some(_)) = g.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl Drop for Supervisord {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            for log in ["supervisord.log", "listener.log", "listener.err"] {
+                let text = self.read(log);
+                if !text.is_empty() {
+                    let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                    eprintln!("---- {log} (last lines) ----");
+                    for l in tail.into_iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// PATH with the venv's bin first, so supervisord's children find its python.
+pub fn path_with_venv() -> String {
+    format!("{}:{}", venv().join("bin").display(), std::env::var("PATH").unwrap_or_default())
+}
+
+/// Sends a signal with kill(1).
+pub fn unsafe_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+/// Runs our binary with `args` and `env`, no stdin, and returns its output.
+pub fn run_bin(args: &[&str], env: &[(String, String)]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).env_remove("AWS_PROFILE").env_remove("SUPERVISOR_SERVER_URL").env("ELB_QUORUM_LOG_TARGET", "stderr").stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("running elb-quorum")
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Counts the lines of `log` containing `needle`.
+pub fn count(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+/// Reads a child's stdout fully on a thread (for protocol tests).
+pub fn drain<R: Read + Send + 'static>(r: R) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let mut r = r;
+        let _ = r.read_to_end(&mut v);
+        v
+    })
+}
+
+pub fn write_lines(w: &mut impl Write, lines: &[&str]) {
+    for l in lines {
+        writeln!(w, "{l}").unwrap();
+    }
+}
+
+pub fn lines_of<R: Read>(r: R) -> Vec<String> {
+    BufReader::new(r).lines().map_while(Result::ok).collect()
+}
