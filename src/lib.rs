@@ -14,3 +14,4 @@ pub mod secret;
 pub mod supervisor;
 pub mod trigger;
 pub mod worker;
+pub mod fake;

@@ -1,0 +1,322 @@
+//! In-process fakes behind the real traits, for what the AWS emulator cannot show: connection
+//! draining, slow health checks, throttling, 5xx, zones not enabled, peers racing. Used by tests and
+//! benchmarks only; time is tokio's clock, so `tokio::time::pause()` makes them deterministic.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::lb::members::Membership;
+use crate::lb::{HealthState, InstanceHealth, LbError, LbTimings, LoadBalancer, AZ_NOT_CONFIGURED, DEREGISTRATION_IN_PROGRESS};
+use crate::quorum::Members;
+use crate::supervisor::{Services, SupervisorError};
+
+/// Which call a scripted fault applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Op {
+    Registered,
+    Deregister,
+    Register,
+    Timings,
+}
+
+/// A fault to inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Throttled,
+    ServerError,
+    Unreachable,
+    NotFound,
+}
+
+#[derive(Debug, Clone)]
+struct Inst {
+    registered: bool,
+    /// Healthy as a process (its health check passes).
+    healthy: bool,
+    deregistered_at: Option<Instant>,
+    registered_at: Option<Instant>,
+    az_ok: bool,
+}
+
+/// What the fake records: every call, in order, with its time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub at: Duration,
+    pub op: Op,
+    pub instance: Option<String>,
+}
+
+#[derive(Debug)]
+struct State {
+    start: Instant,
+    instances: BTreeMap<String, Inst>,
+    faults: BTreeMap<Op, VecDeque<Fault>>,
+    calls: Vec<Call>,
+    /// Instances that stop serving when `trigger` deregisters (a peer racing us).
+    race: Option<(String, Vec<String>)>,
+    /// Lowest serving count seen by any `registered` call, for fleet tests.
+    min_serving: usize,
+}
+
+/// A Classic ELB in memory: draining keeps a deregistered instance InService (with the
+/// deregistration description) for `drain`; a registered instance becomes InService `healthy_after`
+/// after registration if its process is healthy.
+#[derive(Clone)]
+pub struct FakeLb {
+    name: String,
+    pub drain: Duration,
+    pub healthy_after: Duration,
+    state: Arc<Mutex<State>>,
+}
+
+impl FakeLb {
+    /// A load balancer with `ids` registered and InService.
+    pub fn new(name: &str, ids: &[String], drain: Duration, healthy_after: Duration) -> Self {
+        let instances = ids
+            .iter()
+            .map(|id| (id.clone(), Inst { registered: true, healthy: true, deregistered_at: None, registered_at: None, az_ok: true }))
+            .collect();
+        Self {
+            name: name.into(),
+            drain,
+            healthy_after,
+            state: Arc::new(Mutex::new(State {
+                start: Instant::now(),
+                instances,
+                faults: BTreeMap::new(),
+                calls: vec![],
+                race: None,
+                min_serving: usize::MAX,
+            })),
+        }
+    }
+
+    /// The next `n` calls of `op` fail with `fault`.
+    pub fn inject(&self, op: Op, fault: Fault, n: usize) {
+        let mut s = self.state.lock().unwrap();
+        s.faults.entry(op).or_default().extend(std::iter::repeat_n(fault, n));
+    }
+
+    /// Marks an instance's process healthy or not (a stopped peer).
+    pub fn set_healthy(&self, id: &str, healthy: bool) {
+        self.state.lock().unwrap().instances.get_mut(id).expect("known instance").healthy = healthy;
+    }
+
+    /// The instance's zone is not enabled on the load balancer: it never becomes InService.
+    pub fn set_zone_disabled(&self, id: &str) {
+        self.state.lock().unwrap().instances.get_mut(id).expect("known instance").az_ok = false;
+    }
+
+    /// Removes an instance from the load balancer directly (as a crashed cycle left it).
+    pub fn force_deregistered(&self, id: &str) {
+        let mut s = self.state.lock().unwrap();
+        let i = s.instances.get_mut(id).expect("known instance");
+        i.registered = false;
+        i.deregistered_at = None;
+    }
+
+    /// When `trigger` deregisters, `peers` stop serving at the same moment (they raced us).
+    pub fn race_on_deregister(&self, trigger: &str, peers: &[String]) {
+        self.state.lock().unwrap().race = Some((trigger.to_owned(), peers.to_vec()));
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    /// Calls of `op` (for one instance, if given).
+    pub fn count(&self, op: Op, instance: Option<&str>) -> usize {
+        self.calls().iter().filter(|c| c.op == op && (instance.is_none() || c.instance.as_deref() == instance)).count()
+    }
+
+    pub fn is_registered(&self, id: &str) -> bool {
+        self.state.lock().unwrap().instances.get(id).is_some_and(|i| i.registered)
+    }
+
+    /// Whether the load balancer would report `id` serving now.
+    pub fn is_serving(&self, id: &str) -> bool {
+        let s = self.state.lock().unwrap();
+        let now = Instant::now();
+        s.instances.get(id).and_then(|i| self.health_of(id, i, now)).is_some_and(|h| h.serving())
+    }
+
+    /// Serving instances now, as the load balancer's own view.
+    pub fn serving_now(&self) -> usize {
+        let s = self.state.lock().unwrap();
+        let now = Instant::now();
+        s.instances.iter().filter_map(|(id, i)| self.health_of(id, i, now)).filter(|h| h.serving()).count()
+    }
+
+    /// The fewest serving instances any `registered` call saw.
+    pub fn min_serving_seen(&self) -> usize {
+        self.state.lock().unwrap().min_serving
+    }
+
+    fn health_of(&self, id: &str, i: &Inst, now: Instant) -> Option<InstanceHealth> {
+        let h = |state, description: &str| Some(InstanceHealth { instance_id: id.to_owned(), state, description: description.to_owned() });
+        if !i.registered {
+            return match i.deregistered_at {
+                Some(t) if now < t + self.drain => h(HealthState::InService, DEREGISTRATION_IN_PROGRESS),
+                _ => None,
+            };
+        }
+        if !i.az_ok {
+            return h(HealthState::OutOfService, AZ_NOT_CONFIGURED);
+        }
+        let warming = i.registered_at.is_some_and(|t| now < t + self.healthy_after);
+        if i.healthy && !warming {
+            h(HealthState::InService, "N/A")
+        } else {
+            h(HealthState::OutOfService, "Instance has failed at least the UnhealthyThreshold number of health checks consecutively.")
+        }
+    }
+
+    fn enter(&self, op: Op, instance: Option<&str>) -> Result<(), LbError> {
+        let mut s = self.state.lock().unwrap();
+        let at = Instant::now() - s.start;
+        s.calls.push(Call { at, op, instance: instance.map(str::to_owned) });
+        let fault = s.faults.get_mut(&op).and_then(|q| q.pop_front());
+        let lb = self.name.clone();
+        let action = match op {
+            Op::Registered => "DescribeInstanceHealth",
+            Op::Deregister => "DeregisterInstancesFromLoadBalancer",
+            Op::Register => "RegisterInstancesWithLoadBalancer",
+            Op::Timings => "DescribeLoadBalancerAttributes",
+        };
+        match fault {
+            None => Ok(()),
+            Some(Fault::Throttled) => Err(LbError::Throttled { lb, action }),
+            Some(Fault::ServerError) => Err(LbError::Service { lb, action, code: "InternalFailure".into(), message: "HTTP 503".into() }),
+            Some(Fault::Unreachable) => Err(LbError::Unreachable { lb, action, detail: "connection refused (fake)".into() }),
+            Some(Fault::NotFound) => Err(LbError::LoadBalancerNotFound { lb }),
+        }
+    }
+}
+
+impl LoadBalancer for FakeLb {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn registered(&self) -> Result<Vec<InstanceHealth>, LbError> {
+        self.enter(Op::Registered, None)?;
+        let now = Instant::now();
+        let mut s = self.state.lock().unwrap();
+        let list: Vec<InstanceHealth> = s.instances.iter().filter_map(|(id, i)| self.health_of(id, i, now)).collect();
+        let serving = list.iter().filter(|h| h.serving()).count();
+        s.min_serving = s.min_serving.min(serving);
+        Ok(list)
+    }
+
+    async fn deregister(&self, instance: &str) -> Result<(), LbError> {
+        self.enter(Op::Deregister, Some(instance))?;
+        let mut s = self.state.lock().unwrap();
+        let now = Instant::now();
+        if let Some(i) = s.instances.get_mut(instance) {
+            if i.registered {
+                i.registered = false;
+                i.deregistered_at = Some(now);
+            }
+        }
+        if let Some((trigger, peers)) = s.race.clone() {
+            if trigger == instance {
+                for p in peers {
+                    if let Some(i) = s.instances.get_mut(&p) {
+                        i.healthy = false;
+                    }
+                }
+                s.race = None;
+            }
+        }
+        Ok(())
+    }
+
+    async fn register(&self, instance: &str) -> Result<(), LbError> {
+        self.enter(Op::Register, Some(instance))?;
+        let mut s = self.state.lock().unwrap();
+        let i = s.instances.entry(instance.to_owned()).or_insert(Inst { registered: false, healthy: true, deregistered_at: None, registered_at: None, az_ok: true });
+        if !i.registered {
+            i.registered = true;
+            i.deregistered_at = None;
+            i.registered_at = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    async fn timings(&self) -> Result<LbTimings, LbError> {
+        self.enter(Op::Timings, None)?;
+        Ok(LbTimings { drain: (!self.drain.is_zero()).then_some(self.drain), healthy_after: self.healthy_after })
+    }
+}
+
+/// A fixed member list.
+#[derive(Debug, Clone)]
+pub struct FakeMembers(pub BTreeSet<String>);
+
+impl Membership for FakeMembers {
+    async fn members(&self) -> Result<Members, String> {
+        Ok(Members::Ids(self.0.clone()))
+    }
+    fn describe(&self) -> String {
+        format!("fake:{}", self.0.len())
+    }
+}
+
+/// Programs that take `restart_time` to restart; `fail` makes restarts fail; `running` is what
+/// `running()` answers. Marks the instance's process unhealthy in the fake LB while restarting.
+#[derive(Clone)]
+pub struct FakeServices {
+    pub restart_time: Duration,
+    pub fail: Arc<Mutex<bool>>,
+    pub running: Arc<Mutex<bool>>,
+    pub restarts: Arc<Mutex<u32>>,
+    pub known: BTreeSet<String>,
+    pub lb: Option<(FakeLb, String)>,
+}
+
+impl FakeServices {
+    pub fn new(restart_time: Duration, known: &[&str]) -> Self {
+        Self {
+            restart_time,
+            fail: Arc::default(),
+            running: Arc::new(Mutex::new(true)),
+            restarts: Arc::default(),
+            known: known.iter().map(|s| s.to_string()).collect(),
+            lb: None,
+        }
+    }
+}
+
+impl Services for FakeServices {
+    async fn validate(&self, programs: &[String]) -> Result<(), SupervisorError> {
+        match programs.iter().find(|p| !self.known.contains(*p)) {
+            Some(p) => Err(SupervisorError::UnknownProgram { name: p.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    async fn restart(&self, programs: &[String]) -> Result<(), SupervisorError> {
+        self.validate(programs).await?;
+        if let Some((lb, me)) = &self.lb {
+            lb.set_healthy(me, false);
+        }
+        *self.running.lock().unwrap() = false;
+        tokio::time::sleep(self.restart_time).await;
+        *self.restarts.lock().unwrap() += 1;
+        if *self.fail.lock().unwrap() {
+            return Err(SupervisorError::ProgramFailed { program: programs.join(" "), state: "FATAL".into(), detail: " (fake)".into() });
+        }
+        *self.running.lock().unwrap() = true;
+        if let Some((lb, me)) = &self.lb {
+            lb.set_healthy(me, true);
+        }
+        Ok(())
+    }
+
+    async fn running(&self, _programs: &[String]) -> Result<bool, SupervisorError> {
+        Ok(*self.running.lock().unwrap())
+    }
+}
