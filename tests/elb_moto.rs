@@ -1,0 +1,195 @@
+//! The AWS side against the moto emulator (server mode on 127.0.0.1): ClassicElb and the EC2 name
+//! membership through the real SDK, and `status` / one-shot `restart` as a user runs them.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_sdk_elasticloadbalancing::config::{Credentials, Region};
+use common::*;
+use elb_quorum::lb::classic::ClassicElb;
+use elb_quorum::lb::members::{Ec2NameMembers, Membership};
+use elb_quorum::lb::{HealthState, LbError, LoadBalancer};
+use elb_quorum::quorum::Members;
+
+async fn sdk_config(moto: &Moto) -> aws_config::SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(&moto.endpoint)
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "tests"))
+        .load()
+        .await
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn classic_elb_and_ec2_members_through_the_sdk() {
+    let moto = Moto::start();
+    let (lb_name, ns) = unique_cluster();
+    let v = moto.fixture(&["create", "--lb", &lb_name, "--namespace", &ns, "--count", "4", "--others", "2", "--unregistered", "1"]);
+    let members: Vec<String> = serde_json::from_value(v["members"].clone()).unwrap();
+    let spare: Vec<String> = serde_json::from_value(v["unregistered"].clone()).unwrap();
+    let cfg = sdk_config(&moto).await;
+
+    let m = Ec2NameMembers::new(&cfg, ns.clone()).members().await.unwrap();
+    let mut want: std::collections::BTreeSet<String> = members.iter().cloned().collect();
+    want.extend(spare.iter().cloned());
+    assert_eq!(m, Members::Ids(want.clone()), "members in the namespace, strangers of a deeper name left out");
+    moto.fixture(&["terminate", &spare[0]]);
+    let m = Ec2NameMembers::new(&cfg, ns.clone()).members().await.unwrap();
+    want.remove(&spare[0]);
+    assert_eq!(m, Members::Ids(want), "terminated instances are not members");
+    moto.fixture(&["stop", &members[3]]);
+    let Members::Ids(ids) = Ec2NameMembers::new(&cfg, ns.clone()).members().await.unwrap() else { panic!() };
+    assert!(ids.contains(&members[3]), "a stopped instance is still a member (counted as not serving)");
+
+    let lb = ClassicElb::new(&cfg, &lb_name);
+    let reg = lb.registered().await.unwrap();
+    assert_eq!(reg.len(), 4);
+    assert_eq!(reg.iter().filter(|h| h.serving()).count(), 3, "the stopped member is OutOfService");
+    assert_eq!(reg.iter().find(|h| h.instance_id == members[3]).unwrap().state, HealthState::OutOfService);
+
+    let t = lb.timings().await.unwrap();
+    assert_eq!(t.drain, None, "moto's default: draining disabled");
+    moto.fixture(&["draining", &lb_name, "45"]);
+    assert_eq!(lb.timings().await.unwrap().drain, Some(Duration::from_secs(45)));
+
+    lb.deregister(&members[0]).await.unwrap();
+    assert!(lb.registered().await.unwrap().iter().all(|h| h.instance_id != members[0]), "deregistered vanishes from the list");
+    lb.register(&members[0]).await.unwrap();
+    assert!(lb.registered().await.unwrap().iter().any(|h| h.instance_id == members[0] && h.serving()));
+
+    let e = ClassicElb::new(&cfg, "no-such-lb").registered().await.unwrap_err();
+    assert!(matches!(e, LbError::LoadBalancerNotFound { ref lb } if lb == "no-such-lb"), "{e:?}");
+    assert!(e.to_string().contains("no-such-lb"));
+}
+
+fn identity_args<'a>(ns: &'a str, id: &'a str, host: &'a str) -> Vec<&'a str> {
+    let _ = ns;
+    vec!["--hostname", host, "--domain", "example.com", "--instance-id", id]
+}
+
+#[test]
+fn status_numbers_naming_rule_and_refusal() {
+    let moto = Moto::start();
+    let (lb, ns) = unique_cluster();
+    let ids = moto.cluster(&lb, &ns, 4);
+    let host = format!("node0.{ns}");
+    let mut args = vec!["status", "--json"];
+    args.extend(identity_args(&ns, &ids[0], &host));
+    let out = run_bin(&args, &moto.env());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["lb"], lb.as_str(), "the hostname rule names the load balancer");
+    assert_eq!(v["verdict"]["members"], 4);
+    assert_eq!(v["verdict"]["serving"], 4);
+    assert_eq!(v["verdict"]["serving_after"], 3);
+    assert_eq!(v["verdict"]["required"], 3);
+    assert_eq!(v["verdict"]["may_leave"], true);
+
+    moto.fixture(&["stop", &ids[2]]);
+    let out = run_bin(&args, &moto.env());
+    assert_eq!(out.status.code(), Some(1), "a stopped peer: may not leave");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["verdict"]["serving_after"].as_u64(), v["verdict"]["reason"].as_str()), (Some(2), Some("below-quorum")));
+
+    let mut table = vec!["status"];
+    table.extend(identity_args(&ns, &ids[0], &host));
+    let out = run_bin(&table, &moto.env());
+    let t = text(&out.stdout);
+    assert!(t.contains("may leave now     no (BelowQuorum)") && t.contains(&format!("load balancer     {lb}")), "{t}");
+
+    let out = run_bin(&["status", "--hostname", &format!("node0.{ns}"), "--domain", "example.org", "--instance-id", &ids[0]], &moto.env());
+    assert_eq!(out.status.code(), Some(2), "hostname outside the supported domains is a configuration error");
+    assert!(text(&out.stderr).contains("outside every supported domain"), "{}", text(&out.stderr));
+
+    let out = run_bin(&["status", "--hostname", "node0.missing.example.com", "--domain", "example.com", "--instance-id", &ids[0]], &moto.env());
+    assert_eq!(out.status.code(), Some(3));
+    assert!(text(&out.stderr).contains("load balancer missing-example-com not found"), "{}", text(&out.stderr));
+}
+
+const WEB: &str = "[program:web]\ncommand=sleep 100000\nstartsecs=1\n";
+
+/// One-shot `restart`: gate → deregister → restart → register → InService, with an outside sampler
+/// that watches the emulator's view and sees the instance leave and come back.
+#[test]
+fn one_shot_restart_runs_the_whole_cycle() {
+    let moto = Moto::start();
+    let (lb, ns) = unique_cluster();
+    let ids = moto.cluster(&lb, &ns, 4);
+    let sup = Supervisord::start(WEB, false, &[]);
+    let before = eventually(Duration::from_secs(20), "web RUNNING", || sup.pid("web"));
+    let state = sup.path("state");
+    let host = format!("node0.{ns}");
+    let mut env = moto.env();
+    env.extend(sup.client_env());
+
+    // Sampler: did the instance ever leave the load balancer's list?
+    let left = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (left, stop, endpoint, lb, me) = (left.clone(), stop.clone(), moto.endpoint.clone(), lb.clone(), ids[0].clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let out = std::process::Command::new(python()).arg(fixture("moto_cluster.py")).arg(&endpoint).args(["health", &lb]).output().unwrap();
+                let h: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                if h.get(&me).is_none() {
+                    left.store(true, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+    let out = run_bin(
+        &["restart", "web", "--hostname", &host, "--domain", "example.com", "--instance-id", &ids[0], "--poll-interval", "0.2", "--state-dir", state.to_str().unwrap()],
+        &env,
+    );
+    stop.store(true, Ordering::SeqCst);
+    sampler.join().unwrap();
+    let log = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(left.load(Ordering::SeqCst), "the instance left the load balancer during the cycle");
+    let after = sup.pid("web").expect("web RUNNING again");
+    assert_ne!(after, before, "web restarted");
+    assert_eq!(moto.health(&lb).get(&ids[0]).map(String::as_str), Some("InService"));
+    for step in ["quorum check: 4 members, 4 serving, 3 after leaving, 3 required", "deregistering", "programs restarted and RUNNING", "registered", "cycle done"] {
+        assert!(log.contains(step), "missing {step:?} in:\n{log}");
+    }
+    assert!(!state.join("state.json").exists(), "state file cleared");
+
+    // Dry run: every check, nothing changed.
+    let out = run_bin(&["restart", "web", "--dry-run", "--hostname", &host, "--domain", "example.com", "--instance-id", &ids[0], "--state-dir", state.to_str().unwrap()], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("dry run: would deregister"));
+    assert_eq!(sup.pid("web"), Some(after), "dry run restarted nothing");
+}
+
+#[test]
+fn one_shot_restart_refuses_below_quorum_and_changes_nothing() {
+    let moto = Moto::start();
+    let (lb, ns) = unique_cluster();
+    let ids = moto.cluster(&lb, &ns, 4);
+    moto.fixture(&["stop", &ids[3]]);
+    let sup = Supervisord::start(WEB, false, &[]);
+    let before = eventually(Duration::from_secs(20), "web RUNNING", || sup.pid("web"));
+    let mut env = moto.env();
+    env.extend(sup.client_env());
+    let state = sup.path("state");
+    let host = format!("node0.{ns}");
+    let out = run_bin(
+        &["restart", "web", "--hostname", &host, "--domain", "example.com", "--instance-id", &ids[0], "--check-interval", "0.1", "--max-checks", "3", "--state-dir", state.to_str().unwrap()],
+        &env,
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("quorum not reached after 3 checks (4 members, 3 serving, 2 after leaving, 3 required"), "{err}");
+    assert_eq!(sup.pid("web"), Some(before), "web untouched");
+    assert_eq!(moto.health(&lb).get(&ids[0]).map(String::as_str), Some("InService"), "still registered");
+
+    // An unknown program is refused before anything else (exit 2).
+    let out = run_bin(&["restart", "nope", "--hostname", &host, "--domain", "example.com", "--instance-id", &ids[0], "--state-dir", state.to_str().unwrap()], &env);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("unknown program \"nope\""));
+    assert_eq!(moto.health(&lb).get(&ids[0]).map(String::as_str), Some("InService"));
+}
