@@ -86,6 +86,9 @@ pub struct CommonArgs {
     /// Seconds between load-balancer polls while leaving and coming back, ±20% jitter [default: 5]
     #[arg(long, global = true, env = "ELB_QUORUM_POLL_INTERVAL", value_name = "SECS")]
     pub poll_interval: Option<f64>,
+    /// Largest random pause, in seconds, between a passed quorum check and the confirming check before leaving, so that instances asked at once see each other go [default: 5]
+    #[arg(long, global = true, env = "ELB_QUORUM_SETTLE", value_name = "SECS")]
+    pub settle: Option<f64>,
     /// Seconds the programs may take to stop and be RUNNING again [default: 120]
     #[arg(long, global = true, env = "ELB_QUORUM_RESTART_TIMEOUT", value_name = "SECS")]
     pub restart_timeout: Option<f64>,
@@ -145,6 +148,7 @@ impl CommonArgs {
             check_interval: self.check_interval,
             max_checks: self.max_checks,
             poll_interval: self.poll_interval,
+            settle: self.settle,
             restart_timeout: self.restart_timeout,
             rpc_timeout: self.rpc_timeout,
             drain_timeout: self.drain_timeout,
@@ -180,6 +184,7 @@ mod tests {
             format!("[default: {DEFAULT_MAX_CHECKS}]"),
             format!("[default: {DEFAULT_POLL_INTERVAL}]"),
             format!("[default: {DEFAULT_RESTART_TIMEOUT}]"),
+            format!("[default: {DEFAULT_SETTLE}]"),
             format!("[default: {DEFAULT_RPC_TIMEOUT}]"),
             format!("[default: {DEFAULT_STATE_DIR}]"),
             format!("{DEFAULT_SUPERVISOR_URL}]"),

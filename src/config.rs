@@ -22,6 +22,8 @@ pub const DEFAULT_MAX_CHECKS: u32 = 10;
 /// jitter, a fleet of 12 cycling at once stays under 3 Describe calls/s, far below the account's
 /// 10/s refill (REFERENCE.md, "The Describe API bucket").
 pub const DEFAULT_POLL_INTERVAL: f64 = 5.0;
+/// Largest random pause between a passed quorum check and the confirming check before leaving.
+pub const DEFAULT_SETTLE: f64 = 5.0;
 /// How long programs may take to stop and reach RUNNING again.
 pub const DEFAULT_RESTART_TIMEOUT: f64 = 120.0;
 /// Timeout of one XML-RPC call to supervisord (stop with wait can take `stopwaitsecs`, default 10).
@@ -60,6 +62,7 @@ pub struct FileConfig {
     pub check_interval: Option<f64>,
     pub max_checks: Option<u32>,
     pub poll_interval: Option<f64>,
+    pub settle: Option<f64>,
     pub restart_timeout: Option<f64>,
     pub rpc_timeout: Option<f64>,
     pub drain_timeout: Option<f64>,
@@ -135,6 +138,7 @@ pub struct Settings {
     pub check_interval: Duration,
     pub max_checks: u32,
     pub poll_interval: Duration,
+    pub settle: Duration,
     pub restart_timeout: Duration,
     pub drain_timeout: Option<Duration>,
     pub health_timeout: Option<Duration>,
@@ -193,6 +197,7 @@ pub struct Overrides {
     pub check_interval: Option<f64>,
     pub max_checks: Option<u32>,
     pub poll_interval: Option<f64>,
+    pub settle: Option<f64>,
     pub restart_timeout: Option<f64>,
     pub rpc_timeout: Option<f64>,
     pub drain_timeout: Option<f64>,
@@ -277,6 +282,7 @@ impl Settings {
             check_interval: secs("check-interval", o.check_interval, file.check_interval, DEFAULT_CHECK_INTERVAL)?,
             max_checks,
             poll_interval,
+            settle: secs("settle", o.settle, file.settle, DEFAULT_SETTLE)?,
             restart_timeout: secs("restart-timeout", o.restart_timeout, file.restart_timeout, DEFAULT_RESTART_TIMEOUT)?,
             drain_timeout: opt_secs("drain-timeout", o.drain_timeout, file.drain_timeout)?,
             health_timeout: opt_secs("health-timeout", o.health_timeout, file.health_timeout)?,

@@ -69,6 +69,8 @@ pub struct FakeLb {
     name: String,
     pub drain: Duration,
     pub healthy_after: Duration,
+    /// Time each call takes before it acts (an API round trip).
+    pub latency: Duration,
     state: Arc<Mutex<State>>,
 }
 
@@ -83,6 +85,7 @@ impl FakeLb {
             name: name.into(),
             drain,
             healthy_after,
+            latency: Duration::ZERO,
             state: Arc::new(Mutex::new(State {
                 start: Instant::now(),
                 instances,
@@ -174,6 +177,12 @@ impl FakeLb {
         }
     }
 
+    async fn wait(&self) {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency.mul_f64(0.5 + fastrand::f64())).await;
+        }
+    }
+
     fn enter(&self, op: Op, instance: Option<&str>) -> Result<(), LbError> {
         let mut s = self.state.lock().unwrap();
         let at = Instant::now() - s.start;
@@ -202,6 +211,7 @@ impl LoadBalancer for FakeLb {
     }
 
     async fn registered(&self) -> Result<Vec<InstanceHealth>, LbError> {
+        self.wait().await;
         self.enter(Op::Registered, None)?;
         let now = Instant::now();
         let mut s = self.state.lock().unwrap();
@@ -212,6 +222,7 @@ impl LoadBalancer for FakeLb {
     }
 
     async fn deregister(&self, instance: &str) -> Result<(), LbError> {
+        self.wait().await;
         self.enter(Op::Deregister, Some(instance))?;
         let mut s = self.state.lock().unwrap();
         let now = Instant::now();
@@ -235,6 +246,7 @@ impl LoadBalancer for FakeLb {
     }
 
     async fn register(&self, instance: &str) -> Result<(), LbError> {
+        self.wait().await;
         self.enter(Op::Register, Some(instance))?;
         let mut s = self.state.lock().unwrap();
         let i = s.instances.entry(instance.to_owned()).or_insert(Inst { registered: false, healthy: true, deregistered_at: None, registered_at: None, az_ok: true });
@@ -318,5 +330,121 @@ impl Services for FakeServices {
 
     async fn running(&self, _programs: &[String]) -> Result<bool, SupervisorError> {
         Ok(*self.running.lock().unwrap())
+    }
+}
+
+/// A simulated fleet: K instances on one fake load balancer, all asked to restart at once.
+#[derive(Debug, Clone)]
+pub struct FleetParams {
+    pub k: usize,
+    /// API round trip of each load-balancer call (±50 %).
+    pub latency: Duration,
+    pub rule: crate::quorum::Rule,
+    pub drain: Duration,
+    pub restart: Duration,
+    pub healthy_after: Duration,
+    pub timing: crate::cycle::Timing,
+}
+
+/// What a fleet run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FleetReport {
+    pub k: usize,
+    pub makespan: Duration,
+    /// Waves of `permits` instances, each drain + restart + health: the best any schedule can do.
+    pub theoretical: Duration,
+    pub permits: usize,
+    pub required: usize,
+    /// Fewest serving instances the outside sampler (every 100 ms) saw.
+    pub min_serving: usize,
+    /// Sum over samples of instances below `required` × 100 ms: how long and how deep any dip was.
+    pub below_quorum_instance_seconds: f64,
+    pub restarts: Vec<u32>,
+    pub lb_calls: usize,
+    pub lb_calls_per_second: f64,
+    pub races: u32,
+    pub failures: usize,
+}
+
+/// Runs the fleet on tokio's clock (call inside a runtime with paused time for instant results).
+pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
+    use crate::cycle::{state_file::StateFile, Cycle, Outcome};
+    use crate::trigger::{Origin, RestartRequest};
+
+    let ids: Vec<String> = (0..p.k).map(|i| format!("i-{i:04}")).collect();
+    let mut lb = FakeLb::new("fleet", &ids, p.drain, p.healthy_after);
+    lb.latency = p.latency;
+    static RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let base = std::env::temp_dir().join(format!("elb-quorum-fleet-{}-{run}", std::process::id()));
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let start = Instant::now();
+    let required = p.rule.required(p.k);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (lb, done) = (lb.clone(), done.clone());
+        tokio::spawn(async move {
+            let (mut min, mut deficit) = (usize::MAX, 0.0);
+            loop {
+                let n = lb.serving_now();
+                min = min.min(n);
+                deficit += required.saturating_sub(n) as f64 * 0.1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if done.load(std::sync::atomic::Ordering::SeqCst) {
+                    break (min, deficit);
+                }
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for id in &ids {
+        let mut services = FakeServices::new(p.restart, &["web"]);
+        services.lb = Some((lb.clone(), id.clone()));
+        let cycle = Cycle {
+            lb: lb.clone(),
+            members: FakeMembers(ids.iter().cloned().collect()),
+            services: services.clone(),
+            me: id.clone(),
+            rule: p.rule,
+            timing: p.timing.clone(),
+            dry_run: false,
+            state: StateFile::new(base.join(id)),
+            shutdown: rx.clone(),
+        };
+        tasks.push(tokio::spawn(async move {
+            let r = cycle.run(&RestartRequest::new(["web".to_string()], Origin::Remote)).await;
+            let restarts = *services.restarts.lock().unwrap();
+            (r, restarts)
+        }));
+    }
+    let (mut restarts, mut races, mut failures) = (vec![], 0, 0);
+    for t in tasks {
+        let (r, n) = t.await.expect("cycle task");
+        restarts.push(n);
+        match r {
+            Ok(Outcome::Done(s)) => races += s.races,
+            _ => failures += 1,
+        }
+    }
+    let makespan = start.elapsed();
+    let calls = lb.calls().len();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (min_serving, deficit) = sampler.await.expect("sampler");
+    let _ = std::fs::remove_dir_all(&base);
+    let permits = p.rule.permits(p.k).max(1);
+    let waves = p.k.div_ceil(permits) as u32;
+    FleetReport {
+        k: p.k,
+        makespan,
+        theoretical: (p.drain + p.restart + p.healthy_after) * waves,
+        permits,
+        required,
+        min_serving,
+        below_quorum_instance_seconds: deficit,
+        restarts,
+        lb_calls: calls,
+        lb_calls_per_second: calls as f64 / makespan.as_secs_f64().max(1e-9),
+        races,
+        failures,
     }
 }

@@ -120,6 +120,7 @@ async fn build(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result<(
             poll_interval: settings.poll_interval,
             drain_timeout: settings.drain_timeout,
             health_timeout: settings.health_timeout,
+            settle: settings.settle,
         },
         dry_run: settings.dry_run,
         state: StateFile::new(&settings.state_dir),

@@ -42,7 +42,7 @@ fn harness(n: usize, drain: Duration, healthy_after: Duration) -> Harness {
         services: services.clone(),
         me: all[0].clone(),
         rule: Rule { quorum_ppm: 750_000, min_in_service: 1 },
-        timing: Timing { check_interval: S(30), max_checks: 10, poll_interval: S(5), drain_timeout: None, health_timeout: None },
+        timing: Timing { check_interval: S(30), max_checks: 10, poll_interval: S(5), drain_timeout: None, health_timeout: None, settle: S(0) },
         dry_run: false,
         state: StateFile::new(dir.path()),
         shutdown: rx,

@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 use crate::config::{DRAIN_MARGIN, HEALTH_MARGIN};
 use crate::lb::members::Membership;
 use crate::lb::{InstanceHealth, LbError, LoadBalancer};
-use crate::quorum::{decide, holds_without_me, Rule, Snapshot, Verdict};
+use crate::quorum::{decide, holds_without_me, Reason, Rule, Snapshot, Verdict};
 use crate::supervisor::{Services, SupervisorError};
 use crate::trigger::RestartRequest;
 use state_file::{Record, StateFile, StateFileError, Step};
@@ -39,6 +39,9 @@ pub struct Timing {
     pub drain_timeout: Option<Duration>,
     /// Overrides interval × healthy threshold (+ margin) when set.
     pub health_timeout: Option<Duration>,
+    /// Before leaving on a passed check, wait a random 0..settle and check once more, so that
+    /// instances asked at the same moment see each other leave (see README, "Races").
+    pub settle: Duration,
 }
 
 /// What a finished cycle measured.
@@ -157,8 +160,11 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
 
     async fn gate(&self, req: &RestartRequest, first_check: u32) -> Result<Gate, CycleError> {
         let mut check = first_check;
+        let mut settled = false;
         loop {
-            check += 1;
+            if !settled {
+                check += 1;
+            }
             let verdict = match self.snapshot(req.serves_nothing()).await {
                 Ok((snap, _)) => Some(decide(&snap, &self.rule)),
                 Err(CycleError::Lb(e)) if e.is_retryable() => {
@@ -169,10 +175,19 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             };
             if let Some(v) = &verdict {
                 info!(lb = self.lb.name(), instance_id = %self.me, check, max_checks = self.timing.max_checks, may_leave = v.may_leave, reason = ?v.reason, "quorum check: {}", v.summary());
-                if v.may_leave {
+                if v.may_leave && (settled || v.reason != Reason::QuorumHolds || self.timing.settle.is_zero()) {
                     return Ok(Gate::Allowed { verdict: v.clone(), checks: check });
                 }
+                if v.may_leave {
+                    settled = true;
+                    let wait = self.timing.settle.mul_f64(fastrand::f64());
+                    if !self.pause(wait).await {
+                        return Ok(Gate::Aborted);
+                    }
+                    continue;
+                }
             }
+            settled = false;
             if check >= self.timing.max_checks {
                 let verdict = match verdict {
                     Some(v) => v,
