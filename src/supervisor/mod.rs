@@ -294,6 +294,9 @@ impl SupervisorClient {
                 Err(e) => return Err(e),
             }
         }
+        // A stop already in flight (an operator's, or a previous listener's killed mid-cycle) answers
+        // NOT_RUNNING while the process is still STOPPING: starting it then would do nothing.
+        self.wait_stopped(&procs, deadline, timeout, poll).await?;
         for p in &procs {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.start(&p.namespec(), false, left).await {
@@ -306,6 +309,27 @@ impl SupervisorClient {
             }
         }
         self.wait_running(&procs, deadline, timeout, poll).await
+    }
+
+    async fn wait_stopped(&self, procs: &[ProcessInfo], deadline: Instant, timeout: Duration, poll: Duration) -> Result<(), SupervisorError> {
+        loop {
+            let mut stopping = Vec::new();
+            for p in procs {
+                let info = self.process_info(&p.namespec()).await?;
+                if info.state == ProcessStateCode::Stopping {
+                    stopping.push(info);
+                }
+            }
+            if stopping.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let states = stopping.iter().map(|i| format!("{}={}", i.namespec(), i.statename)).collect::<Vec<_>>().join(", ");
+                let programs = procs.iter().map(|p| p.namespec()).collect::<Vec<_>>().join(" ");
+                return Err(SupervisorError::RestartTimeout { programs, after: timeout, states });
+            }
+            tokio::time::sleep(poll.min(deadline.saturating_duration_since(Instant::now()))).await;
+        }
     }
 
     async fn wait_running(&self, procs: &[ProcessInfo], deadline: Instant, timeout: Duration, poll: Duration) -> Result<Vec<ProcessInfo>, SupervisorError> {
