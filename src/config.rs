@@ -167,7 +167,8 @@ pub fn parse_quorum(s: &str) -> Result<u32, ConfigError> {
         return Err(bad());
     }
     let int: u64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| bad())? };
-    let frac_val: u64 = if frac.is_empty() { 0 } else { frac.parse::<u64>().map_err(|_| bad())? * 10u64.pow(6 - frac.len() as u32) };
+    let frac_val: u64 =
+        if frac.is_empty() { 0 } else { frac.parse::<u64>().map_err(|_| bad())? * 10u64.pow(6 - frac.len() as u32) };
     let ppm = int.checked_mul(scale).ok_or_else(bad)? + frac_val * scale / 1_000_000;
     if ppm == 0 || ppm > 1_000_000 {
         return Err(bad());
@@ -177,7 +178,7 @@ pub fn parse_quorum(s: &str) -> Result<u32, ConfigError> {
 
 /// Parses seconds (decimals allowed) for `option`.
 pub fn seconds(option: &str, v: f64) -> Result<Duration, ConfigError> {
-    if !v.is_finite() || v < 0.0 || v > 86_400.0 {
+    if !(0.0..=86_400.0).contains(&v) {
         return err(format!("--{option} {v}: expected seconds between 0 and 86400"));
     }
     Ok(Duration::from_secs_f64(v))
@@ -245,8 +246,11 @@ impl Settings {
         if max_checks == 0 {
             return err("--max-checks 0: at least one check is needed");
         }
-        let secs = |name: &str, flag: Option<f64>, file: Option<f64>, default: f64| seconds(name, flag.or(file).unwrap_or(default));
-        let opt_secs = |name: &str, flag: Option<f64>, file: Option<f64>| flag.or(file).map(|v| seconds(name, v)).transpose();
+        let secs = |name: &str, flag: Option<f64>, file: Option<f64>, default: f64| {
+            seconds(name, flag.or(file).unwrap_or(default))
+        };
+        let opt_secs =
+            |name: &str, flag: Option<f64>, file: Option<f64>| flag.or(file).map(|v| seconds(name, v)).transpose();
         let poll_interval = secs("poll-interval", o.poll_interval, file.poll_interval, DEFAULT_POLL_INTERVAL)?;
         if poll_interval.is_zero() {
             return err("--poll-interval 0: polls need a pause between them");
@@ -256,8 +260,10 @@ impl Settings {
             "json" => LogFormat::Json,
             other => return err(format!("--log-format {other:?}: expected `text` or `json`")),
         };
-        let domains: Vec<String> =
-            vec_or(o.domain, file.domain).into_iter().map(|d| d.trim().trim_matches('.').to_ascii_lowercase()).collect();
+        let domains: Vec<String> = vec_or(o.domain, file.domain)
+            .into_iter()
+            .map(|d| d.trim().trim_matches('.').to_ascii_lowercase())
+            .collect();
         if let Some(d) = domains.iter().find(|d| d.is_empty() || d.contains(char::is_whitespace)) {
             return err(format!("--domain {d:?}: not a domain name"));
         }
@@ -278,7 +284,10 @@ impl Settings {
             hostname: o.hostname.or(file.hostname).filter(|s| !s.is_empty()),
             instance_id: o.instance_id.or(file.instance_id).filter(|s| !s.is_empty()),
             members,
-            rule: Rule { quorum_ppm, min_in_service: o.min_in_service.or(file.min_in_service).unwrap_or(DEFAULT_MIN_IN_SERVICE) },
+            rule: Rule {
+                quorum_ppm,
+                min_in_service: o.min_in_service.or(file.min_in_service).unwrap_or(DEFAULT_MIN_IN_SERVICE),
+            },
             check_interval: secs("check-interval", o.check_interval, file.check_interval, DEFAULT_CHECK_INTERVAL)?,
             max_checks,
             poll_interval,
@@ -308,7 +317,14 @@ mod tests {
 
     #[test]
     fn quorum_fractions() {
-        let cases = [("0.75", Some(750_000)), ("1", Some(1_000_000)), ("75%", Some(750_000)), (".5", Some(500_000)), ("0.333333", Some(333_333)), ("1.0", Some(1_000_000))];
+        let cases = [
+            ("0.75", Some(750_000)),
+            ("1", Some(1_000_000)),
+            ("75%", Some(750_000)),
+            (".5", Some(500_000)),
+            ("0.333333", Some(333_333)),
+            ("1.0", Some(1_000_000)),
+        ];
         for (s, want) in cases {
             assert_eq!(parse_quorum(s).ok(), want, "{s}");
         }
@@ -330,8 +346,10 @@ mod tests {
     fn flags_override_file_override_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "quorum = 0.5\nmax-checks = 3\ndomain = [\"example.com\"]\ncheck-interval = 2.5\n").unwrap();
-        let s = Settings::resolve(Overrides { config: Some(path.clone()), max_checks: Some(7), ..Default::default() }).unwrap();
+        std::fs::write(&path, "quorum = 0.5\nmax-checks = 3\ndomain = [\"example.com\"]\ncheck-interval = 2.5\n")
+            .unwrap();
+        let s = Settings::resolve(Overrides { config: Some(path.clone()), max_checks: Some(7), ..Default::default() })
+            .unwrap();
         assert_eq!(s.rule.quorum_ppm, 500_000, "file over default");
         assert_eq!(s.max_checks, 7, "flag over file");
         assert_eq!(s.domains, vec!["example.com".to_string()]);

@@ -9,7 +9,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::lb::members::Membership;
-use crate::lb::{HealthState, InstanceHealth, LbError, LbTimings, LoadBalancer, AZ_NOT_CONFIGURED, DEREGISTRATION_IN_PROGRESS};
+use crate::lb::{
+    HealthState, InstanceHealth, LbError, LbTimings, LoadBalancer, AZ_NOT_CONFIGURED, DEREGISTRATION_IN_PROGRESS,
+};
 use crate::quorum::Members;
 use crate::supervisor::{Services, SupervisorError};
 
@@ -79,7 +81,12 @@ impl FakeLb {
     pub fn new(name: &str, ids: &[String], drain: Duration, healthy_after: Duration) -> Self {
         let instances = ids
             .iter()
-            .map(|id| (id.clone(), Inst { registered: true, healthy: true, deregistered_at: None, registered_at: None, az_ok: true }))
+            .map(|id| {
+                (
+                    id.clone(),
+                    Inst { registered: true, healthy: true, deregistered_at: None, registered_at: None, az_ok: true },
+                )
+            })
             .collect();
         Self {
             name: name.into(),
@@ -159,7 +166,9 @@ impl FakeLb {
     }
 
     fn health_of(&self, id: &str, i: &Inst, now: Instant) -> Option<InstanceHealth> {
-        let h = |state, description: &str| Some(InstanceHealth { instance_id: id.to_owned(), state, description: description.to_owned() });
+        let h = |state, description: &str| {
+            Some(InstanceHealth { instance_id: id.to_owned(), state, description: description.to_owned() })
+        };
         if !i.registered {
             return match i.deregistered_at {
                 Some(t) if now < t + self.drain => h(HealthState::InService, DEREGISTRATION_IN_PROGRESS),
@@ -173,7 +182,10 @@ impl FakeLb {
         if i.healthy && !warming {
             h(HealthState::InService, "N/A")
         } else {
-            h(HealthState::OutOfService, "Instance has failed at least the UnhealthyThreshold number of health checks consecutively.")
+            h(
+                HealthState::OutOfService,
+                "Instance has failed at least the UnhealthyThreshold number of health checks consecutively.",
+            )
         }
     }
 
@@ -198,8 +210,12 @@ impl FakeLb {
         match fault {
             None => Ok(()),
             Some(Fault::Throttled) => Err(LbError::Throttled { lb, action }),
-            Some(Fault::ServerError) => Err(LbError::Service { lb, action, code: "InternalFailure".into(), message: "HTTP 503".into() }),
-            Some(Fault::Unreachable) => Err(LbError::Unreachable { lb, action, detail: "connection refused (fake)".into() }),
+            Some(Fault::ServerError) => {
+                Err(LbError::Service { lb, action, code: "InternalFailure".into(), message: "HTTP 503".into() })
+            }
+            Some(Fault::Unreachable) => {
+                Err(LbError::Unreachable { lb, action, detail: "connection refused (fake)".into() })
+            }
             Some(Fault::NotFound) => Err(LbError::LoadBalancerNotFound { lb }),
         }
     }
@@ -249,7 +265,13 @@ impl LoadBalancer for FakeLb {
         self.wait().await;
         self.enter(Op::Register, Some(instance))?;
         let mut s = self.state.lock().unwrap();
-        let i = s.instances.entry(instance.to_owned()).or_insert(Inst { registered: false, healthy: true, deregistered_at: None, registered_at: None, az_ok: true });
+        let i = s.instances.entry(instance.to_owned()).or_insert(Inst {
+            registered: false,
+            healthy: true,
+            deregistered_at: None,
+            registered_at: None,
+            az_ok: true,
+        });
         if !i.registered {
             i.registered = true;
             i.deregistered_at = None;
@@ -319,7 +341,11 @@ impl Services for FakeServices {
         tokio::time::sleep(self.restart_time).await;
         *self.restarts.lock().unwrap() += 1;
         if *self.fail.lock().unwrap() {
-            return Err(SupervisorError::ProgramFailed { program: programs.join(" "), state: "FATAL".into(), detail: " (fake)".into() });
+            return Err(SupervisorError::ProgramFailed {
+                program: programs.join(" "),
+                state: "FATAL".into(),
+                detail: " (fake)".into(),
+            });
         }
         *self.running.lock().unwrap() = true;
         if let Some((lb, me)) = &self.lb {

@@ -58,9 +58,7 @@ async fn imds_instance_id() -> Result<String, String> {
         .read_timeout(Duration::from_secs(2))
         .max_attempts(2)
         .build();
-    client
-        .get("/latest/meta-data/instance-id")
-        .await
-        .map(|s| s.as_ref().trim().to_owned())
-        .map_err(|e| format!("cannot read the instance id from the EC2 metadata service (IMDSv2): {e}; off EC2, give --instance-id"))
+    client.get("/latest/meta-data/instance-id").await.map(|s| s.as_ref().trim().to_owned()).map_err(|e| {
+        format!("cannot read the instance id from the EC2 metadata service (IMDSv2): {e}; off EC2, give --instance-id")
+    })
 }

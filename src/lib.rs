@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod cycle;
+pub mod fake;
 pub mod identity;
 pub mod lb;
 pub mod listener;
@@ -14,4 +15,3 @@ pub mod secret;
 pub mod supervisor;
 pub mod trigger;
 pub mod worker;
-pub mod fake;

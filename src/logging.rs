@@ -19,7 +19,9 @@ pub fn init(format: LogFormat, level: Option<&str>, target: Option<&str>) -> Res
     };
     // The AWS SDK logs every retry at info; keep its noise at warn unless asked.
     let filter = if level.is_none() && std::env::var_os("RUST_LOG").is_none() {
-        filter.add_directive("aws_smithy_runtime=warn".parse().expect("static directive")).add_directive("aws_config=warn".parse().expect("static directive"))
+        filter
+            .add_directive("aws_smithy_runtime=warn".parse().expect("static directive"))
+            .add_directive("aws_config=warn".parse().expect("static directive"))
     } else {
         filter
     };
@@ -43,7 +45,9 @@ pub fn init(format: LogFormat, level: Option<&str>, target: Option<&str>) -> Res
     }
     let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false)).init(),
+        LogFormat::Text => {
+            registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false)).init()
+        }
         LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).init(),
     }
     Ok("stderr")

@@ -71,7 +71,8 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building the tokio runtime");
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building the tokio runtime");
     let code = runtime.block_on(run(cli)).unwrap_or_else(|f| {
         // Always on stderr (logging may not be set up yet); in the journal too when logs go there.
         if LOG_TARGET.get() == Some(&"journald") {
@@ -87,7 +88,9 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     let mut overrides = cli.opts.overrides();
     overrides.supervisor_password = std::env::var("SUPERVISOR_PASSWORD").ok().map(Secret::new);
     let settings = Settings::resolve(overrides)?;
-    let target = elb_quorum::logging::init(settings.log_format, settings.log_level.as_deref(), cli.opts.log_target.as_deref()).map_err(Failure::usage)?;
+    let target =
+        elb_quorum::logging::init(settings.log_format, settings.log_level.as_deref(), cli.opts.log_target.as_deref())
+            .map_err(Failure::usage)?;
     let _ = LOG_TARGET.set(target);
     match cli.command {
         Command::Listen => listen(settings).await,
@@ -107,7 +110,8 @@ async fn build(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result<(
         MembersSource::Ec2Name => AnyMembers::Ec2Name(Ec2NameMembers::new(&aws, identity.namespace.clone())),
     };
     let client = SupervisorClient::new(&settings.supervisor).map_err(Failure::usage)?;
-    let services = Supervisord { client, restart_timeout: settings.restart_timeout, poll: std::time::Duration::from_millis(250) };
+    let services =
+        Supervisord { client, restart_timeout: settings.restart_timeout, poll: std::time::Duration::from_millis(250) };
     let cycle = Cycle {
         lb: ClassicElb::new(&aws, identity.lb.clone()),
         members,
@@ -171,7 +175,11 @@ fn log_outcome(result: &Result<Outcome, CycleError>) {
     match result {
         Ok(Outcome::Done(_)) | Ok(Outcome::DryRun(_)) | Ok(Outcome::Aborted) => {}
         Ok(Outcome::GaveUp { verdict, checks }) => {
-            warn!(checks, "restart request given up: quorum not reached after {checks} checks ({}); nothing changed", verdict.summary())
+            warn!(
+                checks,
+                "restart request given up: quorum not reached after {checks} checks ({}); nothing changed",
+                verdict.summary()
+            )
         }
         Err(e) if e.left_out() => error!("{}", chain(e)),
         Err(e) => error!("restart cycle failed: {}; the instance is registered", chain(e)),
@@ -229,7 +237,9 @@ async fn listen(settings: Settings) -> Result<u8, Failure> {
     let (cycle, _identity) = build(&settings, shutdown_rx).await?;
     let triggers = Triggers { gated: settings.gates.iter().cloned().collect() };
     let (worker, join) = worker::spawn(ListenHandler { cycle: Arc::new(cycle) });
-    let end = listener::run(listener::stdin_chunks(), std::io::stdout(), signals, &triggers, &settings.programs, &worker).await;
+    let end =
+        listener::run(listener::stdin_chunks(), std::io::stdout(), signals, &triggers, &settings.programs, &worker)
+            .await;
     // At the gate: give up; past it: the cycle finishes coming back before we exit.
     let _ = shutdown_tx.send(true);
     worker.shutdown();
@@ -284,7 +294,10 @@ async fn request(settings: Settings, programs: Vec<String>) -> Result<u8, Failur
         Err(e) => return Err(Failure::runtime(format!("{e:#}"))),
     }
     let data = format!("restart {}", programs.join(" "));
-    client.send_remote_comm_event(REMOTE_TYPE, &data).await.map_err(|e| Failure::runtime(format!("{:#}", anyhow::Error::from(e))))?;
+    client
+        .send_remote_comm_event(REMOTE_TYPE, &data)
+        .await
+        .map_err(|e| Failure::runtime(format!("{:#}", anyhow::Error::from(e))))?;
     info!(url = client.url(), "sent {data:?}; the elb-quorum listener will run the restart cycle (see its log)");
     Ok(OK)
 }
@@ -292,7 +305,8 @@ async fn request(settings: Settings, programs: Vec<String>) -> Result<u8, Failur
 async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
     let (_tx, rx) = watch::channel(false);
     let (cycle, identity) = build(&settings, rx).await?;
-    let (snapshot, mine) = cycle.snapshot(false).await.map_err(|e| Failure::runtime(format!("{:#}", anyhow::Error::from(e))))?;
+    let (snapshot, mine) =
+        cycle.snapshot(false).await.map_err(|e| Failure::runtime(format!("{:#}", anyhow::Error::from(e))))?;
     let verdict = decide(&snapshot, &settings.rule);
     let permits = settings.rule.permits(verdict.members);
     if json {
@@ -309,14 +323,20 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
         });
         println!("{}", serde_json::to_string_pretty(&out).expect("json"));
     } else {
-        let self_state = mine.map(|h| format!("{:?} ({})", h.state, h.description)).unwrap_or_else(|| "not registered".into());
+        let self_state =
+            mine.map(|h| format!("{:?} ({})", h.state, h.description)).unwrap_or_else(|| "not registered".into());
         println!("load balancer     {}", identity.lb);
         println!("instance          {} ({})", identity.instance_id, identity.hostname);
         println!("members source    {}", cycle.members.describe());
         println!("members           {}", verdict.members);
         println!("serving           {} (this instance: {self_state})", verdict.serving);
         println!("after leaving     {}", verdict.serving_after);
-        println!("required          {} (quorum {}, min in service {})", verdict.required, settings.rule.quorum_ppm as f64 / 1e6, settings.rule.min_in_service);
+        println!(
+            "required          {} (quorum {}, min in service {})",
+            verdict.required,
+            settings.rule.quorum_ppm as f64 / 1e6,
+            settings.rule.min_in_service
+        );
         println!("max out at once   {permits}");
         println!("may leave now     {} ({:?})", if verdict.may_leave { "yes" } else { "no" }, verdict.reason);
     }

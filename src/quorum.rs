@@ -185,7 +185,8 @@ mod tests {
     #[test]
     fn table() {
         // (members, serving indexes, me, known_down, rule, may_leave, reason, required, serving_after)
-        let cases: Vec<(usize, Vec<usize>, usize, bool, Rule, bool, Reason, usize, usize)> = vec![
+        type Case = (usize, Vec<usize>, usize, bool, Rule, bool, Reason, usize, usize);
+        let cases: Vec<Case> = vec![
             (4, vec![0, 1, 2, 3], 0, false, Q75, true, Reason::QuorumHolds, 3, 3),
             (4, vec![0, 1, 2], 0, false, Q75, false, Reason::BelowQuorum, 3, 2),
             (4, vec![1, 2, 3], 0, false, Q75, true, Reason::NotServing, 3, 3),
@@ -195,9 +196,29 @@ mod tests {
             (1, vec![0], 0, false, Q75, false, Reason::BelowQuorum, 1, 0),
             (1, vec![0], 0, false, Rule { quorum_ppm: 1, min_in_service: 0 }, false, Reason::BelowQuorum, 1, 0),
             (2, vec![0, 1], 0, false, Rule { quorum_ppm: 500_000, min_in_service: 1 }, true, Reason::QuorumHolds, 1, 1),
-            (2, vec![0, 1], 0, false, Rule { quorum_ppm: 500_000, min_in_service: 2 }, false, Reason::BelowMinimum, 1, 1),
+            (
+                2,
+                vec![0, 1],
+                0,
+                false,
+                Rule { quorum_ppm: 500_000, min_in_service: 2 },
+                false,
+                Reason::BelowMinimum,
+                1,
+                1,
+            ),
             // Self not a member but serving: counted in (3 members).
-            (2, vec![0, 1, 2], 2, false, Rule { quorum_ppm: 500_000, min_in_service: 1 }, true, Reason::QuorumHolds, 2, 2),
+            (
+                2,
+                vec![0, 1, 2],
+                2,
+                false,
+                Rule { quorum_ppm: 500_000, min_in_service: 1 },
+                true,
+                Reason::QuorumHolds,
+                2,
+                2,
+            ),
             // Self not a member, not serving: leaves at once.
             (2, vec![0, 1], 2, false, Q75, true, Reason::NotServing, 2, 2),
             // Zero members and self not serving.
@@ -207,7 +228,11 @@ mod tests {
         ];
         for (m, serving, me, down, rule, may, reason, required, after) in cases {
             let v = decide(&snap(m, &serving, me, down), &rule);
-            assert_eq!((v.may_leave, v.reason, v.required, v.serving_after), (may, reason, required, after), "m={m} serving={serving:?} me={me} down={down} {rule:?}");
+            assert_eq!(
+                (v.may_leave, v.reason, v.required, v.serving_after),
+                (may, reason, required, after),
+                "m={m} serving={serving:?} me={me} down={down} {rule:?}"
+            );
         }
     }
 

@@ -13,8 +13,8 @@ impl Secret {
 
     /// Reads a password file: its first line, without the line ending.
     pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("--supervisor-password-file {}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("--supervisor-password-file {}: {e}", path.display()))?;
         Ok(Self(text.lines().next().unwrap_or_default().to_owned()))
     }
 

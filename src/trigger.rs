@@ -168,7 +168,10 @@ impl Triggers {
                 if own(&namespec) || own(gate) {
                     return Action::Ignore(format!("{:?} of {namespec} caused by our own restart", ps.state));
                 }
-                let mut req = RestartRequest::new([namespec.clone()], Origin::Gate { program: namespec.clone(), state: ps.state });
+                let mut req = RestartRequest::new(
+                    [namespec.clone()],
+                    Origin::Gate { program: namespec.clone(), state: ps.state },
+                );
                 req.down.insert(namespec);
                 Action::Restart(req)
             }
@@ -214,8 +217,16 @@ mod tests {
         let none = |_: &str| false;
         let cases: Vec<(&str, &str, Action)> = vec![
             ("REMOTE_COMMUNICATION", "type:elb-quorum\nrestart web", restart(&["web"], Origin::Remote, &[])),
-            ("REMOTE_COMMUNICATION", "type:elb-quorum\nrestart web api:* web\n", restart(&["api:*", "web"], Origin::Remote, &[])),
-            ("REMOTE_COMMUNICATION", "type:other\nrestart web", Action::Ignore("REMOTE_COMMUNICATION of type \"other\"".into())),
+            (
+                "REMOTE_COMMUNICATION",
+                "type:elb-quorum\nrestart web api:* web\n",
+                restart(&["api:*", "web"], Origin::Remote, &[]),
+            ),
+            (
+                "REMOTE_COMMUNICATION",
+                "type:other\nrestart web",
+                Action::Ignore("REMOTE_COMMUNICATION of type \"other\"".into()),
+            ),
             (
                 "REMOTE_COMMUNICATION",
                 "type:elb-quorum\n",
@@ -224,7 +235,9 @@ mod tests {
             (
                 "REMOTE_COMMUNICATION",
                 "type:elb-quorum\nreboot web",
-                Action::Reject("remote request \"reboot web\": unknown verb \"reboot\" (expected `restart PROGRAM...`)".into()),
+                Action::Reject(
+                    "remote request \"reboot web\": unknown verb \"reboot\" (expected `restart PROGRAM...`)".into(),
+                ),
             ),
             (
                 "REMOTE_COMMUNICATION",
@@ -246,7 +259,11 @@ mod tests {
                 "processname:talker groupname:talker pid:1\nrestart web",
                 restart(&["web"], Origin::Program("talker".into()), &[]),
             ),
-            ("PROCESS_COMMUNICATION_STDERR", "processname:t groupname:t pid:1\nrestart", Action::Ignore("PROCESS_COMMUNICATION_STDERR".into())),
+            (
+                "PROCESS_COMMUNICATION_STDERR",
+                "processname:t groupname:t pid:1\nrestart",
+                Action::Ignore("PROCESS_COMMUNICATION_STDERR".into()),
+            ),
             (
                 "PROCESS_STATE_EXITED",
                 "processname:web groupname:web from_state:RUNNING expected:0 pid:5",
@@ -260,14 +277,22 @@ mod tests {
             (
                 "PROCESS_STATE_FATAL",
                 "processname:a1 groupname:api from_state:BACKOFF",
-                restart(&["api:a1"], Origin::Gate { program: "api:a1".into(), state: ProcessStateName::Fatal }, &["api:a1"]),
+                restart(
+                    &["api:a1"],
+                    Origin::Gate { program: "api:a1".into(), state: ProcessStateName::Fatal },
+                    &["api:a1"],
+                ),
             ),
             (
                 "PROCESS_STATE_FATAL",
                 "processname:db groupname:db from_state:BACKOFF",
                 Action::Ignore("Fatal of ungated program db".into()),
             ),
-            ("PROCESS_STATE_RUNNING", "processname:web groupname:web from_state:STARTING pid:9", Action::Ignore("PROCESS_STATE_RUNNING".into())),
+            (
+                "PROCESS_STATE_RUNNING",
+                "processname:web groupname:web from_state:STARTING pid:9",
+                Action::Ignore("PROCESS_STATE_RUNNING".into()),
+            ),
             ("TICK_5", "when:1", Action::Ignore("TICK_5".into())),
         ];
         for (name, payload, want) in cases {

@@ -42,7 +42,14 @@ fn harness(n: usize, drain: Duration, healthy_after: Duration) -> Harness {
         services: services.clone(),
         me: all[0].clone(),
         rule: Rule { quorum_ppm: 750_000, min_in_service: 1 },
-        timing: Timing { check_interval: S(30), max_checks: 10, poll_interval: S(5), drain_timeout: None, health_timeout: None, settle: S(0) },
+        timing: Timing {
+            check_interval: S(30),
+            max_checks: 10,
+            poll_interval: S(5),
+            drain_timeout: None,
+            health_timeout: None,
+            settle: S(0),
+        },
         dry_run: false,
         state: StateFile::new(dir.path()),
         shutdown: rx,
@@ -137,7 +144,11 @@ async fn aws_unreachable_for_the_whole_budget_says_loudly_it_is_still_deregister
     assert!(msg.contains("IS STILL DEREGISTERED") && msg.contains("register-instances-with-load-balancer"), "{msg}");
     let tries = h.lb.count(Op::Register, Some(&me()));
     assert!((5..=20).contains(&tries), "bounded retries with backoff: {tries}");
-    assert_eq!(h.cycle.state.load().unwrap().map(|r| r.step), Some(Step::Registering), "the state file lets the next start finish it");
+    assert_eq!(
+        h.cycle.state.load().unwrap().map(|r| r.step),
+        Some(Step::Registering),
+        "the state file lets the next start finish it"
+    );
 }
 
 /// Why the fake: moto has no availability zones to disable.
@@ -262,14 +273,30 @@ async fn dry_run_checks_everything_and_changes_nothing() {
 /// Crash recovery: a state file left by a process killed (-9) at each step.
 #[tokio::test(start_paused = true)]
 async fn reconcile_finishes_a_cycle_killed_at_any_step() {
-    for (step, running) in [(Step::Deregistering, true), (Step::Restarting, false), (Step::Restarting, true), (Step::Registering, true)] {
+    for (step, running) in
+        [(Step::Deregistering, true), (Step::Restarting, false), (Step::Restarting, true), (Step::Registering, true)]
+    {
         let h = harness(4, S(0), S(5));
         h.lb.force_deregistered(&me());
         *h.services.running.lock().unwrap() = running;
-        h.cycle.state.save(&Record { step, instance_id: me(), lb: "web-example-com".into(), programs: vec!["web".into()], since: 1, pid: 1 }).unwrap();
+        h.cycle
+            .state
+            .save(&Record {
+                step,
+                instance_id: me(),
+                lb: "web-example-com".into(),
+                programs: vec!["web".into()],
+                since: 1,
+                pid: 1,
+            })
+            .unwrap();
         assert!(h.cycle.reconcile().await.unwrap(), "{step:?}");
         assert!(h.lb.is_serving(&me()), "{step:?}: registered and InService");
-        assert_eq!(*h.services.restarts.lock().unwrap(), u32::from(!running), "{step:?}: programs restarted only when down");
+        assert_eq!(
+            *h.services.restarts.lock().unwrap(),
+            u32::from(!running),
+            "{step:?}: programs restarted only when down"
+        );
         assert_eq!(h.cycle.state.load().unwrap(), None);
     }
 }
@@ -277,11 +304,25 @@ async fn reconcile_finishes_a_cycle_killed_at_any_step() {
 #[tokio::test(start_paused = true)]
 async fn a_state_file_of_another_instance_is_set_aside_not_acted_on() {
     let h = harness(4, S(0), S(5));
-    h.cycle.state.save(&Record { step: Step::Restarting, instance_id: "i-other".into(), lb: "web-example-com".into(), programs: vec!["web".into()], since: 1, pid: 1 }).unwrap();
+    h.cycle
+        .state
+        .save(&Record {
+            step: Step::Restarting,
+            instance_id: "i-other".into(),
+            lb: "web-example-com".into(),
+            programs: vec!["web".into()],
+            since: 1,
+            pid: 1,
+        })
+        .unwrap();
     assert!(!h.cycle.reconcile().await.unwrap());
     assert_eq!(h.lb.calls().len(), 0, "no load-balancer call");
     assert_eq!(h.cycle.state.load().unwrap(), None, "moved aside");
-    let aside: Vec<_> = std::fs::read_dir(h._dir.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().contains("foreign")).collect();
+    let aside: Vec<_> = std::fs::read_dir(h._dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("foreign"))
+        .collect();
     assert_eq!(aside.len(), 1);
 }
 
@@ -290,7 +331,17 @@ async fn services_still_down_after_a_crash_stay_out_loudly() {
     let h = harness(4, S(0), S(5));
     h.lb.force_deregistered(&me());
     *h.services.running.lock().unwrap() = false;
-    h.cycle.state.save(&Record { step: Step::ServicesDown, instance_id: me(), lb: "web-example-com".into(), programs: vec!["web".into()], since: 1, pid: 1 }).unwrap();
+    h.cycle
+        .state
+        .save(&Record {
+            step: Step::ServicesDown,
+            instance_id: me(),
+            lb: "web-example-com".into(),
+            programs: vec!["web".into()],
+            since: 1,
+            pid: 1,
+        })
+        .unwrap();
     let e = h.cycle.reconcile().await.unwrap_err();
     assert!(e.left_out() && e.to_string().contains("LEFT DEREGISTERED"), "{e}");
     assert!(!h.lb.is_registered(&me()));

@@ -138,7 +138,10 @@ fn below_quorum_the_request_is_given_up_and_the_listener_keeps_serving() {
         let l = n.log();
         l.contains("restart request given up").then_some(l)
     });
-    assert!(log.contains("quorum not reached after 5 checks (4 members, 3 serving, 2 after leaving, 3 required"), "{log}");
+    assert!(
+        log.contains("quorum not reached after 5 checks (4 members, 3 serving, 2 after leaving, 3 required"),
+        "{log}"
+    );
     assert_eq!(count(&log, "deregistering"), 0);
     assert_eq!(n.sup.pid("web"), Some(web), "web untouched");
     assert!(n.in_service(&moto));
@@ -160,7 +163,9 @@ fn kill_9_mid_cycle_is_reconciled_by_the_restarted_listener() {
 
     // During the restart (the slow program takes 2 s to stop): deregistered, state file says so.
     request(&n, &["slow"]);
-    eventually(T, "the instance out of the load balancer", || n.log().contains("out of the load balancer").then_some(()));
+    eventually(T, "the instance out of the load balancer", || {
+        n.log().contains("out of the load balancer").then_some(())
+    });
     assert!(!n.in_service(&moto), "deregistered");
     let pid = n.listener_pid();
     unsafe_kill(pid, "KILL");
@@ -172,7 +177,8 @@ fn kill_9_mid_cycle_is_reconciled_by_the_restarted_listener() {
     // writes before each step, with the emulator in the matching state.
     for step in ["deregistering", "registering"] {
         moto.fixture(&["deregister", &lb, &n.id]);
-        let record = serde_json::json!({"step": step, "instance_id": n.id, "lb": lb, "programs": ["web"], "since": 1, "pid": 1});
+        let record =
+            serde_json::json!({"step": step, "instance_id": n.id, "lb": lb, "programs": ["web"], "since": 1, "pid": 1});
         std::fs::write(n.sup.path("state/state.json"), record.to_string()).unwrap();
         let before = count(&n.log(), "reconciled");
         unsafe_kill(n.listener_pid(), "KILL");
@@ -190,7 +196,9 @@ fn sigterm_mid_cycle_finishes_coming_back_before_exiting() {
     let ids = moto.cluster(&lb, &ns, 4);
     let n = node(&moto, &lb, &ns, &ids, "");
     request(&n, &["slow"]);
-    eventually(T, "the instance out of the load balancer", || n.log().contains("out of the load balancer").then_some(()));
+    eventually(T, "the instance out of the load balancer", || {
+        n.log().contains("out of the load balancer").then_some(())
+    });
     let out = n.sup.ctl(&["stop", "elb-quorum"]);
     assert!(out.status.success(), "{}", text(&out.stdout));
     let log = n.log();
@@ -211,7 +219,8 @@ async fn bad_requests_never_take_the_instance_out() {
     c.send_remote_comm_event("elb-quorum", "").await.unwrap();
     let log = eventually(T, "all three requests refused", || {
         let l = n.log();
-        (l.contains("unknown program \"nope\"") && l.contains("unknown verb \"reboot\"") && l.contains("empty request")).then_some(l)
+        (l.contains("unknown program \"nope\"") && l.contains("unknown verb \"reboot\"") && l.contains("empty request"))
+            .then_some(l)
     });
     assert_eq!(count(&log, "deregistering"), 0);
     assert!(n.in_service(&moto));
@@ -220,7 +229,21 @@ async fn bad_requests_never_take_the_instance_out() {
     // supervisord unreachable for a one-shot restart: refused before leaving.
     let mut env = moto.env();
     env.push(("SUPERVISOR_SERVER_URL".into(), format!("unix://{}/gone.sock", n.sup.dir.path().display())));
-    let out = run_bin(&["restart", "web", "--hostname", &format!("node0.{ns}"), "--domain", "example.com", "--instance-id", &n.id, "--state-dir", n.sup.path("state2").to_str().unwrap()], &env);
+    let out = run_bin(
+        &[
+            "restart",
+            "web",
+            "--hostname",
+            &format!("node0.{ns}"),
+            "--domain",
+            "example.com",
+            "--instance-id",
+            &n.id,
+            "--state-dir",
+            n.sup.path("state2").to_str().unwrap(),
+        ],
+        &env,
+    );
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("gone.sock"));
     assert!(n.in_service(&moto));
@@ -235,18 +258,40 @@ fn a_second_one_shot_restart_is_refused_while_one_runs() {
     let state = n.sup.path("state"); // the listener's state dir: it shares the lock
     let mut env = moto.env();
     env.extend(n.sup.client_env());
-    let args_owned = ["restart", "slow", "--hostname", &format!("node0.{ns}"), "--domain", "example.com", "--instance-id", &n.id, "--poll-interval", "0.2", "--settle", "0", "--state-dir", state.to_str().unwrap()].map(String::from);
+    let args_owned = [
+        "restart",
+        "slow",
+        "--hostname",
+        &format!("node0.{ns}"),
+        "--domain",
+        "example.com",
+        "--instance-id",
+        &n.id,
+        "--poll-interval",
+        "0.2",
+        "--settle",
+        "0",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]
+    .map(String::from);
     let args: Vec<&str> = args_owned.iter().map(String::as_str).collect();
     let first = {
         let mut cmd = std::process::Command::new(bin());
-        cmd.args(&args).env_remove("AWS_PROFILE").env("ELB_QUORUM_LOG_TARGET", "stderr").stdin(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+        cmd.args(&args)
+            .env_remove("AWS_PROFILE")
+            .env("ELB_QUORUM_LOG_TARGET", "stderr")
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
         for (k, v) in &env {
             cmd.env(k, v);
         }
         cmd.spawn().unwrap()
     };
     let first_pid = first.id().to_string();
-    eventually(T, "the first restart holding the lock", || (std::fs::read_to_string(state.join("lock")).ok()? == first_pid).then_some(()));
+    eventually(T, "the first restart holding the lock", || {
+        (std::fs::read_to_string(state.join("lock")).ok()? == first_pid).then_some(())
+    });
     let second = run_bin(&args, &env);
     assert_eq!(second.status.code(), Some(3));
     assert!(text(&second.stderr).contains("another elb-quorum restart holds the lock"), "{}", text(&second.stderr));

@@ -28,7 +28,19 @@ async fn sdk_config(moto: &Moto) -> aws_config::SdkConfig {
 async fn classic_elb_and_ec2_members_through_the_sdk() {
     let moto = Moto::start();
     let (lb_name, ns) = unique_cluster();
-    let v = moto.fixture(&["create", "--lb", &lb_name, "--namespace", &ns, "--count", "4", "--others", "2", "--unregistered", "1"]);
+    let v = moto.fixture(&[
+        "create",
+        "--lb",
+        &lb_name,
+        "--namespace",
+        &ns,
+        "--count",
+        "4",
+        "--others",
+        "2",
+        "--unregistered",
+        "1",
+    ]);
     let members: Vec<String> = serde_json::from_value(v["members"].clone()).unwrap();
     let spare: Vec<String> = serde_json::from_value(v["unregistered"].clone()).unwrap();
     let cfg = sdk_config(&moto).await;
@@ -57,7 +69,10 @@ async fn classic_elb_and_ec2_members_through_the_sdk() {
     assert_eq!(lb.timings().await.unwrap().drain, Some(Duration::from_secs(45)));
 
     lb.deregister(&members[0]).await.unwrap();
-    assert!(lb.registered().await.unwrap().iter().all(|h| h.instance_id != members[0]), "deregistered vanishes from the list");
+    assert!(
+        lb.registered().await.unwrap().iter().all(|h| h.instance_id != members[0]),
+        "deregistered vanishes from the list"
+    );
     lb.register(&members[0]).await.unwrap();
     assert!(lb.registered().await.unwrap().iter().any(|h| h.instance_id == members[0] && h.serving()));
 
@@ -93,7 +108,10 @@ fn status_numbers_naming_rule_and_refusal() {
     let out = run_bin(&args, &moto.env());
     assert_eq!(out.status.code(), Some(1), "a stopped peer: may not leave");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((v["verdict"]["serving_after"].as_u64(), v["verdict"]["reason"].as_str()), (Some(2), Some("below-quorum")));
+    assert_eq!(
+        (v["verdict"]["serving_after"].as_u64(), v["verdict"]["reason"].as_str()),
+        (Some(2), Some("below-quorum"))
+    );
 
     let mut table = vec!["status"];
     table.extend(identity_args(&ns, &ids[0], &host));
@@ -101,11 +119,17 @@ fn status_numbers_naming_rule_and_refusal() {
     let t = text(&out.stdout);
     assert!(t.contains("may leave now     no (BelowQuorum)") && t.contains(&format!("load balancer     {lb}")), "{t}");
 
-    let out = run_bin(&["status", "--hostname", &format!("node0.{ns}"), "--domain", "example.org", "--instance-id", &ids[0]], &moto.env());
+    let out = run_bin(
+        &["status", "--hostname", &format!("node0.{ns}"), "--domain", "example.org", "--instance-id", &ids[0]],
+        &moto.env(),
+    );
     assert_eq!(out.status.code(), Some(2), "hostname outside the supported domains is a configuration error");
     assert!(text(&out.stderr).contains("outside every supported domain"), "{}", text(&out.stderr));
 
-    let out = run_bin(&["status", "--hostname", "node0.missing.example.com", "--domain", "example.com", "--instance-id", &ids[0]], &moto.env());
+    let out = run_bin(
+        &["status", "--hostname", "node0.missing.example.com", "--domain", "example.com", "--instance-id", &ids[0]],
+        &moto.env(),
+    );
     assert_eq!(out.status.code(), Some(3));
     assert!(text(&out.stderr).contains("load balancer missing-example-com not found"), "{}", text(&out.stderr));
 }
@@ -130,10 +154,16 @@ fn one_shot_restart_runs_the_whole_cycle() {
     let left = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
-        let (left, stop, endpoint, lb, me) = (left.clone(), stop.clone(), moto.endpoint.clone(), lb.clone(), ids[0].clone());
+        let (left, stop, endpoint, lb, me) =
+            (left.clone(), stop.clone(), moto.endpoint.clone(), lb.clone(), ids[0].clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
-                let out = std::process::Command::new(python()).arg(fixture("moto_cluster.py")).arg(&endpoint).args(["health", &lb]).output().unwrap();
+                let out = std::process::Command::new(python())
+                    .arg(fixture("moto_cluster.py"))
+                    .arg(&endpoint)
+                    .args(["health", &lb])
+                    .output()
+                    .unwrap();
                 let h: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
                 if h.get(&me).is_none() {
                     left.store(true, Ordering::SeqCst);
@@ -142,7 +172,20 @@ fn one_shot_restart_runs_the_whole_cycle() {
         })
     };
     let out = run_bin(
-        &["restart", "web", "--hostname", &host, "--domain", "example.com", "--instance-id", &ids[0], "--poll-interval", "0.2", "--state-dir", state.to_str().unwrap()],
+        &[
+            "restart",
+            "web",
+            "--hostname",
+            &host,
+            "--domain",
+            "example.com",
+            "--instance-id",
+            &ids[0],
+            "--poll-interval",
+            "0.2",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
         &env,
     );
     stop.store(true, Ordering::SeqCst);
@@ -153,13 +196,34 @@ fn one_shot_restart_runs_the_whole_cycle() {
     let after = sup.pid("web").expect("web RUNNING again");
     assert_ne!(after, before, "web restarted");
     assert_eq!(moto.health(&lb).get(&ids[0]).map(String::as_str), Some("InService"));
-    for step in ["quorum check: 4 members, 4 serving, 3 after leaving, 3 required", "deregistering", "programs restarted and RUNNING", "registered", "cycle done"] {
+    for step in [
+        "quorum check: 4 members, 4 serving, 3 after leaving, 3 required",
+        "deregistering",
+        "programs restarted and RUNNING",
+        "registered",
+        "cycle done",
+    ] {
         assert!(log.contains(step), "missing {step:?} in:\n{log}");
     }
     assert!(!state.join("state.json").exists(), "state file cleared");
 
     // Dry run: every check, nothing changed.
-    let out = run_bin(&["restart", "web", "--dry-run", "--hostname", &host, "--domain", "example.com", "--instance-id", &ids[0], "--state-dir", state.to_str().unwrap()], &env);
+    let out = run_bin(
+        &[
+            "restart",
+            "web",
+            "--dry-run",
+            "--hostname",
+            &host,
+            "--domain",
+            "example.com",
+            "--instance-id",
+            &ids[0],
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+        &env,
+    );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("dry run: would deregister"));
     assert_eq!(sup.pid("web"), Some(after), "dry run restarted nothing");
@@ -178,17 +242,49 @@ fn one_shot_restart_refuses_below_quorum_and_changes_nothing() {
     let state = sup.path("state");
     let host = format!("node0.{ns}");
     let out = run_bin(
-        &["restart", "web", "--hostname", &host, "--domain", "example.com", "--instance-id", &ids[0], "--check-interval", "0.1", "--max-checks", "3", "--state-dir", state.to_str().unwrap()],
+        &[
+            "restart",
+            "web",
+            "--hostname",
+            &host,
+            "--domain",
+            "example.com",
+            "--instance-id",
+            &ids[0],
+            "--check-interval",
+            "0.1",
+            "--max-checks",
+            "3",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
         &env,
     );
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("quorum not reached after 3 checks (4 members, 3 serving, 2 after leaving, 3 required"), "{err}");
+    assert!(
+        err.contains("quorum not reached after 3 checks (4 members, 3 serving, 2 after leaving, 3 required"),
+        "{err}"
+    );
     assert_eq!(sup.pid("web"), Some(before), "web untouched");
     assert_eq!(moto.health(&lb).get(&ids[0]).map(String::as_str), Some("InService"), "still registered");
 
     // An unknown program is refused before anything else (exit 2).
-    let out = run_bin(&["restart", "nope", "--hostname", &host, "--domain", "example.com", "--instance-id", &ids[0], "--state-dir", state.to_str().unwrap()], &env);
+    let out = run_bin(
+        &[
+            "restart",
+            "nope",
+            "--hostname",
+            &host,
+            "--domain",
+            "example.com",
+            "--instance-id",
+            &ids[0],
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+        &env,
+    );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("unknown program \"nope\""));
     assert_eq!(moto.health(&lb).get(&ids[0]).map(String::as_str), Some("InService"));

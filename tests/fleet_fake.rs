@@ -54,7 +54,10 @@ async fn fleet_invariants(k: usize, settle: u64) -> u32 {
                 r.below_quorum_instance_seconds <= r.races as f64 * race_window(&p),
                 "seed {seed}: dip longer than the race window allows: {r:?}"
             );
-            assert!(r.min_serving + r.races as usize >= r.required, "seed {seed}: at most one missing instance per race: {r:?}");
+            assert!(
+                r.min_serving + r.races as usize >= r.required,
+                "seed {seed}: at most one missing instance per race: {r:?}"
+            );
         }
     }
     println!("k={k} settle={settle}s: {clean}/20 runs without a race, {races} races caught by the recheck");

@@ -13,7 +13,17 @@ use common::*;
 /// supervisord point at closed local addresses: nothing leaves the machine.
 fn spawn_listener(state_dir: &std::path::Path, extra: &[&str]) -> std::process::Child {
     Command::new(bin())
-        .args(["listen", "--lb", "web-example-com", "--instance-id", "i-0001", "--hostname", "node0.web.example.com", "--members", "static:3"])
+        .args([
+            "listen",
+            "--lb",
+            "web-example-com",
+            "--instance-id",
+            "i-0001",
+            "--hostname",
+            "node0.web.example.com",
+            "--members",
+            "static:3",
+        ])
         .arg("--state-dir")
         .arg(state_dir)
         .args(extra)
@@ -129,7 +139,9 @@ fn under_real_supervisord_stays_running_and_recognises_requests() {
         id = ids[0],
     );
     let sup = Supervisord::start(&listener, false, &moto.env());
-    eventually(Duration::from_secs(20), "listener RUNNING", || sup.status("elb-quorum").contains("RUNNING").then_some(()));
+    eventually(Duration::from_secs(20), "listener RUNNING", || {
+        sup.status("elb-quorum").contains("RUNNING").then_some(())
+    });
     eventually(Duration::from_secs(20), "web RUNNING", || sup.pid("web"));
     assert!(sup.ctl(&["restart", "web"]).status.success());
     let out = run_bin(&["request", "web"], &sup.client_env());

@@ -21,7 +21,10 @@ fn arb_event() -> impl Strategy<Value = (String, String)> {
             "PROCESS_COMMUNICATION_STDOUT".to_string(),
             format!("processname:{p} groupname:{g} pid:{pid}\n{d}")
         )),
-        ("[a-z]{1,8}", text).prop_map(|(p, d)| ("PROCESS_LOG_STDERR".to_string(), format!("processname:{p} groupname:{p} pid:1 channel:stderr\n{d}"))),
+        ("[a-z]{1,8}", text).prop_map(|(p, d)| (
+            "PROCESS_LOG_STDERR".to_string(),
+            format!("processname:{p} groupname:{p} pid:1 channel:stderr\n{d}")
+        )),
         ("[a-z-]{1,12}", text).prop_map(|(t, d)| ("REMOTE_COMMUNICATION".to_string(), format!("type:{t}\n{d}"))),
         (0u64..u64::MAX).prop_map(|w| ("TICK_60".to_string(), format!("when:{w}"))),
         ("[a-z]{1,8}", 0u8..2, 0u32..99999).prop_map(|(p, e, pid)| (

@@ -81,7 +81,10 @@ async fn info_restart_and_faults_over_the_unix_socket() {
 
     // Unknown names fail before anything changes.
     let pid = sup.pid("web").unwrap();
-    let e = c.restart(&["web".to_string(), "nope".to_string()], Duration::from_secs(30), Duration::from_millis(100)).await.unwrap_err();
+    let e = c
+        .restart(&["web".to_string(), "nope".to_string()], Duration::from_secs(30), Duration::from_millis(100))
+        .await
+        .unwrap_err();
     assert!(matches!(&e, SupervisorError::UnknownProgram { name } if name == "nope"), "{e}");
     assert_eq!(sup.pid("web"), Some(pid), "web untouched");
     for bad in ["pool", "ghost:*", "pool:pool_9"] {
@@ -139,7 +142,8 @@ fn fake_server(answer: Option<&'static [u8]>, delay: Duration) -> u16 {
                 let _ = s.read(&mut buf);
                 std::thread::sleep(delay);
                 if let Some(a) = answer {
-                    let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n", a.len());
+                    let _ =
+                        write!(s, "HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n", a.len());
                     let _ = s.write_all(a);
                 } else {
                     std::thread::sleep(Duration::from_secs(30));
@@ -153,13 +157,21 @@ fn fake_server(answer: Option<&'static [u8]>, delay: Duration) -> u16 {
 #[tokio::test(flavor = "current_thread")]
 async fn slow_and_garbage_answers_are_errors_not_hangs() {
     let port = fake_server(None, Duration::ZERO);
-    let c = SupervisorClient::new(&SupervisorSettings { url: format!("http://127.0.0.1:{port}"), username: None, password: None, rpc_timeout: Duration::from_millis(300) }).unwrap();
+    let c = SupervisorClient::new(&SupervisorSettings {
+        url: format!("http://127.0.0.1:{port}"),
+        username: None,
+        password: None,
+        rpc_timeout: Duration::from_millis(300),
+    })
+    .unwrap();
     let e = c.get_state().await.unwrap_err();
     assert!(matches!(e, SupervisorError::Timeout { .. }), "{e:?}");
     let port = fake_server(Some(b"<html><body>Not XML-RPC</body></html>"), Duration::ZERO);
     let e = client(&format!("http://127.0.0.1:{port}"), None, None).get_state().await.unwrap_err();
     match e {
-        SupervisorError::InvalidResponse { quoted, .. } => assert!(quoted.contains("<html><body>Not XML-RPC"), "{quoted}"),
+        SupervisorError::InvalidResponse { quoted, .. } => {
+            assert!(quoted.contains("<html><body>Not XML-RPC"), "{quoted}")
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -167,7 +179,9 @@ async fn slow_and_garbage_answers_are_errors_not_hangs() {
 #[test]
 fn request_delivers_a_remote_communication_event() {
     let sup = start();
-    eventually(Duration::from_secs(20), "recorder RUNNING", || sup.status("recorder").contains("RUNNING").then_some(()));
+    eventually(Duration::from_secs(20), "recorder RUNNING", || {
+        sup.status("recorder").contains("RUNNING").then_some(())
+    });
     let out = run_bin(&["request", "web", "pool:*"], &sup.client_env());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let events = eventually(Duration::from_secs(10), "the recorded event", || {
@@ -180,7 +194,10 @@ fn request_delivers_a_remote_communication_event() {
     assert_eq!(out.status.code(), Some(2), "unknown program is a usage error");
     assert!(text(&out.stderr).contains("unknown program \"nope\""), "{}", text(&out.stderr));
 
-    let out = run_bin(&["request", "web", "--supervisor-url", &format!("unix://{}/gone.sock", sup.dir.path().display())], &[]);
+    let out = run_bin(
+        &["request", "web", "--supervisor-url", &format!("unix://{}/gone.sock", sup.dir.path().display())],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(3));
     assert!(text(&out.stderr).contains("gone.sock"), "{}", text(&out.stderr));
 

@@ -64,7 +64,10 @@ pub enum Outcome {
     /// `--dry-run`: every check made, nothing changed.
     DryRun(Verdict),
     /// Quorum not reached after the bounded checks; nothing changed.
-    GaveUp { verdict: Verdict, checks: u32 },
+    GaveUp {
+        verdict: Verdict,
+        checks: u32,
+    },
     /// Shutdown requested while waiting at the gate; nothing changed.
     Aborted,
 }
@@ -191,7 +194,13 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             if check >= self.timing.max_checks {
                 let verdict = match verdict {
                     Some(v) => v,
-                    None => return Err(CycleError::Lb(LbError::Unreachable { lb: self.lb.name().into(), action: "quorum check", detail: format!("no check succeeded in {check}") })),
+                    None => {
+                        return Err(CycleError::Lb(LbError::Unreachable {
+                            lb: self.lb.name().into(),
+                            action: "quorum check",
+                            detail: format!("no check succeeded in {check}"),
+                        }))
+                    }
                 };
                 return Ok(Gate::GaveUp { verdict, checks: check });
             }
@@ -202,7 +211,14 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     }
 
     fn record(&self, step: Step, programs: &[String], since: u64) -> Record {
-        Record { step, instance_id: self.me.clone(), lb: self.lb.name().to_owned(), programs: programs.to_vec(), since, pid: std::process::id() }
+        Record {
+            step,
+            instance_id: self.me.clone(),
+            lb: self.lb.name().to_owned(),
+            programs: programs.to_vec(),
+            since,
+            pid: std::process::id(),
+        }
     }
 
     /// Runs one gated restart of `req.programs`.
@@ -265,7 +281,8 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     }
                 }
             }
-            let drain_bound = self.timing.drain_timeout.unwrap_or(timings.drain.unwrap_or(Duration::ZERO) + DRAIN_MARGIN);
+            let drain_bound =
+                self.timing.drain_timeout.unwrap_or(timings.drain.unwrap_or(Duration::ZERO) + DRAIN_MARGIN);
             if let Err(e) = self.wait_out(drain_bound).await {
                 self.come_back().await?;
                 return Err(e);
@@ -277,7 +294,12 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             let t = Instant::now();
             if let Err(source) = self.services.restart(&programs).await {
                 self.state.save(&self.record(Step::ServicesDown, &programs, since))?;
-                let e = CycleError::ServicesDown { lb: self.lb.name().into(), instance: self.me.clone(), programs: programs.join(" "), source };
+                let e = CycleError::ServicesDown {
+                    lb: self.lb.name().into(),
+                    instance: self.me.clone(),
+                    programs: programs.join(" "),
+                    source,
+                };
                 error!(lb = self.lb.name(), instance_id = %self.me, "{e}");
                 return Err(e);
             }
@@ -324,7 +346,11 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 warn!(lb = self.lb.name(), instance_id = %self.me, bound_s = bound.as_secs_f64(), "deregistration not confirmed within the draining bound; going on");
                 return Ok(());
             }
-            tokio::time::sleep(jitter(self.timing.poll_interval).min(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10)))).await;
+            tokio::time::sleep(
+                jitter(self.timing.poll_interval)
+                    .min(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10))),
+            )
+            .await;
         }
     }
 
@@ -346,7 +372,12 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     pause = (pause * 2).min(REGISTER_RETRY_MAX_PAUSE);
                 }
                 Err(source) => {
-                    let e = CycleError::StillDeregistered { lb: self.lb.name().into(), instance: self.me.clone(), tried: start.elapsed(), source };
+                    let e = CycleError::StillDeregistered {
+                        lb: self.lb.name().into(),
+                        instance: self.me.clone(),
+                        tried: start.elapsed(),
+                        source,
+                    };
                     error!("{e}");
                     return Err(e);
                 }
@@ -367,7 +398,11 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                         return Ok(());
                     }
                     Some(h) if h.never_heals() => {
-                        return Err(CycleError::NotInService { lb: self.lb.name().into(), instance: self.me.clone(), detail: h.description.clone() });
+                        return Err(CycleError::NotInService {
+                            lb: self.lb.name().into(),
+                            instance: self.me.clone(),
+                            detail: h.description.clone(),
+                        });
                     }
                     Some(h) => info!(state = ?h.state, description = %h.description, "waiting for InService"),
                     None => warn!("registered but not listed yet"),
@@ -379,7 +414,9 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 return Err(CycleError::NotInService {
                     lb: self.lb.name().into(),
                     instance: self.me.clone(),
-                    detail: format!("not InService within {bound:?}; it stays registered (check the health check target)"),
+                    detail: format!(
+                        "not InService within {bound:?}; it stays registered (check the health check target)"
+                    ),
                 });
             }
             tokio::time::sleep(jitter(self.timing.poll_interval)).await;
@@ -428,8 +465,17 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         let running = self.services.running(&record.programs).await?;
         if !running {
             if record.step == Step::ServicesDown {
-                let source = SupervisorError::ProgramFailed { program: record.programs.join(" "), state: "not RUNNING".into(), detail: " (they failed to come back in an earlier cycle)".into() };
-                let e = CycleError::ServicesDown { lb: self.lb.name().into(), instance: self.me.clone(), programs: record.programs.join(" "), source };
+                let source = SupervisorError::ProgramFailed {
+                    program: record.programs.join(" "),
+                    state: "not RUNNING".into(),
+                    detail: " (they failed to come back in an earlier cycle)".into(),
+                };
+                let e = CycleError::ServicesDown {
+                    lb: self.lb.name().into(),
+                    instance: self.me.clone(),
+                    programs: record.programs.join(" "),
+                    source,
+                };
                 error!("{e}");
                 return Err(e);
             }
@@ -437,7 +483,12 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             self.state.save(&Record { step: Step::Restarting, pid: std::process::id(), ..record.clone() })?;
             if let Err(source) = self.services.restart(&record.programs).await {
                 self.state.save(&Record { step: Step::ServicesDown, pid: std::process::id(), ..record.clone() })?;
-                let e = CycleError::ServicesDown { lb: self.lb.name().into(), instance: self.me.clone(), programs: record.programs.join(" "), source };
+                let e = CycleError::ServicesDown {
+                    lb: self.lb.name().into(),
+                    instance: self.me.clone(),
+                    programs: record.programs.join(" "),
+                    source,
+                };
                 error!("{e}");
                 return Err(e);
             }

@@ -117,7 +117,9 @@ impl StateFile {
     /// Removes the record (the cycle finished).
     pub fn clear(&self) -> Result<(), StateFileError> {
         match fs::remove_file(self.path()) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StateFileError::Write { path: self.path(), source: e }),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(StateFileError::Write { path: self.path(), source: e })
+            }
             _ => Ok(()),
         }
     }
@@ -168,7 +170,14 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn record() -> Record {
-        Record { step: Step::Restarting, instance_id: "i-1".into(), lb: "web".into(), programs: vec!["web".into()], since: 1, pid: 2 }
+        Record {
+            step: Step::Restarting,
+            instance_id: "i-1".into(),
+            lb: "web".into(),
+            programs: vec!["web".into()],
+            since: 1,
+            pid: 2,
+        }
     }
 
     #[test]

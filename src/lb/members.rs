@@ -61,13 +61,19 @@ impl Membership for Ec2NameMembers {
                 .client
                 .describe_instances()
                 .filters(Filter::builder().name("tag:Name").values(format!("*.{}", self.namespace)).build())
-                .filters(Filter::builder().name("instance-state-name").set_values(Some(MEMBER_STATES.map(String::from).to_vec())).build())
+                .filters(
+                    Filter::builder()
+                        .name("instance-state-name")
+                        .set_values(Some(MEMBER_STATES.map(String::from).to_vec()))
+                        .build(),
+                )
                 .set_next_token(token.take())
                 .send()
                 .await
                 .map_err(|e| ec2_error(&self.namespace, e))?;
             for inst in out.reservations().iter().flat_map(|r| r.instances()) {
-                let name = inst.tags().iter().find(|t| t.key() == Some("Name")).and_then(|t| t.value()).unwrap_or_default();
+                let name =
+                    inst.tags().iter().find(|t| t.key() == Some("Name")).and_then(|t| t.value()).unwrap_or_default();
                 if let (Some(id), true) = (inst.instance_id(), in_namespace(name, &self.namespace)) {
                     ids.insert(id.to_owned());
                 }
@@ -85,7 +91,10 @@ impl Membership for Ec2NameMembers {
     }
 }
 
-fn ec2_error<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static, R: std::fmt::Debug>(ns: &str, e: SdkError<E, R>) -> String {
+fn ec2_error<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static, R: std::fmt::Debug>(
+    ns: &str,
+    e: SdkError<E, R>,
+) -> String {
     match &e {
         SdkError::ServiceError(se) => format!(
             "EC2 DescribeInstances for members *.{ns} failed: {}: {}",

@@ -152,7 +152,9 @@ mod tests {
         assert_eq!(lb_name_from_hostname("i-0abc.web.example.com", &d).unwrap(), "web-example-com");
         assert_eq!(lb_name_from_hostname("I-0ABC.Web.Example.COM.", &d).unwrap(), "web-example-com");
         assert_eq!(lb_name_from_hostname("i-1.api.eu.example.com", &d).unwrap(), "api-eu-example-com");
-        assert!(lb_name_from_hostname("i-1.web.example.org", &d).unwrap_err().contains("outside every supported domain"));
+        assert!(lb_name_from_hostname("i-1.web.example.org", &d)
+            .unwrap_err()
+            .contains("outside every supported domain"));
         assert!(lb_name_from_hostname("i-1.web.badexample.com", &d).is_err());
         assert!(lb_name_from_hostname("localhost", &d).unwrap_err().contains("no cluster domain"));
         assert!(lb_name_from_hostname("i-1.example", &d).is_err());

@@ -153,9 +153,11 @@ impl EventDecoder {
                     self.start = payload_start + scanned;
                     return match parse_body(&header.eventname, &payload) {
                         Ok(body) => Ok(Some(Event { header, body })),
-                        Err(reason) => {
-                            Err(ProtocolError::BadPayload { serial: header.serial, eventname: header.eventname, reason })
-                        }
+                        Err(reason) => Err(ProtocolError::BadPayload {
+                            serial: header.serial,
+                            eventname: header.eventname,
+                            reason,
+                        }),
                     };
                 }
                 State::Skip { header, mut chars_left, mut cont_left } => {

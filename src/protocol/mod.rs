@@ -110,15 +110,39 @@ impl Source {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventBody {
     ProcessState(ProcessState),
-    ProcessCommunication { channel: Channel, source: Source, data: String },
-    ProcessLog { channel: Channel, source: Source, data: String },
-    RemoteCommunication { kind: String, data: String },
-    Tick { period: u32, when: u64 },
-    SupervisorStateChange { running: bool },
-    ProcessGroup { added: bool, groupname: String },
-    EventBufferOverflow { groupname: String, fields: Vec<(String, String)> },
+    ProcessCommunication {
+        channel: Channel,
+        source: Source,
+        data: String,
+    },
+    ProcessLog {
+        channel: Channel,
+        source: Source,
+        data: String,
+    },
+    RemoteCommunication {
+        kind: String,
+        data: String,
+    },
+    Tick {
+        period: u32,
+        when: u64,
+    },
+    SupervisorStateChange {
+        running: bool,
+    },
+    ProcessGroup {
+        added: bool,
+        groupname: String,
+    },
+    EventBufferOverflow {
+        groupname: String,
+        fields: Vec<(String, String)>,
+    },
     /// An event name this version does not know: kept with its raw payload, never an error.
-    Unknown { payload: String },
+    Unknown {
+        payload: String,
+    },
 }
 
 /// What went wrong in the input stream.

@@ -176,7 +176,8 @@ mod tests {
     #[test]
     fn header_line_is_streaming() {
         // (input, expected line, expected remainder); None = Incomplete
-        let cases: &[(&[u8], Option<(&[u8], &[u8])>)] = &[
+        type Case<'a> = (&'a [u8], Option<(&'a [u8], &'a [u8])>);
+        let cases: &[Case] = &[
             (b"", None),
             (b"ver:3.0", None),
             (b"ver:3.0\n", Some((b"ver:3.0", b""))),
@@ -263,7 +264,11 @@ mod tests {
                 "processname:probe groupname:probe from_state:STARTING tries:1",
                 ps(Backoff, Some(Starting), None, None, Some(1)),
             ),
-            ("PROCESS_STATE_FATAL", "processname:probe groupname:probe from_state:BACKOFF", ps(Fatal, Some(Backoff), None, None, None)),
+            (
+                "PROCESS_STATE_FATAL",
+                "processname:probe groupname:probe from_state:BACKOFF",
+                ps(Fatal, Some(Backoff), None, None, None),
+            ),
             (
                 "PROCESS_STATE_STOPPED",
                 "processname:probe groupname:probe from_state:STOPPING pid:0",
@@ -272,12 +277,20 @@ mod tests {
             (
                 "PROCESS_COMMUNICATION_STDOUT",
                 "processname:talker groupname:talker pid:13898\nrestart please",
-                EventBody::ProcessCommunication { channel: Channel::Stdout, source: src(Some(13898)), data: "restart please".into() },
+                EventBody::ProcessCommunication {
+                    channel: Channel::Stdout,
+                    source: src(Some(13898)),
+                    data: "restart please".into(),
+                },
             ),
             (
                 "PROCESS_COMMUNICATION_STDERR",
                 "processname:talker groupname:talker pid:1\nline one\nline two\ncafé ✓",
-                EventBody::ProcessCommunication { channel: Channel::Stderr, source: src(Some(1)), data: "line one\nline two\ncafé ✓".into() },
+                EventBody::ProcessCommunication {
+                    channel: Channel::Stderr,
+                    source: src(Some(1)),
+                    data: "line one\nline two\ncafé ✓".into(),
+                },
             ),
             (
                 "PROCESS_LOG_STDOUT",
@@ -294,8 +307,16 @@ mod tests {
             ("TICK_3600", "when:1", EventBody::Tick { period: 3600, when: 1 }),
             ("SUPERVISOR_STATE_CHANGE_RUNNING", "", EventBody::SupervisorStateChange { running: true }),
             ("SUPERVISOR_STATE_CHANGE_STOPPING", "", EventBody::SupervisorStateChange { running: false }),
-            ("PROCESS_GROUP_ADDED", "groupname:web\n", EventBody::ProcessGroup { added: true, groupname: "web".into() }),
-            ("PROCESS_GROUP_REMOVED", "groupname:web\n", EventBody::ProcessGroup { added: false, groupname: "web".into() }),
+            (
+                "PROCESS_GROUP_ADDED",
+                "groupname:web\n",
+                EventBody::ProcessGroup { added: true, groupname: "web".into() },
+            ),
+            (
+                "PROCESS_GROUP_REMOVED",
+                "groupname:web\n",
+                EventBody::ProcessGroup { added: false, groupname: "web".into() },
+            ),
             (
                 "EVENT_BUFFER_OVERFLOW",
                 "groupname:elb-quorum event:x",

@@ -156,7 +156,8 @@ impl ProcessInfo {
     }
 
     fn from_value(method: &str, v: Value) -> Result<Self, SupervisorError> {
-        let invalid = |what: &str| SupervisorError::InvalidResponse { method: method.to_owned(), quoted: what.to_owned() };
+        let invalid =
+            |what: &str| SupervisorError::InvalidResponse { method: method.to_owned(), quoted: what.to_owned() };
         let Value::Struct(m) = v else { return Err(invalid("expected a struct")) };
         let s = |k: &str| match m.get(k) {
             Some(Value::String(s)) => s.clone(),
@@ -195,7 +196,12 @@ fn s(v: &str) -> Value {
 impl SupervisorClient {
     pub fn new(settings: &SupervisorSettings) -> Result<Self, String> {
         Ok(Self {
-            transport: Transport::new(&settings.url, settings.username.as_deref(), settings.password.as_ref(), settings.rpc_timeout)?,
+            transport: Transport::new(
+                &settings.url,
+                settings.username.as_deref(),
+                settings.password.as_ref(),
+                settings.rpc_timeout,
+            )?,
         })
     }
 
@@ -208,10 +214,15 @@ impl SupervisorClient {
         self.call_with_timeout(method, params, self.transport.timeout()).await
     }
 
-    async fn call_with_timeout(&self, method: &str, params: Vec<Value>, timeout: Duration) -> Result<Value, SupervisorError> {
-        let body = MethodCall { name: method.into(), params }
-            .to_xml()
-            .map_err(|e| SupervisorError::InvalidResponse { method: method.to_owned(), quoted: format!("cannot encode call: {e}") })?;
+    async fn call_with_timeout(
+        &self,
+        method: &str,
+        params: Vec<Value>,
+        timeout: Duration,
+    ) -> Result<Value, SupervisorError> {
+        let body = MethodCall { name: method.into(), params }.to_xml().map_err(|e| {
+            SupervisorError::InvalidResponse { method: method.to_owned(), quoted: format!("cannot encode call: {e}") }
+        })?;
         let body = format!("<?xml version=\"1.0\"?>\n{body}");
         let bytes = self.transport.post(method, body, timeout).await?;
         decode_response(method, &bytes)
@@ -223,9 +234,15 @@ impl SupervisorClient {
         match v {
             Value::Struct(m) => match (m.get("statecode"), m.get("statename")) {
                 (Some(Value::Integer(c)), Some(Value::String(n))) => Ok((*c, n.clone())),
-                _ => Err(SupervisorError::InvalidResponse { method: "supervisor.getState".into(), quoted: format!("{m:?}") }),
+                _ => Err(SupervisorError::InvalidResponse {
+                    method: "supervisor.getState".into(),
+                    quoted: format!("{m:?}"),
+                }),
             },
-            other => Err(SupervisorError::InvalidResponse { method: "supervisor.getState".into(), quoted: format!("{other:?}") }),
+            other => Err(SupervisorError::InvalidResponse {
+                method: "supervisor.getState".into(),
+                quoted: format!("{other:?}"),
+            }),
         }
     }
 
@@ -283,7 +300,12 @@ impl SupervisorClient {
     /// Stops (already stopped is fine) and starts each process, then waits until every one is
     /// RUNNING (its `startsecs` passed). FATAL, EXITED or STOPPED after the start is a failure with
     /// the process's state and spawn error; so is not being RUNNING by `timeout`.
-    pub async fn restart(&self, names: &[String], timeout: Duration, poll: Duration) -> Result<Vec<ProcessInfo>, SupervisorError> {
+    pub async fn restart(
+        &self,
+        names: &[String],
+        timeout: Duration,
+        poll: Duration,
+    ) -> Result<Vec<ProcessInfo>, SupervisorError> {
         let deadline = Instant::now() + timeout;
         let procs = self.resolve(names).await?;
         for p in &procs {
@@ -302,8 +324,16 @@ impl SupervisorClient {
             match self.start(&p.namespec(), false, left).await {
                 Ok(_) => {}
                 Err(e) if e.fault_code() == Some(FaultCode::AlreadyStarted) => {}
-                Err(SupervisorError::Fault { code: code @ (FaultCode::SpawnError | FaultCode::AbnormalTermination), message, .. }) => {
-                    return Err(SupervisorError::ProgramFailed { program: p.namespec(), state: format!("{code:?}"), detail: format!(": {message}") })
+                Err(SupervisorError::Fault {
+                    code: code @ (FaultCode::SpawnError | FaultCode::AbnormalTermination),
+                    message,
+                    ..
+                }) => {
+                    return Err(SupervisorError::ProgramFailed {
+                        program: p.namespec(),
+                        state: format!("{code:?}"),
+                        detail: format!(": {message}"),
+                    })
                 }
                 Err(e) => return Err(e),
             }
@@ -311,7 +341,13 @@ impl SupervisorClient {
         self.wait_running(&procs, deadline, timeout, poll).await
     }
 
-    async fn wait_stopped(&self, procs: &[ProcessInfo], deadline: Instant, timeout: Duration, poll: Duration) -> Result<(), SupervisorError> {
+    async fn wait_stopped(
+        &self,
+        procs: &[ProcessInfo],
+        deadline: Instant,
+        timeout: Duration,
+        poll: Duration,
+    ) -> Result<(), SupervisorError> {
         loop {
             let mut stopping = Vec::new();
             for p in procs {
@@ -324,7 +360,8 @@ impl SupervisorClient {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                let states = stopping.iter().map(|i| format!("{}={}", i.namespec(), i.statename)).collect::<Vec<_>>().join(", ");
+                let states =
+                    stopping.iter().map(|i| format!("{}={}", i.namespec(), i.statename)).collect::<Vec<_>>().join(", ");
                 let programs = procs.iter().map(|p| p.namespec()).collect::<Vec<_>>().join(" ");
                 return Err(SupervisorError::RestartTimeout { programs, after: timeout, states });
             }
@@ -332,12 +369,24 @@ impl SupervisorClient {
         }
     }
 
-    async fn wait_running(&self, procs: &[ProcessInfo], deadline: Instant, timeout: Duration, poll: Duration) -> Result<Vec<ProcessInfo>, SupervisorError> {
+    async fn wait_running(
+        &self,
+        procs: &[ProcessInfo],
+        deadline: Instant,
+        timeout: Duration,
+        poll: Duration,
+    ) -> Result<Vec<ProcessInfo>, SupervisorError> {
         loop {
             let mut infos = Vec::with_capacity(procs.len());
             for p in procs {
                 let info = self.process_info(&p.namespec()).await?;
-                if matches!(info.state, ProcessStateCode::Fatal | ProcessStateCode::Exited | ProcessStateCode::Stopped | ProcessStateCode::Unknown) {
+                if matches!(
+                    info.state,
+                    ProcessStateCode::Fatal
+                        | ProcessStateCode::Exited
+                        | ProcessStateCode::Stopped
+                        | ProcessStateCode::Unknown
+                ) {
                     let mut detail = String::new();
                     if !info.spawnerr.is_empty() {
                         detail.push_str(&format!(" (spawn error: {})", info.spawnerr));
@@ -345,7 +394,11 @@ impl SupervisorClient {
                     if info.state == ProcessStateCode::Exited {
                         detail.push_str(&format!(" (exit status {})", info.exitstatus));
                     }
-                    return Err(SupervisorError::ProgramFailed { program: p.namespec(), state: info.statename, detail });
+                    return Err(SupervisorError::ProgramFailed {
+                        program: p.namespec(),
+                        state: info.statename,
+                        detail,
+                    });
                 }
                 infos.push(info);
             }
@@ -353,7 +406,8 @@ impl SupervisorClient {
                 return Ok(infos);
             }
             if Instant::now() >= deadline {
-                let states = infos.iter().map(|i| format!("{}={}", i.namespec(), i.statename)).collect::<Vec<_>>().join(", ");
+                let states =
+                    infos.iter().map(|i| format!("{}={}", i.namespec(), i.statename)).collect::<Vec<_>>().join(", ");
                 let programs = procs.iter().map(|p| p.namespec()).collect::<Vec<_>>().join(" ");
                 return Err(SupervisorError::RestartTimeout { programs, after: timeout, states });
             }
@@ -370,7 +424,11 @@ pub fn decode_response(method: &str, bytes: &[u8]) -> Result<Value, SupervisorEr
     if body.contains("<fault>") {
         let fault = dxr::FaultResponse::from_xml(body).map_err(|_| invalid())?.fault;
         let message = fault.string().to_owned();
-        return Err(SupervisorError::Fault { method: method.to_owned(), code: FaultCode::from_code(fault.code()), message });
+        return Err(SupervisorError::Fault {
+            method: method.to_owned(),
+            code: FaultCode::from_code(fault.code()),
+            message,
+        });
     }
     dxr::MethodResponse::from_xml(body).map(|r| r.value).map_err(|_| invalid())
 }
@@ -433,7 +491,9 @@ mod tests {
         assert_eq!(decode_response("m", ok).unwrap(), Value::Boolean(true));
         let fault = b"<?xml version='1.0'?>\n<methodResponse>\n<fault>\n<value><struct>\n<member>\n<name>faultCode</name>\n<value><int>10</int></value>\n</member>\n<member>\n<name>faultString</name>\n<value><string>BAD_NAME: nope</string></value>\n</member>\n</struct></value>\n</fault>\n</methodResponse>\n";
         match decode_response("supervisor.getProcessInfo", fault) {
-            Err(SupervisorError::Fault { code: FaultCode::BadName, message, .. }) => assert_eq!(message, "BAD_NAME: nope"),
+            Err(SupervisorError::Fault { code: FaultCode::BadName, message, .. }) => {
+                assert_eq!(message, "BAD_NAME: nope")
+            }
             other => panic!("{other:?}"),
         }
     }

@@ -52,7 +52,12 @@ pub struct Transport {
 }
 
 impl Transport {
-    pub fn new(url: &str, username: Option<&str>, password: Option<&Secret>, timeout: Duration) -> Result<Self, String> {
+    pub fn new(
+        url: &str,
+        username: Option<&str>,
+        password: Option<&Secret>,
+        timeout: Duration,
+    ) -> Result<Self, String> {
         let endpoint = Endpoint::parse(url)?;
         let authorization = match (username, password) {
             (None, None) => None,
@@ -72,7 +77,9 @@ impl Transport {
     pub async fn post(&self, method: &str, body: String, timeout: Duration) -> Result<Bytes, SupervisorError> {
         match tokio::time::timeout(timeout, self.post_inner(body)).await {
             Ok(r) => r,
-            Err(_) => Err(SupervisorError::Timeout { url: self.url.clone(), method: method.to_owned(), after: timeout }),
+            Err(_) => {
+                Err(SupervisorError::Timeout { url: self.url.clone(), method: method.to_owned(), after: timeout })
+            }
         }
     }
 
@@ -132,7 +139,10 @@ impl Transport {
     }
 }
 
-async fn send<T>(io: TokioIo<T>, req: hyper::Request<Full<Bytes>>) -> Result<hyper::Response<hyper::body::Incoming>, hyper::Error>
+async fn send<T>(
+    io: TokioIo<T>,
+    req: hyper::Request<Full<Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, hyper::Error>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -161,7 +171,8 @@ mod tests {
 
     #[test]
     fn password_not_in_debug() {
-        let t = Transport::new("http://127.0.0.1:1", Some("u"), Some(&Secret::new("hunter2")), Duration::from_secs(1)).unwrap();
+        let t = Transport::new("http://127.0.0.1:1", Some("u"), Some(&Secret::new("hunter2")), Duration::from_secs(1))
+            .unwrap();
         let shown = format!("{t:?}");
         assert!(!shown.contains("hunter2") && !shown.contains("aHVudGVy"), "{shown}");
     }

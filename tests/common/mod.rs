@@ -273,7 +273,11 @@ pub fn unsafe_kill(pid: u32, sig: &str) {
 /// Runs our binary with `args` and `env`, no stdin, and returns its output.
 pub fn run_bin(args: &[&str], env: &[(String, String)]) -> Output {
     let mut cmd = Command::new(bin());
-    cmd.args(args).env_remove("AWS_PROFILE").env_remove("SUPERVISOR_SERVER_URL").env("ELB_QUORUM_LOG_TARGET", "stderr").stdin(Stdio::null());
+    cmd.args(args)
+        .env_remove("AWS_PROFILE")
+        .env_remove("SUPERVISOR_SERVER_URL")
+        .env("ELB_QUORUM_LOG_TARGET", "stderr")
+        .stdin(Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);
     }
