@@ -2,12 +2,13 @@
 //! event, acknowledges it at once, hands restart requests to the worker, and writes `READY` again.
 //! Stdout carries the protocol and nothing else; logs go through `tracing` (journald or stderr).
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use crate::protocol::{EventDecoder, ProtocolError, READY, RESULT_OK};
+use crate::protocol::{EventDecoder, ProtocolError, ACK_READY, READY};
 use crate::trigger::{Action, Origin, RestartRequest, Triggers};
 use crate::worker::WorkerHandle;
 
@@ -33,32 +34,17 @@ pub enum End {
     Io(io::Error),
 }
 
-/// Reads stdin on a thread of its own (a blocking read cannot be cancelled) and sends chunks.
-pub fn stdin_chunks() -> mpsc::Receiver<io::Result<Vec<u8>>> {
-    let (tx, rx) = mpsc::channel(4);
-    std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
-            let mut stdin = io::stdin().lock();
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match stdin.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        if tx.blocking_send(Ok(buf[..n].to_vec())).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(e));
-                        break;
-                    }
-                }
-            }
-        })
-        .expect("spawning the stdin thread");
-    rx
+/// Stdin as an async reader: a pipe (as supervisord gives) is read through the reactor, with no
+/// thread hop per event; anything else (a file, a terminal) through tokio's blocking stdin.
+pub fn stdin() -> Box<dyn AsyncRead + Unpin + Send> {
+    use std::os::fd::{AsFd, OwnedFd};
+    let fd: io::Result<OwnedFd> = io::stdin().as_fd().try_clone_to_owned();
+    if let Ok(fd) = fd {
+        if let Ok(rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
+            return Box::new(rx);
+        }
+    }
+    Box::new(tokio::io::stdin())
 }
 
 fn write_all(out: &mut impl Write, bytes: &[&[u8]]) -> io::Result<()> {
@@ -70,7 +56,7 @@ fn write_all(out: &mut impl Write, bytes: &[&[u8]]) -> io::Result<()> {
 
 /// Runs the protocol loop until EOF, a signal to stop, or a fatal protocol error.
 pub async fn run(
-    mut input: mpsc::Receiver<io::Result<Vec<u8>>>,
+    mut input: impl AsyncRead + Unpin,
     mut out: impl Write,
     mut signals: mpsc::Receiver<Signal>,
     triggers: &Triggers,
@@ -78,24 +64,26 @@ pub async fn run(
     worker: &WorkerHandle,
 ) -> End {
     let mut decoder = EventDecoder::default();
+    let mut buf = vec![0u8; 64 * 1024];
     if let Err(e) = write_all(&mut out, &[READY]) {
         return End::Io(e);
     }
     loop {
         tokio::select! {
-            chunk = input.recv() => {
-                let bytes = match chunk {
-                    None => {
+            read = input.read(&mut buf) => {
+                let n = match read {
+                    Ok(0) => {
                         if !decoder.is_idle() {
                             warn!(buffered = decoder.buffered(), "stdin closed in the middle of an event");
                         }
                         info!("stdin closed: supervisord is stopping the listener");
                         return End::Eof;
                     }
-                    Some(Err(e)) => return End::Io(e),
-                    Some(Ok(b)) => b,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return End::Io(e),
+                    Ok(n) => n,
                 };
-                decoder.feed(&bytes);
+                decoder.feed(&buf[..n]);
                 loop {
                     match decoder.next_event() {
                         Ok(None) => break,
@@ -115,7 +103,7 @@ pub async fn run(
                             return End::Fatal(e);
                         }
                     }
-                    if let Err(e) = write_all(&mut out, &[RESULT_OK, READY]) {
+                    if let Err(e) = write_all(&mut out, &[ACK_READY]) {
                         return End::Io(e);
                     }
                 }

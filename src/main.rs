@@ -238,7 +238,7 @@ async fn listen(settings: Settings) -> Result<u8, Failure> {
     let triggers = Triggers { gated: settings.gates.iter().cloned().collect() };
     let (worker, join) = worker::spawn(ListenHandler { cycle: Arc::new(cycle) });
     let end =
-        listener::run(listener::stdin_chunks(), std::io::stdout(), signals, &triggers, &settings.programs, &worker)
+        listener::run(listener::stdin(), std::io::stdout(), signals, &triggers, &settings.programs, &worker)
             .await;
     // At the gate: give up; past it: the cycle finishes coming back before we exit.
     let _ = shutdown_tx.send(true);

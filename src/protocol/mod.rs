@@ -11,7 +11,7 @@ mod reply;
 
 pub use decoder::{DecoderLimits, EventDecoder};
 pub use parse::{parse_body, parse_header_line};
-pub use reply::{READY, RESULT_FAIL, RESULT_OK};
+pub use reply::{ACK_READY, READY, RESULT_FAIL, RESULT_OK};
 
 use thiserror::Error;
 
