@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""elb-quorum demo: a local cluster restarted all at once, taking turns under quorum.
+
+Starts the AWS emulator (moto) on 127.0.0.1, creates a Classic ELB with N instances named
+nodeI.demo.example.com, starts one real supervisord per simulated instance (a `web` program and the
+elb-quorum listener, identity given by flags), asks every instance to restart `web` at the same
+moment, and shows live how many instances serve and the quorum line while they take turns. Ends with
+a summary and cleans up. Nothing leaves 127.0.0.1.
+
+Run it through scripts/demo (which makes the venv and builds the binary).
+"""
+import argparse
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import boto3
+
+NS = "demo.example.com"
+LB = "demo-example-com"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what, fn, timeout=60):
+    end = time.time() + timeout
+    while time.time() < end:
+        v = fn()
+        if v:
+            return v
+        time.sleep(0.1)
+    sys.exit("demo: timed out waiting for %s" % what)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bin", required=True, help="the elb-quorum binary")
+    ap.add_argument("--instances", type=int, default=6)
+    ap.add_argument("--quorum", default="0.75")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    a = ap.parse_args()
+    venv_bin = os.path.dirname(sys.executable)
+    work = tempfile.mkdtemp(prefix="elb-quorum-demo-")
+    procs = []
+    try:
+        run(a, venv_bin, work, procs)
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if a.keep:
+            print("work directory kept: %s" % work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(a, venv_bin, work, procs):
+    port = free_port()
+    endpoint = "http://127.0.0.1:%d" % port
+    env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+               AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true", ELB_QUORUM_LOG_TARGET="stderr",
+               PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""))
+    env.pop("AWS_PROFILE", None)
+    print("starting the AWS emulator (moto) on %s" % endpoint)
+    procs.append(subprocess.Popen([os.path.join(venv_bin, "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+    wait_for("moto", lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0)
+    kw = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+    ec2, elb = boto3.client("ec2", **kw), boto3.client("elb", **kw)
+    elb.create_load_balancer(LoadBalancerName=LB, AvailabilityZones=["us-east-1a"],
+                             Listeners=[{"Protocol": "HTTP", "LoadBalancerPort": 80, "InstancePort": 8080}])
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+    nodes = []
+    for i in range(a.instances):
+        host = "node%d.%s" % (i, NS)
+        r = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, Placement={"AvailabilityZone": "us-east-1a"},
+                              TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "Name", "Value": host}]}])
+        nodes.append({"host": host, "id": r["Instances"][0]["InstanceId"], "dir": os.path.join(work, "node%d" % i)})
+    elb.register_instances_with_load_balancer(LoadBalancerName=LB, Instances=[{"InstanceId": n["id"]} for n in nodes])
+    print("created Classic ELB %s with %d instances named node0..node%d.%s" % (LB, len(nodes), len(nodes) - 1, NS))
+
+    for n in nodes:
+        d = n["dir"]
+        os.makedirs(d)
+        listen = ("%s listen --hostname %s --domain example.com --instance-id %s --quorum %s "
+                  "--check-interval 1 --max-checks 300 --poll-interval 0.3 --settle 1.5 --state-dir %s/state"
+                  % (a.bin, n["host"], n["id"], a.quorum, d))
+        with open(os.path.join(d, "supervisord.conf"), "w") as f:
+            f.write(f"""[unix_http_server]
+file={d}/supervisor.sock
+username=demo
+password=demo-secret
+
+[supervisord]
+logfile={d}/supervisord.log
+pidfile={d}/supervisord.pid
+childlogdir={d}
+nodaemon=true
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[supervisorctl]
+serverurl=unix://{d}/supervisor.sock
+username=demo
+password=demo-secret
+
+; the service: takes 3 s to start (startsecs), like a server warming up
+[program:web]
+command=sleep 100000
+startsecs=3
+
+[eventlistener:elb-quorum]
+command={listen}
+events=REMOTE_COMMUNICATION,PROCESS_COMMUNICATION,PROCESS_STATE
+buffer_size=100
+stopwaitsecs=120
+stderr_logfile={d}/elb-quorum.log
+environment=SUPERVISOR_USERNAME="demo",SUPERVISOR_PASSWORD="demo-secret"
+""")
+        procs.append(subprocess.Popen([os.path.join(venv_bin, "supervisord"), "-n", "-c", os.path.join(d, "supervisord.conf")],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+    ctl = lambda n, *args: subprocess.run([os.path.join(venv_bin, "supervisorctl"), "-c", os.path.join(n["dir"], "supervisord.conf")] + list(args),
+                                          capture_output=True, text=True, env=env).stdout
+    for n in nodes:
+        wait_for("%s's programs" % n["host"], lambda: "RUNNING" in ctl(n, "status", "web") and "RUNNING" in ctl(n, "status", "elb-quorum"))
+        n["pid"] = ctl(n, "pid", "web").strip()
+    members = len(nodes)
+    required = math.ceil(members * float(a.quorum) - 1e-9)
+    print("every instance runs supervisord with `web` and the elb-quorum listener; quorum %s of %d: at least %d must serve"
+          % (a.quorum, members, required))
+    print("asking all %d instances to restart web at once (elb-quorum request web on each)...\n" % members)
+
+    t0 = time.time()
+    reqs = []
+    for n in nodes:
+        e = dict(env, SUPERVISOR_SERVER_URL="unix://%s/supervisor.sock" % n["dir"], SUPERVISOR_USERNAME="demo", SUPERVISOR_PASSWORD="demo-secret")
+        reqs.append(subprocess.Popen([a.bin, "request", "web"], env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    for r in reqs:
+        r.wait()
+    short = {n["id"]: n["host"].split(".")[0] for n in nodes}
+    last, min_serving = None, members
+    done = set()
+    while len(done) < len(nodes) and time.time() - t0 < 600:
+        states = {s["InstanceId"]: s["State"] for s in elb.describe_instance_health(LoadBalancerName=LB)["InstanceStates"]}
+        serving = [i for i, s in states.items() if s == "InService"]
+        out = [short[n["id"]] for n in nodes if n["id"] not in serving]
+        for n in nodes:
+            try:
+                with open(os.path.join(n["dir"], "elb-quorum.log")) as f:
+                    if "cycle done" in f.read():
+                        done.add(n["id"])
+            except FileNotFoundError:
+                pass
+        min_serving = min(min_serving, len(serving))
+        line = (len(serving), tuple(out), len(done))
+        if line != last:
+            bar = "#" * len(serving) + "." * (members - len(serving))
+            flag = "" if len(serving) >= required else "   BELOW QUORUM"
+            print("%6.1fs  serving %d/%d [%s]  quorum line %d  out: %-14s restarted: %d/%d%s"
+                  % (time.time() - t0, len(serving), members, bar, required, ",".join(out) or "-", len(done), members, flag), flush=True)
+            last = line
+        time.sleep(0.1)
+    total = time.time() - t0
+    restarted = 0
+    for n in nodes:
+        pid = ctl(n, "pid", "web").strip()
+        cycles = open(os.path.join(n["dir"], "elb-quorum.log")).read().count("cycle done")
+        restarted += int(pid != n["pid"] and cycles == 1)
+    print("\nsummary: %d of %d instances restarted exactly once; fewest serving %d/%d (%.0f%%, quorum line %d); total %.1f s"
+          % (restarted, members, min_serving, members, 100.0 * min_serving / members, required, total))
+    print("(the emulator's view was sampled every ~0.1 s; with --keep the listener logs stay in %s/node*/elb-quorum.log)" % work)
+    if restarted != members or min_serving < required:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
