@@ -343,6 +343,15 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("supervisor.d/elb-quorum.toml.example");
+        let s = Settings::resolve(Overrides { config: Some(path), ..Default::default() }).unwrap();
+        assert_eq!(s.domains, vec!["example.com".to_string()]);
+        assert_eq!(s.gates, vec!["web".to_string()]);
+        assert_eq!(s.rule.quorum_ppm, 750_000);
+    }
+
+    #[test]
     fn flags_override_file_override_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
