@@ -305,6 +305,8 @@ impl Membership for FakeMembers {
 pub struct FakeServices {
     pub restart_time: Duration,
     pub fail: Arc<Mutex<bool>>,
+    /// Restarts fail without having stopped anything (e.g. the program vanished meanwhile).
+    pub fail_before_stop: Arc<Mutex<bool>>,
     pub running: Arc<Mutex<bool>>,
     pub restarts: Arc<Mutex<u32>>,
     pub known: BTreeSet<String>,
@@ -316,6 +318,7 @@ impl FakeServices {
         Self {
             restart_time,
             fail: Arc::default(),
+            fail_before_stop: Arc::default(),
             running: Arc::new(Mutex::new(true)),
             restarts: Arc::default(),
             known: known.iter().map(|s| s.to_string()).collect(),
@@ -340,6 +343,13 @@ impl Services for FakeServices {
         *self.running.lock().unwrap() = false;
         tokio::time::sleep(self.restart_time).await;
         *self.restarts.lock().unwrap() += 1;
+        if *self.fail_before_stop.lock().unwrap() {
+            *self.running.lock().unwrap() = true;
+            if let Some((lb, me)) = &self.lb {
+                lb.set_healthy(me, true);
+            }
+            return Err(SupervisorError::UnknownProgram { name: programs.join(" ") });
+        }
         if *self.fail.lock().unwrap() {
             return Err(SupervisorError::ProgramFailed {
                 program: programs.join(" "),

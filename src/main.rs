@@ -238,8 +238,7 @@ async fn listen(settings: Settings) -> Result<u8, Failure> {
     let triggers = Triggers { gated: settings.gates.iter().cloned().collect() };
     let (worker, join) = worker::spawn(ListenHandler { cycle: Arc::new(cycle) });
     let end =
-        listener::run(listener::stdin(), std::io::stdout(), signals, &triggers, &settings.programs, &worker)
-            .await;
+        listener::run(listener::stdin(), std::io::stdout(), signals, &triggers, &settings.programs, &worker).await;
     // At the gate: give up; past it: the cycle finishes coming back before we exit.
     let _ = shutdown_tx.send(true);
     worker.shutdown();
@@ -259,7 +258,12 @@ async fn restart(settings: Settings, programs: Vec<String>) -> Result<u8, Failur
     let _signals = signals(shutdown_tx)?;
     let (cycle, _identity) = build(&settings, shutdown_rx).await?;
     let _lock = cycle.state.try_lock().map_err(Failure::runtime)?;
-    cycle.reconcile().await?;
+    match cycle.reconcile().await {
+        // The instance is out with its programs down: this restart is what brings it back.
+        Err(e @ CycleError::ServicesDown { .. }) => warn!("{}; restarting them now", chain(&e)),
+        Err(e) => return Err(e.into()),
+        Ok(_) => {}
+    }
     let request = RestartRequest::new(programs, Origin::Cli);
     let result = cycle.run(&request).await;
     log_outcome(&result);

@@ -350,3 +350,16 @@ async fn services_still_down_after_a_crash_stay_out_loudly() {
     assert!(h.cycle.reconcile().await.unwrap());
     assert!(h.lb.is_serving(&me()));
 }
+
+/// A restart that fails without having stopped anything (the programs still RUNNING) must not leave
+/// a healthy instance out.
+#[tokio::test(start_paused = true)]
+async fn a_restart_failing_with_programs_still_running_comes_back() {
+    let h = harness(4, S(0), S(5));
+    *h.services.fail_before_stop.lock().unwrap() = true;
+    let e = h.cycle.run(&web()).await.unwrap_err();
+    assert!(!e.left_out(), "{e}");
+    assert_eq!(ops(&h), vec![Op::Deregister, Op::Register]);
+    assert!(h.lb.is_serving(&me()));
+    assert_eq!(h.cycle.state.load().unwrap(), None);
+}

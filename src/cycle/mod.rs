@@ -247,6 +247,8 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 return Ok(Outcome::DryRun(verdict));
             }
             summary.waited_for_quorum = started.elapsed();
+            // The gate may have waited minutes: the programs must still exist before we leave.
+            self.services.validate(&programs).await?;
             let timings = self.lb.timings().await?;
             let since = unix_now();
             self.state.save(&self.record(Step::Deregistering, &programs, since))?;
@@ -293,6 +295,13 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             self.state.save(&self.record(Step::Restarting, &programs, since))?;
             let t = Instant::now();
             if let Err(source) = self.services.restart(&programs).await {
+                // Healthy after all (the failure came before anything was stopped, or the programs
+                // recovered)? Then they must not stay out of the load balancer.
+                if matches!(self.services.running(&programs).await, Ok(true)) {
+                    error!(error = %source, "restarting failed, but the programs are RUNNING: registering again");
+                    self.come_back().await?;
+                    return Err(source.into());
+                }
                 self.state.save(&self.record(Step::ServicesDown, &programs, since))?;
                 let e = CycleError::ServicesDown {
                     lb: self.lb.name().into(),

@@ -1,0 +1,133 @@
+//! Fleet makespan and cycle overhead on the in-process fake load balancer (tokio's paused clock:
+//! simulated seconds, computed in milliseconds). `cargo bench --bench fleet`.
+//!
+//! - Fleet: K = 6 and 12 instances, quorum 0.75, drain 20 s, restart 10 s, health 15 s, 80 ms API
+//!   calls, all asked at once; over 50 seeds: makespan against the theoretical minimum (waves of
+//!   `permits` instances, each drain + restart + health), fewest serving, races, load-balancer calls/s.
+//! - Cycle overhead: one instance of 4, zero drain, instant health, 10 s restart: cycle time minus
+//!   the restart, with and without the settle pause.
+
+use std::time::Duration;
+
+use elb_quorum::cycle::Timing;
+use elb_quorum::fake::{simulate_fleet, FleetParams, FleetReport};
+use elb_quorum::quorum::Rule;
+
+fn params(k: usize, drain: u64, restart: u64, health: u64, settle: f64) -> FleetParams {
+    FleetParams {
+        k,
+        latency: Duration::from_millis(80),
+        rule: Rule { quorum_ppm: 750_000, min_in_service: 1 },
+        drain: Duration::from_secs(drain),
+        restart: Duration::from_secs(restart),
+        healthy_after: Duration::from_secs(health),
+        timing: Timing {
+            check_interval: Duration::from_secs(5),
+            max_checks: 500,
+            poll_interval: Duration::from_secs(1),
+            drain_timeout: None,
+            health_timeout: None,
+            settle: Duration::from_secs_f64(settle),
+        },
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap()
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let rt = runtime();
+    println!("fleet (simulated; quorum 0.75; drain 20 s, restart 10 s, health 15 s; 80 ms API calls; check 5 s, poll 1 s, settle 5 s; 50 seeds)");
+    println!(
+        "{:>3} {:>7} {:>12} {:>12} {:>12} {:>13} {:>9} {:>12} {:>10}",
+        "K",
+        "permits",
+        "theoretical",
+        "makespan p50",
+        "makespan max",
+        "ratio p50/max",
+        "min serv",
+        "races/run",
+        "LB calls/s"
+    );
+    for k in [6, 12] {
+        let reports: Vec<FleetReport> = (0..50)
+            .map(|seed| {
+                fastrand::seed(seed);
+                rt.block_on(simulate_fleet(&params(k, 20, 10, 15, 5.0)))
+            })
+            .collect();
+        assert!(reports.iter().all(|r| r.failures == 0 && r.restarts.iter().all(|&n| n == 1)));
+        let mut spans: Vec<f64> = reports.iter().map(|r| r.makespan.as_secs_f64()).collect();
+        let theo = reports[0].theoretical.as_secs_f64();
+        let (p50, max) = (percentile(&mut spans, 0.5), percentile(&mut spans, 1.0));
+        let min_serving = reports.iter().map(|r| r.min_serving).min().unwrap();
+        let races: f64 = reports.iter().map(|r| r.races as f64).sum::<f64>() / reports.len() as f64;
+        let rate = reports.iter().map(|r| r.lb_calls_per_second).fold(0.0, f64::max);
+        let clean = reports.iter().filter(|r| r.min_serving >= r.required).count();
+        println!(
+            "{k:>3} {:>7} {theo:>11.0}s {p50:>11.1}s {max:>11.1}s {:>6.3}/{:<6.3} {min_serving:>5}/{:<3} {races:>12.2} {rate:>10.2}",
+            reports[0].permits,
+            p50 / theo,
+            max / theo,
+            reports[0].required
+        );
+        println!("    runs never below quorum: {clean}/50 (required {})", reports[0].required);
+    }
+    println!();
+    println!(
+        "cycle overhead (one of 4 instances; zero drain, instant health, restart 10 s, poll 1 s, 80 ms API calls)"
+    );
+    for settle in [0.0, 5.0] {
+        let mut over: Vec<f64> = (0..50)
+            .map(|seed| {
+                fastrand::seed(seed);
+                rt.block_on(one_cycle(&params(4, 0, 10, 0, settle)))
+            })
+            .collect();
+        println!(
+            "  settle {settle:>3.0} s: overhead p50 {:.2} s, max {:.2} s (poll interval 1 s)",
+            percentile(&mut over, 0.5),
+            percentile(&mut over, 1.0)
+        );
+    }
+}
+
+/// One cycle of one instance among `p.k` serving peers: its duration minus the restart time.
+async fn one_cycle(p: &FleetParams) -> f64 {
+    use elb_quorum::cycle::{state_file::StateFile, Cycle, Outcome};
+    use elb_quorum::fake::{FakeLb, FakeMembers, FakeServices};
+    use elb_quorum::trigger::{Origin, RestartRequest};
+    let ids: Vec<String> = (0..p.k).map(|i| format!("i-{i}")).collect();
+    let mut lb = FakeLb::new("bench", &ids, p.drain, p.healthy_after);
+    lb.latency = p.latency;
+    let mut services = FakeServices::new(p.restart, &["web"]);
+    services.lb = Some((lb.clone(), ids[0].clone()));
+    let dir = std::env::temp_dir().join(format!("elb-quorum-bench-{}-{}", std::process::id(), fastrand::u64(..)));
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let cycle = Cycle {
+        lb,
+        members: FakeMembers(ids.iter().cloned().collect()),
+        services,
+        me: ids[0].clone(),
+        rule: p.rule,
+        timing: p.timing.clone(),
+        dry_run: false,
+        state: StateFile::new(&dir),
+        shutdown: rx,
+    };
+    let start = tokio::time::Instant::now();
+    let r = cycle.run(&RestartRequest::new(["web".to_string()], Origin::Cli)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(matches!(r, Ok(Outcome::Done(_))));
+    (start.elapsed() - p.restart).as_secs_f64()
+}

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Every benchmark of the project, side by side with the shared baselines, in one run.
+#   benches/run.sh [SHARED_DIR]      (default: ../shared beside the repository)
+# Needs the test venv (scripts/test-env) and a C compiler. Builds the release binary (slow: ~8 min).
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+shared=${1:-$root/../shared}
+cd "$root"
+bash scripts/test-env
+py=${ELB_QUORUM_VENV:-$root/.venv}/bin/python
+stream=/tmp/events-100k.bin
+cargo build --release --locked --quiet
+bin=$root/target/release/elb-quorum
+
+echo "== stream: $shared/bench/gen_events.py $stream -n 100000"
+[ -s "$stream" ] || "$py" "$shared/bench/gen_events.py" "$stream" -n 100000
+
+echo "== parser: supervisor.childutils on the same stream"
+"$py" "$shared/bench/py_parse_bench.py" "$stream" --runs 5
+echo "== parser: elb-quorum decoder (criterion)"
+ELB_QUORUM_BENCH_STREAM=$stream cargo bench --locked --bench parser -- --noplot 2>&1 | grep -E "^decode|thrpt"
+
+echo "== listen loop under the shared driver, pinned to CPU 0 (requests go nowhere: no supervisord reachable)"
+cc -O2 -o /tmp/ceiling_listener "$shared/bench/ceiling_listener.c"
+for name in c python elb-quorum; do
+  case $name in
+    c) cmd=(/tmp/ceiling_listener) ;;
+    python) cmd=("$py" "$shared/bench/minimal_listener.py") ;;
+    elb-quorum) cmd=("$bin" listen --lb bench --instance-id i-bench --hostname n.bench.example.com --members static:4 --state-dir /tmp/elb-quorum-bench-state --log-level warn --log-target stderr) ;;
+  esac
+  echo "-- $name"
+  "$py" "$shared/bench/py_roundtrip.py" --events "$stream" -n 100000 --runs 3 --pin 0 \
+    --env AWS_ENDPOINT_URL=http://127.0.0.1:9 --env AWS_REGION=us-east-1 --env AWS_EC2_METADATA_DISABLED=true \
+    -- "${cmd[@]}"
+done
+
+echo "== idle memory under real supervisord"
+"$py" benches/idle_rss.py --bin "$bin"
+
+echo "== fleet makespan and cycle overhead (fake load balancer, simulated time)"
+cargo bench --locked --bench fleet
