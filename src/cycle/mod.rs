@@ -303,14 +303,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     return Err(source.into());
                 }
                 self.state.save(&self.record(Step::ServicesDown, &programs, since))?;
-                let e = CycleError::ServicesDown {
-                    lb: self.lb.name().into(),
-                    instance: self.me.clone(),
-                    programs: programs.join(" "),
-                    source,
-                };
-                error!(lb = self.lb.name(), instance_id = %self.me, "{e}");
-                return Err(e);
+                return Err(self.services_down(&programs, source));
             }
             summary.restart = t.elapsed();
             info!(programs = %programs.join(" "), restart_s = summary.restart.as_secs_f64(), "programs restarted and RUNNING");
@@ -448,6 +441,18 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         }
     }
 
+    /// The loud error for an instance deliberately left out: its programs are down.
+    fn services_down(&self, programs: &[String], source: SupervisorError) -> CycleError {
+        let e = CycleError::ServicesDown {
+            lb: self.lb.name().into(),
+            instance: self.me.clone(),
+            programs: programs.join(" "),
+            source,
+        };
+        error!(lb = self.lb.name(), instance_id = %self.me, "{e}");
+        e
+    }
+
     /// Finishes a cycle a previous process left half done (found in the state file). A record of
     /// another instance or load balancer is set aside, never acted on.
     pub async fn reconcile(&self) -> Result<bool, CycleError> {
@@ -479,27 +484,13 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     state: "not RUNNING".into(),
                     detail: " (they failed to come back in an earlier cycle)".into(),
                 };
-                let e = CycleError::ServicesDown {
-                    lb: self.lb.name().into(),
-                    instance: self.me.clone(),
-                    programs: record.programs.join(" "),
-                    source,
-                };
-                error!("{e}");
-                return Err(e);
+                return Err(self.services_down(&record.programs, source));
             }
             // Out of the load balancer already: restarting takes nothing from the cluster.
             self.state.save(&Record { step: Step::Restarting, pid: std::process::id(), ..record.clone() })?;
             if let Err(source) = self.services.restart(&record.programs).await {
                 self.state.save(&Record { step: Step::ServicesDown, pid: std::process::id(), ..record.clone() })?;
-                let e = CycleError::ServicesDown {
-                    lb: self.lb.name().into(),
-                    instance: self.me.clone(),
-                    programs: record.programs.join(" "),
-                    source,
-                };
-                error!("{e}");
-                return Err(e);
+                return Err(self.services_down(&record.programs, source));
             }
         }
         let healthy_after = self.lb.timings().await.map(|t| t.healthy_after).unwrap_or(Duration::from_secs(300));

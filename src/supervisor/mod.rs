@@ -318,7 +318,7 @@ impl SupervisorClient {
         }
         // A stop already in flight (an operator's, or a previous listener's killed mid-cycle) answers
         // NOT_RUNNING while the process is still STOPPING: starting it then would do nothing.
-        self.wait_stopped(&procs, deadline, timeout, poll).await?;
+        self.wait_until(&procs, deadline, timeout, poll, |s| s != ProcessStateCode::Stopping, |_| false).await?;
         for p in &procs {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.start(&p.namespec(), false, left).await {
@@ -338,55 +338,35 @@ impl SupervisorClient {
                 Err(e) => return Err(e),
             }
         }
-        self.wait_running(&procs, deadline, timeout, poll).await
+        // BACKOFF is retried by supervisord until FATAL: wait it out.
+        let failed = |s| {
+            matches!(
+                s,
+                ProcessStateCode::Fatal
+                    | ProcessStateCode::Exited
+                    | ProcessStateCode::Stopped
+                    | ProcessStateCode::Unknown
+            )
+        };
+        self.wait_until(&procs, deadline, timeout, poll, |s| s == ProcessStateCode::Running, failed).await
     }
 
-    async fn wait_stopped(
+    /// Polls the processes until every one satisfies `done`; a process in a state `failed` says
+    /// never heals is an error with its state, spawn error and exit status; so is the deadline.
+    async fn wait_until(
         &self,
         procs: &[ProcessInfo],
         deadline: Instant,
         timeout: Duration,
         poll: Duration,
-    ) -> Result<(), SupervisorError> {
-        loop {
-            let mut stopping = Vec::new();
-            for p in procs {
-                let info = self.process_info(&p.namespec()).await?;
-                if info.state == ProcessStateCode::Stopping {
-                    stopping.push(info);
-                }
-            }
-            if stopping.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                let states =
-                    stopping.iter().map(|i| format!("{}={}", i.namespec(), i.statename)).collect::<Vec<_>>().join(", ");
-                let programs = procs.iter().map(|p| p.namespec()).collect::<Vec<_>>().join(" ");
-                return Err(SupervisorError::RestartTimeout { programs, after: timeout, states });
-            }
-            tokio::time::sleep(poll.min(deadline.saturating_duration_since(Instant::now()))).await;
-        }
-    }
-
-    async fn wait_running(
-        &self,
-        procs: &[ProcessInfo],
-        deadline: Instant,
-        timeout: Duration,
-        poll: Duration,
+        done: fn(ProcessStateCode) -> bool,
+        failed: fn(ProcessStateCode) -> bool,
     ) -> Result<Vec<ProcessInfo>, SupervisorError> {
         loop {
             let mut infos = Vec::with_capacity(procs.len());
             for p in procs {
                 let info = self.process_info(&p.namespec()).await?;
-                if matches!(
-                    info.state,
-                    ProcessStateCode::Fatal
-                        | ProcessStateCode::Exited
-                        | ProcessStateCode::Stopped
-                        | ProcessStateCode::Unknown
-                ) {
+                if failed(info.state) {
                     let mut detail = String::new();
                     if !info.spawnerr.is_empty() {
                         detail.push_str(&format!(" (spawn error: {})", info.spawnerr));
@@ -402,7 +382,7 @@ impl SupervisorClient {
                 }
                 infos.push(info);
             }
-            if infos.iter().all(|i| i.state == ProcessStateCode::Running) {
+            if infos.iter().all(|i| done(i.state)) {
                 return Ok(infos);
             }
             if Instant::now() >= deadline {
