@@ -207,7 +207,7 @@ fn sigterm_mid_cycle_finishes_coming_back_before_exiting() {
     assert!(n.in_service(&moto));
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[tokio::test(flavor = "current_thread")]
 async fn bad_requests_never_take_the_instance_out() {
     let moto = Moto::start();
     let (lb, ns) = unique_cluster();
