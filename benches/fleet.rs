@@ -42,10 +42,14 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    let rt = runtime();
+    if !std::env::args().any(|a| a == "--bench") {
+        // Under `cargo test --all-targets`: one quick run, so the benchmark cannot rot unnoticed.
+        fastrand::seed(1);
+        let r = rt.block_on(simulate_fleet(&params(6, 20, 10, 15, 5.0)));
+        assert!(r.failures == 0 && r.restarts.iter().all(|&n| n == 1), "{r:?}");
         return;
     }
-    let rt = runtime();
     println!("fleet (simulated; quorum 0.75; drain 20 s, restart 10 s, health 15 s; 80 ms API calls; check 5 s, poll 1 s, settle 5 s; 50 seeds)");
     println!(
         "{:>3} {:>7} {:>12} {:>12} {:>12} {:>13} {:>9} {:>12} {:>10}",

@@ -75,8 +75,8 @@ async fn twelve_instances_at_once_each_restart_once_within_quorum() {
 }
 
 /// Without the settle pause, instances asked at once pass the gate together; the recheck right after
-/// deregistering sends the extra ones back (the invariants above still hold). The settle pause makes
-/// such races much rarer; strict mode, later, closes them.
+/// deregistering sends the extra ones back (the invariants above still hold). With it, each member
+/// confirms in its own slot of the settle schedule and sees the others that left before it.
 #[tokio::test(start_paused = true)]
 async fn settle_makes_races_rarer_and_the_recheck_catches_the_rest() {
     let without = fleet_invariants(6, 0).await;

@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 use crate::config::{DRAIN_MARGIN, HEALTH_MARGIN};
 use crate::lb::members::Membership;
 use crate::lb::{InstanceHealth, LbError, LoadBalancer};
-use crate::quorum::{decide, holds_without_me, Reason, Rule, Snapshot, Verdict};
+use crate::quorum::{decide, holds_without_me, Members, Reason, Rule, Snapshot, Verdict};
 use crate::supervisor::{Services, SupervisorError};
 use crate::trigger::RestartRequest;
 use state_file::{Record, StateFile, StateFileError, Step};
@@ -118,6 +118,41 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// This instance's rank among the members (sorted ids) and their number; `None` with a static count.
+fn settle_slot(members: &Members, me: &str) -> Option<(usize, usize)> {
+    match members {
+        Members::Ids(ids) => Some((ids.iter().filter(|id| id.as_str() < me).count(), ids.len().max(1))),
+        Members::Count(_) => None,
+    }
+}
+
+/// The pause before the confirming check. Every member sees the same member list, so ranks differ;
+/// each rank owns a slot of `settle / members` in a schedule that repeats every `settle` on the
+/// wall clock, and confirms only in its slot. Instances asked at once (or passing the gate at any
+/// moments) then confirm at least a slot apart, so each sees the others that left before it. A slot
+/// must be longer than two API round trips plus clock skew: settle ≥ members × 0.5 s. Without ids
+/// (static count), a random pause in 0..settle.
+pub fn settle_wait(settle: Duration, slot: Option<(usize, usize)>, now: Duration) -> Duration {
+    match slot {
+        Some((rank, members)) if !settle.is_zero() => {
+            let period = settle.as_nanos();
+            let offset = period * rank as u128 / members as u128;
+            let phase = now.as_nanos() % period;
+            Duration::from_nanos(((offset + period - phase) % period) as u64)
+        }
+        _ => settle.mul_f64(fastrand::f64()),
+    }
+}
+
+/// Wall-clock time since the Unix epoch, advanced by tokio's clock (so it is shared by tasks under
+/// a paused test clock, and real time in production).
+fn wall_now() -> Duration {
+    static BASE: std::sync::OnceLock<(Duration, Instant)> = std::sync::OnceLock::new();
+    let (wall, at) =
+        *BASE.get_or_init(|| (SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default(), Instant::now()));
+    wall + Instant::now().saturating_duration_since(at)
+}
+
 /// One instance's restart cycle.
 pub struct Cycle<L, M, S> {
     pub lb: L,
@@ -168,8 +203,12 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             if !settled {
                 check += 1;
             }
+            let mut slot = None;
             let verdict = match self.snapshot(req.serves_nothing()).await {
-                Ok((snap, _)) => Some(decide(&snap, &self.rule)),
+                Ok((snap, _)) => {
+                    slot = settle_slot(&snap.members, &self.me);
+                    Some(decide(&snap, &self.rule))
+                }
                 Err(CycleError::Lb(e)) if e.is_retryable() => {
                     warn!(lb = self.lb.name(), check, error = %e, "quorum check failed; counts as a failed check");
                     None
@@ -183,7 +222,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 }
                 if v.may_leave {
                     settled = true;
-                    let wait = self.timing.settle.mul_f64(fastrand::f64());
+                    let wait = settle_wait(self.timing.settle, slot, wall_now());
                     if !self.pause(wait).await {
                         return Ok(Gate::Aborted);
                     }
@@ -497,5 +536,28 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         self.register_and_wait(healthy_after).await?;
         info!(lb = self.lb.name(), instance_id = %self.me, "reconciled: registered and InService again");
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settle_slots_keep_ranks_apart_whatever_the_start() {
+        let settle = Duration::from_secs(6);
+        for start_ms in [0u64, 1, 999, 2500, 5999, 123_456_789] {
+            let now = Duration::from_millis(start_ms);
+            let mut confirm: Vec<u128> =
+                (0..6).map(|rank| (now + settle_wait(settle, Some((rank, 6)), now)).as_millis()).collect();
+            for (rank, t) in confirm.iter().enumerate() {
+                assert_eq!(*t % 6000, rank as u128 * 1000, "rank {rank} confirms in its own slot (start {start_ms})");
+                assert!(*t - now.as_millis() < 6000, "never more than one settle period");
+            }
+            confirm.sort_unstable();
+            assert!(confirm.windows(2).all(|w| w[1] - w[0] >= 1000), "{confirm:?}");
+        }
+        assert_eq!(settle_wait(Duration::ZERO, Some((3, 6)), Duration::from_secs(1)), Duration::ZERO);
+        assert!(settle_wait(settle, None, Duration::ZERO) < settle);
     }
 }
