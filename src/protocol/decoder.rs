@@ -63,6 +63,40 @@ fn utf8_width(lead: u8) -> usize {
     }
 }
 
+fn is_continuation(b: u8) -> bool {
+    (b as i8) < -64 // 0x80..=0xBF
+}
+
+/// Advances over up to `chars_left` whole characters of `avail`, starting at byte `pos`; returns the
+/// new position and the characters still missing. Counts character starts a block at a time (a
+/// block of k bytes holds at most k characters), which the compiler vectorises, and never counts a
+/// character whose bytes are not all there yet.
+fn advance_chars(avail: &[u8], mut pos: usize, mut chars_left: usize) -> (usize, usize) {
+    while chars_left > 0 && pos < avail.len() {
+        let mut end = (pos + chars_left).min(avail.len());
+        // Leave out a last character that continues past the block.
+        if let Some(last) = avail[pos..end].iter().rposition(|&b| !is_continuation(b)) {
+            let last = pos + last;
+            if last + utf8_width(avail[last]) > end {
+                if last + utf8_width(avail[last]) <= avail.len() && end - pos == chars_left {
+                    // The block holds `chars_left` starts at most; extend to finish the last one.
+                    end = last + utf8_width(avail[last]);
+                } else {
+                    end = last;
+                }
+            }
+        }
+        if end == pos {
+            break;
+        }
+        let block = &avail[pos..end];
+        let starts = block.len() - block.iter().filter(|&&b| is_continuation(b)).count();
+        pos = end;
+        chars_left -= starts.min(chars_left);
+    }
+    (pos, chars_left)
+}
+
 impl EventDecoder {
     pub fn new(limits: DecoderLimits) -> Self {
         Self { buf: Vec::new(), start: 0, state: State::Header, limits }
@@ -132,26 +166,19 @@ impl EventDecoder {
                 State::Payload { header, header_bytes, mut scanned, mut chars_left } => {
                     let payload_start = self.start + header_bytes;
                     let avail = &self.buf[payload_start..];
-                    while chars_left > 0 {
-                        let Some(&lead) = avail.get(scanned) else { break };
-                        let width = utf8_width(lead);
-                        if scanned + width > avail.len() {
-                            break;
-                        }
-                        scanned += width;
-                        chars_left -= 1;
-                    }
+                    (scanned, chars_left) = advance_chars(avail, scanned, chars_left);
                     if chars_left > 0 {
                         self.state = State::Payload { header, header_bytes, scanned, chars_left };
                         return Ok(None);
                     }
+                    // Parsed in place; only the parts an event keeps are copied out.
                     let raw = &avail[..scanned];
-                    let payload = match std::str::from_utf8(raw) {
-                        Ok(s) => s.to_owned(),
-                        Err(_) => String::from_utf8_lossy(raw).into_owned(),
+                    let parsed = match std::str::from_utf8(raw) {
+                        Ok(text) => parse_body(&header.eventname, text),
+                        Err(_) => parse_body(&header.eventname, &String::from_utf8_lossy(raw)),
                     };
                     self.start = payload_start + scanned;
-                    return match parse_body(&header.eventname, &payload) {
+                    return match parsed {
                         Ok(body) => Ok(Some(Event { header, body })),
                         Err(reason) => Err(ProtocolError::BadPayload {
                             serial: header.serial,

@@ -84,11 +84,6 @@ pub fn parse_header_line(line: &[u8]) -> Result<Header, ProtocolError> {
     })
 }
 
-/// Splits `header-line LF data` payloads; a payload without `\n` is all header.
-fn split_first_line(payload: &str) -> (&str, &str) {
-    payload.split_once('\n').unwrap_or((payload, ""))
-}
-
 fn source(toks: &[(&str, &str)]) -> Result<Source, String> {
     Ok(Source {
         processname: required(toks, "processname")?.to_owned(),
@@ -109,64 +104,102 @@ fn channel(name: &str) -> Option<Channel> {
 ///
 /// Errors describe what does not fit; an unknown event name is not an error (`EventBody::Unknown`).
 pub fn parse_body(eventname: &str, payload: &str) -> Result<EventBody, String> {
+    let (mut body, data_at) = parse_parts(eventname, payload)?;
+    if let Some(at) = data_at {
+        *data_mut(&mut body) = payload[at..].to_owned();
+    }
+    Ok(body)
+}
+
+fn data_mut(body: &mut EventBody) -> &mut String {
+    match body {
+        EventBody::ProcessCommunication { data, .. }
+        | EventBody::ProcessLog { data, .. }
+        | EventBody::RemoteCommunication { data, .. } => data,
+        EventBody::Unknown { payload } => payload,
+        _ => unreachable!("only bodies with free data get a data offset"),
+    }
+}
+
+/// Splits `header-line LF data`: the header line and the offset of the data.
+fn split_at_data(payload: &str) -> (&str, usize) {
+    match payload.find('\n') {
+        Some(nl) => (&payload[..nl], nl + 1),
+        None => (payload, payload.len()),
+    }
+}
+
+/// The typed body with its free data left empty, and where that data starts in the payload.
+fn parse_parts(eventname: &str, payload: &str) -> Result<(EventBody, Option<usize>), String> {
+    let unknown = || Ok((EventBody::Unknown { payload: String::new() }, Some(0)));
     if let Some(state) = eventname.strip_prefix("PROCESS_STATE_") {
         let Some(state) = ProcessStateName::from_name(state) else {
-            return Ok(EventBody::Unknown { payload: payload.to_owned() });
+            return unknown();
         };
         let toks = token_line(payload.trim_end_matches('\n'))?;
-        return Ok(EventBody::ProcessState(ProcessState {
-            state,
-            processname: required(&toks, "processname")?.to_owned(),
-            groupname: field(&toks, "groupname").unwrap_or_default().to_owned(),
-            from_state: field(&toks, "from_state").and_then(ProcessStateName::from_name),
-            expected: number::<u8>(&toks, "expected")?.map(|e| e != 0),
-            // `pid` may be absent or 0 for a process that never ran.
-            pid: field(&toks, "pid").and_then(|p| p.parse().ok()),
-            tries: number(&toks, "tries")?,
-        }));
+        return Ok((
+            EventBody::ProcessState(ProcessState {
+                state,
+                processname: required(&toks, "processname")?.to_owned(),
+                groupname: field(&toks, "groupname").unwrap_or_default().to_owned(),
+                from_state: field(&toks, "from_state").and_then(ProcessStateName::from_name),
+                expected: number::<u8>(&toks, "expected")?.map(|e| e != 0),
+                // `pid` may be absent or 0 for a process that never ran.
+                pid: field(&toks, "pid").and_then(|p| p.parse().ok()),
+                tries: number(&toks, "tries")?,
+            }),
+            None,
+        ));
     }
     if let Some(ch) = eventname.strip_prefix("PROCESS_COMMUNICATION_").and_then(channel) {
-        let (line, data) = split_first_line(payload);
+        let (line, at) = split_at_data(payload);
         let toks = token_line(line)?;
-        return Ok(EventBody::ProcessCommunication { channel: ch, source: source(&toks)?, data: data.to_owned() });
+        return Ok((
+            EventBody::ProcessCommunication { channel: ch, source: source(&toks)?, data: String::new() },
+            Some(at),
+        ));
     }
     if let Some(ch) = eventname.strip_prefix("PROCESS_LOG_").and_then(channel) {
-        let (line, data) = split_first_line(payload);
+        let (line, at) = split_at_data(payload);
         let toks = token_line(line)?;
-        return Ok(EventBody::ProcessLog { channel: ch, source: source(&toks)?, data: data.to_owned() });
+        return Ok((EventBody::ProcessLog { channel: ch, source: source(&toks)?, data: String::new() }, Some(at)));
     }
     if let Some(period) = eventname.strip_prefix("TICK_") {
         let Ok(period) = period.parse() else {
-            return Ok(EventBody::Unknown { payload: payload.to_owned() });
+            return unknown();
         };
         let toks = token_line(payload.trim_end_matches('\n'))?;
         let when = number(&toks, "when")?.ok_or("missing `when`")?;
-        return Ok(EventBody::Tick { period, when });
+        return Ok((EventBody::Tick { period, when }, None));
     }
-    match eventname {
+    let body = match eventname {
         "REMOTE_COMMUNICATION" => {
-            let (line, data) = split_first_line(payload);
+            let (line, at) = split_at_data(payload);
             let toks = token_line(line)?;
-            Ok(EventBody::RemoteCommunication { kind: required(&toks, "type")?.to_owned(), data: data.to_owned() })
+            return Ok((
+                EventBody::RemoteCommunication { kind: required(&toks, "type")?.to_owned(), data: String::new() },
+                Some(at),
+            ));
         }
-        "SUPERVISOR_STATE_CHANGE_RUNNING" => Ok(EventBody::SupervisorStateChange { running: true }),
-        "SUPERVISOR_STATE_CHANGE_STOPPING" => Ok(EventBody::SupervisorStateChange { running: false }),
+        "SUPERVISOR_STATE_CHANGE_RUNNING" => EventBody::SupervisorStateChange { running: true },
+        "SUPERVISOR_STATE_CHANGE_STOPPING" => EventBody::SupervisorStateChange { running: false },
         "PROCESS_GROUP_ADDED" | "PROCESS_GROUP_REMOVED" => {
             let toks = token_line(payload.trim_end_matches('\n'))?;
-            Ok(EventBody::ProcessGroup {
+            EventBody::ProcessGroup {
                 added: eventname == "PROCESS_GROUP_ADDED",
                 groupname: required(&toks, "groupname")?.to_owned(),
-            })
+            }
         }
         "EVENT_BUFFER_OVERFLOW" => {
             let toks = token_line(payload.trim_end_matches('\n'))?;
-            Ok(EventBody::EventBufferOverflow {
+            EventBody::EventBufferOverflow {
                 groupname: field(&toks, "groupname").unwrap_or_default().to_owned(),
                 fields: toks.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
-            })
+            }
         }
-        _ => Ok(EventBody::Unknown { payload: payload.to_owned() }),
-    }
+        _ => return unknown(),
+    };
+    Ok((body, None))
 }
 
 #[cfg(test)]
