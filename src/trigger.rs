@@ -1,6 +1,7 @@
 //! Which event asks for which restart. Pure: no I/O, no clock (the caller says which programs the
 //! listener itself is restarting).
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::fmt;
 
@@ -71,8 +72,8 @@ impl RestartRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Restart(RestartRequest),
-    /// Nothing to do (debug log).
-    Ignore(String),
+    /// Nothing to do (debug log). Borrowed for the common case: no allocation per ignored event.
+    Ignore(Cow<'static, str>),
     /// Meant for us but unusable: acknowledged and logged as a warning.
     Reject(String),
 }
@@ -139,7 +140,7 @@ impl Triggers {
         match &event.body {
             EventBody::RemoteCommunication { kind, data } => {
                 if kind != REMOTE_TYPE {
-                    return Action::Ignore(format!("REMOTE_COMMUNICATION of type {kind:?}"));
+                    return Action::Ignore(format!("REMOTE_COMMUNICATION of type {kind:?}").into());
                 }
                 match parse_command(data, None) {
                     Ok(programs) => Action::Restart(RestartRequest::new(programs, Origin::Remote)),
@@ -155,10 +156,10 @@ impl Triggers {
             }
             EventBody::ProcessState(ps) if matches!(ps.state, ProcessStateName::Exited | ProcessStateName::Fatal) => {
                 let Some(gate) = self.gated.iter().find(|g| gate_matches(g, &ps.processname, &ps.groupname)) else {
-                    return Action::Ignore(format!("{:?} of ungated program {}", ps.state, ps.processname));
+                    return Action::Ignore(format!("{:?} of ungated program {}", ps.state, ps.processname).into());
                 };
                 if ps.state == ProcessStateName::Exited && ps.expected == Some(true) {
-                    return Action::Ignore(format!("expected exit of gated program {}", ps.processname));
+                    return Action::Ignore(format!("expected exit of gated program {}", ps.processname).into());
                 }
                 let namespec = if ps.groupname.is_empty() || ps.groupname == ps.processname {
                     ps.processname.clone()
@@ -166,7 +167,7 @@ impl Triggers {
                     format!("{}:{}", ps.groupname, ps.processname)
                 };
                 if own(&namespec) || own(gate) {
-                    return Action::Ignore(format!("{:?} of {namespec} caused by our own restart", ps.state));
+                    return Action::Ignore(format!("{:?} of {namespec} caused by our own restart", ps.state).into());
                 }
                 let mut req = RestartRequest::new(
                     [namespec.clone()],
@@ -175,7 +176,7 @@ impl Triggers {
                 req.down.insert(namespec);
                 Action::Restart(req)
             }
-            _ => Action::Ignore(event.header.eventname.clone()),
+            _ => Action::Ignore(Cow::Borrowed("not a trigger")),
         }
     }
 }
@@ -262,7 +263,7 @@ mod tests {
             (
                 "PROCESS_COMMUNICATION_STDERR",
                 "processname:t groupname:t pid:1\nrestart",
-                Action::Ignore("PROCESS_COMMUNICATION_STDERR".into()),
+                Action::Ignore("not a trigger".into()),
             ),
             (
                 "PROCESS_STATE_EXITED",
@@ -291,9 +292,9 @@ mod tests {
             (
                 "PROCESS_STATE_RUNNING",
                 "processname:web groupname:web from_state:STARTING pid:9",
-                Action::Ignore("PROCESS_STATE_RUNNING".into()),
+                Action::Ignore("not a trigger".into()),
             ),
-            ("TICK_5", "when:1", Action::Ignore("TICK_5".into())),
+            ("TICK_5", "when:1", Action::Ignore("not a trigger".into())),
         ];
         for (name, payload, want) in cases {
             assert_eq!(t.classify(&event(name, payload), none), want, "{name} {payload:?}");

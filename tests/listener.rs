@@ -70,7 +70,7 @@ fn captured_stream_gets_exact_acks_and_eof_exits_zero() {
     assert_eq!(count(&log, "restart requested"), 1, "the REMOTE_COMMUNICATION request is recognised:\n{log}");
     assert!(log.contains("programs={\"web\"}"), "{log}");
     assert_eq!(count(&log, "unusable request acknowledged and dropped"), 1, "`hello café ✓` is not a request:\n{log}");
-    assert!(log.contains("ignored: TICK_5"), "ignored events are logged at debug:\n{log}");
+    assert!(log.contains("ignored: not a trigger event=TICK_5 serial 7"), "ignored events are logged at debug:\n{log}");
 }
 
 #[test]
@@ -153,7 +153,7 @@ fn under_real_supervisord_stays_running_and_recognises_requests() {
     assert!(log.contains("restart requested") && log.contains("REMOTE_COMMUNICATION"), "{log}");
     assert!(log.contains("PROCESS_STATE_RUNNING"), "state changes reach the listener:\n{log}");
     assert!(log.contains("4 members, 4 serving, 3 after leaving, 3 required"), "{log}");
-    eventually(Duration::from_secs(12), "a TICK_5", || sup.read("listener.log").contains("TICK_5").then_some(()));
+    eventually(Duration::from_secs(12), "a TICK_5", || sup.read("listener.log").contains("event=TICK_5").then_some(()));
     assert!(sup.status("elb-quorum").contains("RUNNING"), "still RUNNING, not UNKNOWN or BACKOFF");
     let health = moto.health(&lb);
     assert_eq!(health.get(&ids[0]).map(String::as_str), Some("InService"), "dry run changed nothing");
