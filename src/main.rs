@@ -4,7 +4,6 @@
 //! error, 3 runtime failure.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Parser;
 use tokio::sync::{mpsc, watch};
@@ -104,6 +103,16 @@ type ProdCycle = Cycle<ClassicElb, AnyMembers, Supervisord>;
 
 async fn build(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result<(ProdCycle, Identity), Failure> {
     let identity = identity::resolve(settings).await.map_err(Failure::usage)?;
+    let cycle = build_for(settings, &identity, shutdown).await?;
+    Ok((cycle, identity))
+}
+
+/// The cycle for a resolved identity: loads the AWS configuration and makes the clients.
+async fn build_for(
+    settings: &Settings,
+    identity: &Identity,
+    shutdown: watch::Receiver<bool>,
+) -> Result<ProdCycle, Failure> {
     let aws = identity::aws_config().await;
     let members = match settings.members {
         MembersSource::Static(n) => AnyMembers::Static(StaticMembers(n)),
@@ -131,7 +140,7 @@ async fn build(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result<(
         shutdown,
     };
     info!(lb = %identity.lb, instance_id = %identity.instance_id, hostname = %identity.hostname, members = %cycle.members.describe(), quorum_ppm = settings.rule.quorum_ppm, dry_run = settings.dry_run, "elb-quorum {}", env!("CARGO_PKG_VERSION"));
-    Ok((cycle, identity))
+    Ok(cycle)
 }
 
 /// Forwards SIGHUP, SIGTERM and SIGINT; SIGTERM/SIGINT also raise the shutdown flag.
@@ -186,8 +195,14 @@ fn log_outcome(result: &Result<Outcome, CycleError>) {
     }
 }
 
+/// The listener's worker. The AWS configuration and clients are made on first use (a request, or a
+/// state file to reconcile): an idle listener does not carry them.
 struct ListenHandler {
-    cycle: Arc<ProdCycle>,
+    settings: Settings,
+    identity: Identity,
+    shutdown: watch::Receiver<bool>,
+    state: StateFile,
+    cycle: tokio::sync::OnceCell<ProdCycle>,
 }
 
 impl Handler for ListenHandler {
@@ -196,24 +211,41 @@ impl Handler for ListenHandler {
             Some(l) => l,
             None => return,
         };
-        if let Err(e) = self.cycle.reconcile().await {
+        if matches!(self.state.load(), Ok(None)) {
+            return;
+        }
+        let Some(cycle) = self.cycle().await else { return };
+        if let Err(e) = cycle.reconcile().await {
             error!("reconciling the state file failed: {}", chain(&e));
         }
     }
 
     async fn handle(&self, request: RestartRequest) {
         let Some(_lock) = self.lock().await else { return };
-        let result = self.cycle.run(&request).await;
+        let Some(cycle) = self.cycle().await else { return };
+        let result = cycle.run(&request).await;
         log_outcome(&result);
     }
 }
 
 impl ListenHandler {
+    async fn cycle(&self) -> Option<&ProdCycle> {
+        let built =
+            self.cycle.get_or_try_init(|| build_for(&self.settings, &self.identity, self.shutdown.clone())).await;
+        match built {
+            Ok(c) => Some(c),
+            Err(f) => {
+                error!("{}", f.message);
+                None
+            }
+        }
+    }
+
     /// Waits for the lock a one-shot `restart` may hold.
     async fn lock(&self) -> Option<elb_quorum::cycle::state_file::LockGuard> {
         let mut said = false;
         loop {
-            match self.cycle.state.try_lock() {
+            match self.state.try_lock() {
                 Ok(g) => return Some(g),
                 Err(StateFileError::Locked { holder, .. }) => {
                     if !said {
@@ -234,9 +266,19 @@ impl ListenHandler {
 async fn listen(settings: Settings) -> Result<u8, Failure> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let signals = signals(shutdown_tx.clone())?;
-    let (cycle, _identity) = build(&settings, shutdown_rx).await?;
+    // Configuration errors (the hostname rule, a missing instance id) stop the listener at once.
+    let identity = identity::resolve(&settings).await.map_err(Failure::usage)?;
+    SupervisorClient::new(&settings.supervisor).map_err(Failure::usage)?;
+    info!(lb = %identity.lb, instance_id = %identity.instance_id, hostname = %identity.hostname, "elb-quorum {} listening", env!("CARGO_PKG_VERSION"));
     let triggers = Triggers { gated: settings.gates.iter().cloned().collect() };
-    let (worker, join) = worker::spawn(ListenHandler { cycle: Arc::new(cycle) });
+    let handler = ListenHandler {
+        state: StateFile::new(&settings.state_dir),
+        settings: settings.clone(),
+        identity,
+        shutdown: shutdown_rx,
+        cycle: tokio::sync::OnceCell::new(),
+    };
+    let (worker, join) = worker::spawn(handler);
     let end =
         listener::run(listener::stdin(), std::io::stdout(), signals, &triggers, &settings.programs, &worker).await;
     // At the gate: give up; past it: the cycle finishes coming back before we exit.
