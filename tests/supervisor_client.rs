@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use common::*;
 use elb_quorum::config::SupervisorSettings;
+use elb_quorum::protocol::ProcessStateName;
 use elb_quorum::secret::Secret;
-use elb_quorum::supervisor::{FaultCode, ProcessStateCode, SupervisorClient, SupervisorError};
+use elb_quorum::supervisor::{FaultCode, SupervisorClient, SupervisorError};
 
 const PROGRAMS: &str = "[program:web]\ncommand=sleep 100000\nstartsecs=1\nstopwaitsecs=5\n\n\
 [program:pool]\ncommand=sleep 100000\nprocess_name=%(program_name)s_%(process_num)d\nnumprocs=2\nstartsecs=1\n\n\
@@ -38,7 +39,7 @@ fn unix(sup: &Supervisord) -> SupervisorClient {
 async fn running_pid(c: &SupervisorClient, name: &str) -> u32 {
     for _ in 0..100 {
         let info = c.process_info(name).await.unwrap();
-        if info.state == ProcessStateCode::Running {
+        if info.state == ProcessStateName::Running {
             return info.pid;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -54,7 +55,7 @@ async fn info_restart_and_faults_over_the_unix_socket() {
     let before = running_pid(&c, "web").await;
     let infos = c.restart(&["web".to_string()], Duration::from_secs(30), Duration::from_millis(100)).await.unwrap();
     assert_eq!(infos.len(), 1);
-    assert_eq!(infos[0].state, ProcessStateCode::Running);
+    assert_eq!(infos[0].state, ProcessStateName::Running);
     assert_ne!(infos[0].pid, before, "a new process");
     assert_eq!(infos[0].pid, sup.pid("web").unwrap(), "supervisorctl agrees");
 
@@ -77,7 +78,7 @@ async fn info_restart_and_faults_over_the_unix_socket() {
 
     // Restart semantics: a stopped program is fine (NOT_RUNNING at stop is success).
     let infos = c.restart(&["web".to_string()], Duration::from_secs(30), Duration::from_millis(100)).await.unwrap();
-    assert_eq!(infos[0].state, ProcessStateCode::Running);
+    assert_eq!(infos[0].state, ProcessStateName::Running);
 
     // Unknown names fail before anything changes.
     let pid = sup.pid("web").unwrap();

@@ -42,7 +42,7 @@ pub enum Channel {
     Stderr,
 }
 
-/// The state a PROCESS_STATE_* event announces.
+/// A process state: what a PROCESS_STATE_* event announces, and what `getProcessInfo` reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcessStateName {
     Stopped,
@@ -56,6 +56,20 @@ pub enum ProcessStateName {
 }
 
 impl ProcessStateName {
+    /// Maps supervisord's numeric state (`supervisor/states.py`) to a state.
+    pub fn from_code(code: i32) -> Self {
+        match code {
+            0 => Self::Stopped,
+            10 => Self::Starting,
+            20 => Self::Running,
+            30 => Self::Backoff,
+            40 => Self::Stopping,
+            100 => Self::Exited,
+            200 => Self::Fatal,
+            _ => Self::Unknown,
+        }
+    }
+
     /// Maps the suffix of `PROCESS_STATE_<NAME>` (and supervisor's state descriptions) to a state.
     pub fn from_name(name: &str) -> Option<Self> {
         Some(match name {

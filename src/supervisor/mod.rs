@@ -15,7 +15,7 @@ use tokio::time::Instant;
 pub use transport::{Endpoint, Transport};
 
 use crate::config::SupervisorSettings;
-use crate::protocol::quote;
+use crate::protocol::{quote, ProcessStateName};
 
 /// supervisord's fault codes (`supervisor/xmlrpc.py`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,40 +108,12 @@ impl SupervisorError {
     }
 }
 
-/// Process states (`supervisor/states.py`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProcessStateCode {
-    Stopped,
-    Starting,
-    Running,
-    Backoff,
-    Stopping,
-    Exited,
-    Fatal,
-    Unknown,
-}
-
-impl ProcessStateCode {
-    pub fn from_code(code: i32) -> Self {
-        match code {
-            0 => Self::Stopped,
-            10 => Self::Starting,
-            20 => Self::Running,
-            30 => Self::Backoff,
-            40 => Self::Stopping,
-            100 => Self::Exited,
-            200 => Self::Fatal,
-            _ => Self::Unknown,
-        }
-    }
-}
-
 /// `getProcessInfo`'s answer, the fields the cycle uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessInfo {
     pub name: String,
     pub group: String,
-    pub state: ProcessStateCode,
+    pub state: ProcessStateName,
     pub statename: String,
     pub pid: u32,
     pub spawnerr: String,
@@ -173,7 +145,7 @@ impl ProcessInfo {
         Ok(ProcessInfo {
             name: s("name"),
             group: s("group"),
-            state: ProcessStateCode::from_code(i("state")),
+            state: ProcessStateName::from_code(i("state")),
             statename: s("statename"),
             pid: i("pid").max(0) as u32,
             spawnerr: s("spawnerr"),
@@ -318,7 +290,7 @@ impl SupervisorClient {
         }
         // A stop already in flight (an operator's, or a previous listener's killed mid-cycle) answers
         // NOT_RUNNING while the process is still STOPPING: starting it then would do nothing.
-        self.wait_until(&procs, deadline, timeout, poll, |s| s != ProcessStateCode::Stopping, |_| false).await?;
+        self.wait_until(&procs, deadline, timeout, poll, |s| s != ProcessStateName::Stopping, |_| false).await?;
         for p in &procs {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.start(&p.namespec(), false, left).await {
@@ -342,13 +314,13 @@ impl SupervisorClient {
         let failed = |s| {
             matches!(
                 s,
-                ProcessStateCode::Fatal
-                    | ProcessStateCode::Exited
-                    | ProcessStateCode::Stopped
-                    | ProcessStateCode::Unknown
+                ProcessStateName::Fatal
+                    | ProcessStateName::Exited
+                    | ProcessStateName::Stopped
+                    | ProcessStateName::Unknown
             )
         };
-        self.wait_until(&procs, deadline, timeout, poll, |s| s == ProcessStateCode::Running, failed).await
+        self.wait_until(&procs, deadline, timeout, poll, |s| s == ProcessStateName::Running, failed).await
     }
 
     /// Polls the processes until every one satisfies `done`; a process in a state `failed` says
@@ -359,8 +331,8 @@ impl SupervisorClient {
         deadline: Instant,
         timeout: Duration,
         poll: Duration,
-        done: fn(ProcessStateCode) -> bool,
-        failed: fn(ProcessStateCode) -> bool,
+        done: fn(ProcessStateName) -> bool,
+        failed: fn(ProcessStateName) -> bool,
     ) -> Result<Vec<ProcessInfo>, SupervisorError> {
         loop {
             let mut infos = Vec::with_capacity(procs.len());
@@ -371,7 +343,7 @@ impl SupervisorClient {
                     if !info.spawnerr.is_empty() {
                         detail.push_str(&format!(" (spawn error: {})", info.spawnerr));
                     }
-                    if info.state == ProcessStateCode::Exited {
+                    if info.state == ProcessStateName::Exited {
                         detail.push_str(&format!(" (exit status {})", info.exitstatus));
                     }
                     return Err(SupervisorError::ProgramFailed {
@@ -451,7 +423,7 @@ impl Services for Supervisord {
 
     async fn running(&self, programs: &[String]) -> Result<bool, SupervisorError> {
         let procs = self.client.resolve(programs).await?;
-        Ok(procs.iter().all(|p| p.state == ProcessStateCode::Running))
+        Ok(procs.iter().all(|p| p.state == ProcessStateName::Running))
     }
 }
 
