@@ -363,3 +363,17 @@ async fn a_restart_failing_with_programs_still_running_comes_back() {
     assert!(h.lb.is_serving(&me()));
     assert_eq!(h.cycle.state.load().unwrap(), None);
 }
+
+/// An instance the load balancer already counts out leaves at once, and the recheck after
+/// deregistering does not send it back even though the cluster is below quorum: its leaving took
+/// nothing, and registering it again would only put a non-serving instance back.
+#[tokio::test(start_paused = true)]
+async fn an_instance_already_out_is_not_sent_back_by_the_recheck() {
+    let h = harness(4, S(0), S(5));
+    h.lb.set_healthy(&ids(4)[2], false);
+    h.lb.set_healthy(&me(), false); // its health check fails: OutOfService
+    let Outcome::Done(s) = h.cycle.run(&web()).await.unwrap() else { panic!() };
+    assert_eq!((s.checks, s.races), (1, 0));
+    assert_eq!(ops(&h), vec![Op::Deregister, Op::Register]);
+    assert_eq!(*h.services.restarts.lock().unwrap(), 1);
+}

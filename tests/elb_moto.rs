@@ -289,3 +289,49 @@ fn one_shot_restart_refuses_below_quorum_and_changes_nothing() {
     assert!(text(&out.stderr).contains("unknown program \"nope\""));
     assert_eq!(moto.health(&lb).get(&ids[0]).map(String::as_str), Some("InService"));
 }
+
+/// An instance left out because its programs did not come back (state file `services-down`): the
+/// next one-shot restart brings it back, without waiting for quorum (it serves nothing).
+#[test]
+fn one_shot_restart_brings_back_an_instance_left_out_with_its_programs_down() {
+    let moto = Moto::start();
+    let (lb, ns) = unique_cluster();
+    let ids = moto.cluster(&lb, &ns, 4);
+    moto.fixture(&["stop", &ids[3]]); // below quorum for a serving instance: no exemption would be wrong
+    let sup = Supervisord::start(WEB, false, &[]);
+    eventually(Duration::from_secs(20), "web RUNNING", || sup.pid("web"));
+    assert!(sup.ctl(&["stop", "web"]).status.success());
+    moto.fixture(&["deregister", &lb, &ids[0]]);
+    let state = sup.path("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let record = serde_json::json!({"step": "services-down", "instance_id": ids[0], "lb": lb, "programs": ["web"], "since": 1, "pid": 1});
+    std::fs::write(state.join("state.json"), record.to_string()).unwrap();
+    let mut env = moto.env();
+    env.extend(sup.client_env());
+    let host = format!("node0.{ns}");
+    let out = run_bin(
+        &[
+            "restart",
+            "web",
+            "--hostname",
+            &host,
+            "--domain",
+            "example.com",
+            "--instance-id",
+            &ids[0],
+            "--max-checks",
+            "1",
+            "--poll-interval",
+            "0.2",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+        &env,
+    );
+    let log = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("LEFT DEREGISTERED") && log.contains("restarting them now"), "{log}");
+    assert!(sup.pid("web").is_some(), "web RUNNING again");
+    assert_eq!(moto.health(&lb).get(&ids[0]).map(String::as_str), Some("InService"));
+    assert!(!state.join("state.json").exists());
+}

@@ -298,7 +298,10 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 self.come_back().await?;
                 return Err(e.into());
             }
-            if !req.serves_nothing() {
+            // Recheck only when this instance was serving: if it served nothing already (out of the
+            // load balancer, or its program down), its leaving took nothing from anyone, and going
+            // back would only register an instance that does not serve.
+            if verdict.reason == Reason::QuorumHolds {
                 match self.snapshot(false).await {
                     Ok((snap, _)) => {
                         let v = holds_without_me(&snap, &self.rule);
