@@ -335,3 +335,69 @@ fn one_shot_restart_brings_back_an_instance_left_out_with_its_programs_down() {
     assert_eq!(moto.health(&lb).get(&ids[0]).map(String::as_str), Some("InService"));
     assert!(!state.join("state.json").exists());
 }
+
+/// No credentials anywhere: `status` says so, naming the load balancer and what to do, exit 3
+/// (the error is not retryable, so the gate does not spend its checks on it); `restart` checks
+/// supervisord before any AWS call. Nothing leaves the machine: the endpoint is the emulator and
+/// IMDS is disabled.
+#[test]
+fn missing_credentials_say_so_at_once() {
+    let moto = Moto::start();
+    let out = std::process::Command::new(bin())
+        .args([
+            "restart",
+            "web",
+            "--lb",
+            "web-example-com",
+            "--instance-id",
+            "i-1",
+            "--hostname",
+            "a.web.example.com",
+            "--members",
+            "static:3",
+        ])
+        .args(["--check-interval", "30", "--supervisor-url", "unix:///nonexistent.sock"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", "/nonexistent")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_ENDPOINT_URL", &moto.endpoint)
+        .env("AWS_REGION", "us-east-1")
+        .env("ELB_QUORUM_LOG_TARGET", "stderr")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("supervisord's socket /nonexistent.sock does not exist"),
+        "supervisord is checked first: {err}"
+    );
+    let out = std::process::Command::new(bin())
+        .args([
+            "status",
+            "--lb",
+            "web-example-com",
+            "--instance-id",
+            "i-1",
+            "--hostname",
+            "a.web.example.com",
+            "--members",
+            "static:3",
+        ])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", "/nonexistent")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_ENDPOINT_URL", &moto.endpoint)
+        .env("AWS_REGION", "us-east-1")
+        .env("ELB_QUORUM_LOG_TARGET", "stderr")
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("on load balancer web-example-com: no usable AWS credentials") && err.contains("IAM role"),
+        "{err}"
+    );
+}

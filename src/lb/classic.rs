@@ -24,7 +24,7 @@ impl ClassicElb {
     fn map<E, R>(&self, action: &'static str, instance: Option<&str>, err: SdkError<E, R>) -> LbError
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-        R: std::fmt::Debug,
+        R: std::fmt::Debug + Send + Sync + 'static,
     {
         let lb = self.name.clone();
         match &err {
@@ -44,7 +44,17 @@ impl ClassicElb {
                     _ => LbError::Service { lb, action, code, message },
                 }
             }
-            _ => LbError::Unreachable { lb, action, detail: DisplayErrorContext(&err).to_string() },
+            _ => {
+                // Missing credentials surface as a dispatch failure: find the cause by type.
+                let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+                while let Some(e) = source {
+                    if let Some(c) = e.downcast_ref::<aws_credential_types::provider::error::CredentialsError>() {
+                        return LbError::Credentials { lb, action, detail: c.to_string() };
+                    }
+                    source = e.source();
+                }
+                LbError::Unreachable { lb, action, detail: DisplayErrorContext(&err).to_string() }
+            }
         }
     }
 }

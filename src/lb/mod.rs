@@ -74,6 +74,8 @@ pub enum LbError {
     Throttled { lb: String, action: &'static str },
     #[error("{action} on load balancer {lb} failed: {code}: {message}")]
     Service { lb: String, action: &'static str, code: String, message: String },
+    #[error("{action} on load balancer {lb}: no usable AWS credentials ({detail}); give the instance an IAM role (instance profile), or set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")]
+    Credentials { lb: String, action: &'static str, detail: String },
     #[error("{action} on load balancer {lb} could not reach AWS: {detail}")]
     Unreachable { lb: String, action: &'static str, detail: String },
 }
