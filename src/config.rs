@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clap::Args;
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -48,37 +49,112 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
 }
 
-/// The TOML file: every key is the long flag's name.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct FileConfig {
+/// One layer of settings: the command line (with its environment fallbacks, through clap) or the
+/// TOML file (through serde, keys = long option names). The doc comments are `--help`.
+#[derive(Debug, Default, Clone, Args, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct Layer {
+    /// TOML config file (keys are the long option names) [default: /etc/elb-quorum/elb-quorum.toml if it exists]
+    #[arg(long, global = true, env = "ELB_QUORUM_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Classic ELB name [default: from the hostname: i-0abc.web.example.com → web-example-com]
+    #[arg(long, global = true, env = "ELB_QUORUM_LB", value_name = "NAME")]
     pub lb: Option<String>,
-    pub domain: Option<Vec<String>>,
+    /// Supported domain for the hostname rule; repeatable (environment: comma-separated) [default: none]
+    #[arg(long, global = true, env = "ELB_QUORUM_DOMAIN", value_delimiter = ',', value_name = "DOMAIN")]
+    pub domain: Vec<String>,
+    /// This machine's fully qualified hostname, NODE.CLUSTER.DOMAIN [default: the system hostname]
+    #[arg(long, global = true, env = "ELB_QUORUM_HOSTNAME")]
     pub hostname: Option<String>,
+    /// This instance's id [default: from the EC2 metadata service (IMDSv2)]
+    #[arg(long, global = true, env = "ELB_QUORUM_INSTANCE_ID", value_name = "ID")]
     pub instance_id: Option<String>,
+    /// Where the cluster size comes from: ec2-name (EC2 instances, not terminated, tagged Name=*.CLUSTER.DOMAIN) or static:N [default: ec2-name]
+    #[arg(long, global = true, env = "ELB_QUORUM_MEMBERS", value_name = "SOURCE")]
     pub members: Option<String>,
-    pub quorum: Option<toml::Value>,
+    /// Fraction of the members that must keep serving, 0 < q ≤ 1 (0.75 or 75%) [default: 0.75]
+    #[arg(long, global = true, env = "ELB_QUORUM_QUORUM", value_name = "FRACTION")]
+    #[serde(deserialize_with = "number_or_string")]
+    pub quorum: Option<String>,
+    /// Other members that must keep serving, whatever the fraction [default: 1]
+    #[arg(long, global = true, env = "ELB_QUORUM_MIN_IN_SERVICE", value_name = "N")]
     pub min_in_service: Option<usize>,
+    /// Seconds between quorum checks, ±20% jitter [default: 30]
+    #[arg(long, global = true, env = "ELB_QUORUM_CHECK_INTERVAL", value_name = "SECS")]
     pub check_interval: Option<f64>,
+    /// Quorum checks before giving up (exit 1, nothing changed) [default: 10]
+    #[arg(long, global = true, env = "ELB_QUORUM_MAX_CHECKS", value_name = "N")]
     pub max_checks: Option<u32>,
+    /// Seconds between load-balancer polls while leaving and coming back, ±20% jitter [default: 5]
+    #[arg(long, global = true, env = "ELB_QUORUM_POLL_INTERVAL", value_name = "SECS")]
     pub poll_interval: Option<f64>,
+    /// Largest random pause, in seconds, between a passed quorum check and the confirming check before leaving, so that instances asked at once see each other go [default: 5]
+    #[arg(long, global = true, env = "ELB_QUORUM_SETTLE", value_name = "SECS")]
     pub settle: Option<f64>,
+    /// Seconds the programs may take to stop and be RUNNING again [default: 120]
+    #[arg(long, global = true, env = "ELB_QUORUM_RESTART_TIMEOUT", value_name = "SECS")]
     pub restart_timeout: Option<f64>,
+    /// Timeout of one call to supervisord, in seconds [default: 30]
+    #[arg(long, global = true, env = "ELB_QUORUM_RPC_TIMEOUT", value_name = "SECS")]
     pub rpc_timeout: Option<f64>,
+    /// Bound on waiting for deregistration, in seconds [default: the load balancer's draining timeout + 15]
+    #[arg(long, global = true, env = "ELB_QUORUM_DRAIN_TIMEOUT", value_name = "SECS")]
     pub drain_timeout: Option<f64>,
+    /// Bound on waiting for InService, in seconds [default: health check interval × healthy threshold + 30]
+    #[arg(long, global = true, env = "ELB_QUORUM_HEALTH_TIMEOUT", value_name = "SECS")]
     pub health_timeout: Option<f64>,
-    pub dry_run: Option<bool>,
+    /// Make every check and log what would be done; change nothing
+    #[arg(long, global = true, env = "ELB_QUORUM_DRY_RUN")]
+    pub dry_run: bool,
+    /// supervisord's XML-RPC endpoint, unix:///path.sock or http://host:port [default: $SUPERVISOR_SERVER_URL, else unix:///var/run/supervisor.sock]
+    #[arg(long, global = true, env = "SUPERVISOR_SERVER_URL", value_name = "URL")]
     pub supervisor_url: Option<String>,
+    /// supervisord user name [default: $SUPERVISOR_USERNAME, else none]
+    #[arg(long, global = true, env = "SUPERVISOR_USERNAME", value_name = "USER")]
     pub supervisor_username: Option<String>,
+    /// File whose first line is supervisord's password [default: $SUPERVISOR_PASSWORD, else none]
+    #[arg(long, global = true, env = "ELB_QUORUM_SUPERVISOR_PASSWORD_FILE", value_name = "FILE")]
     pub supervisor_password_file: Option<PathBuf>,
-    pub program: Option<Vec<String>>,
-    pub gate: Option<Vec<String>>,
+    /// `SUPERVISOR_PASSWORD`, read by main: never a flag (flags show in `ps`), never in the file.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub supervisor_password: Option<Secret>,
+    /// Program restarted on SIGHUP (supervisorctl signal HUP elb-quorum); repeatable [default: none]
+    #[arg(long, global = true, env = "ELB_QUORUM_PROGRAM", value_delimiter = ',', value_name = "PROGRAM")]
+    pub program: Vec<String>,
+    /// Program (autorestart=false) whose unexpected exit or FATAL triggers a gated restart; repeatable [default: none]
+    #[arg(long, global = true, env = "ELB_QUORUM_GATE", value_delimiter = ',', value_name = "PROGRAM")]
+    pub gate: Vec<String>,
+    /// Directory for the crash-safety state file and the lock [default: /var/lib/elb-quorum]
+    #[arg(long, global = true, env = "ELB_QUORUM_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Log format: text or json [default: text]
+    #[arg(long, global = true, env = "ELB_QUORUM_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Log level or filter (error, warn, info, debug, trace; or RUST_LOG syntax) [default: $RUST_LOG, else info]
+    #[arg(long, global = true, env = "ELB_QUORUM_LOG_LEVEL", value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Where logs go: auto (journald when its socket exists, else stderr), journald or stderr. Never stdout [default: auto]
+    #[arg(long, global = true, env = "ELB_QUORUM_LOG_TARGET", value_name = "TARGET")]
+    pub log_target: Option<String>,
 }
 
-impl FileConfig {
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumOrStr {
+        Num(f64),
+        Str(String),
+    }
+    Ok(Some(match NumOrStr::deserialize(d)? {
+        NumOrStr::Num(n) => n.to_string(),
+        NumOrStr::Str(s) => s,
+    }))
+}
+
+impl Layer {
+    /// Reads a TOML file as a layer.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
@@ -149,6 +225,7 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub log_format: LogFormat,
     pub log_level: Option<String>,
+    pub log_target: Option<String>,
 }
 
 /// Parses a quorum fraction `0 < q ≤ 1` (e.g. `0.75`, or `75%`) into parts per million.
@@ -184,41 +261,9 @@ pub fn seconds(option: &str, v: f64) -> Result<Duration, ConfigError> {
     Ok(Duration::from_secs_f64(v))
 }
 
-/// Flag and environment values, as clap parsed them (`None` when neither was given).
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    pub config: Option<PathBuf>,
-    pub lb: Option<String>,
-    pub domain: Vec<String>,
-    pub hostname: Option<String>,
-    pub instance_id: Option<String>,
-    pub members: Option<String>,
-    pub quorum: Option<String>,
-    pub min_in_service: Option<usize>,
-    pub check_interval: Option<f64>,
-    pub max_checks: Option<u32>,
-    pub poll_interval: Option<f64>,
-    pub settle: Option<f64>,
-    pub restart_timeout: Option<f64>,
-    pub rpc_timeout: Option<f64>,
-    pub drain_timeout: Option<f64>,
-    pub health_timeout: Option<f64>,
-    pub dry_run: bool,
-    pub supervisor_url: Option<String>,
-    pub supervisor_username: Option<String>,
-    pub supervisor_password_file: Option<PathBuf>,
-    /// `SUPERVISOR_PASSWORD` (read by main, never a flag: flags show in `ps`).
-    pub supervisor_password: Option<Secret>,
-    pub program: Vec<String>,
-    pub gate: Vec<String>,
-    pub state_dir: Option<PathBuf>,
-    pub log_format: Option<String>,
-    pub log_level: Option<String>,
-}
-
-fn vec_or(flag: Vec<String>, file: Option<Vec<String>>) -> Vec<String> {
+fn vec_or(flag: Vec<String>, file: Vec<String>) -> Vec<String> {
     if flag.is_empty() {
-        file.unwrap_or_default()
+        file
     } else {
         flag
     }
@@ -226,20 +271,13 @@ fn vec_or(flag: Vec<String>, file: Option<Vec<String>>) -> Vec<String> {
 
 impl Settings {
     /// Merges flags/env over the config file over the defaults and validates the result.
-    pub fn resolve(o: Overrides) -> Result<Settings, ConfigError> {
+    pub fn resolve(o: Layer) -> Result<Settings, ConfigError> {
         let file = match &o.config {
-            Some(path) => FileConfig::load(path)?,
-            None if Path::new(DEFAULT_CONFIG_FILE).exists() => FileConfig::load(Path::new(DEFAULT_CONFIG_FILE))?,
-            None => FileConfig::default(),
+            Some(path) => Layer::load(path)?,
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => Layer::load(Path::new(DEFAULT_CONFIG_FILE))?,
+            None => Layer::default(),
         };
-        let quorum = match (o.quorum, file.quorum) {
-            (Some(q), _) => q,
-            (None, Some(toml::Value::String(s))) => s,
-            (None, Some(toml::Value::Float(f))) => f.to_string(),
-            (None, Some(toml::Value::Integer(i))) => i.to_string(),
-            (None, Some(v)) => return err(format!("config key quorum: expected a number, got {v:?}")),
-            (None, None) => DEFAULT_QUORUM.to_owned(),
-        };
+        let quorum = o.quorum.or(file.quorum).unwrap_or_else(|| DEFAULT_QUORUM.to_owned());
         let quorum_ppm = parse_quorum(&quorum)?;
         let members = MembersSource::parse(o.members.as_deref().or(file.members.as_deref()).unwrap_or("ec2-name"))?;
         let max_checks = o.max_checks.or(file.max_checks).unwrap_or(DEFAULT_MAX_CHECKS);
@@ -295,7 +333,7 @@ impl Settings {
             restart_timeout: secs("restart-timeout", o.restart_timeout, file.restart_timeout, DEFAULT_RESTART_TIMEOUT)?,
             drain_timeout: opt_secs("drain-timeout", o.drain_timeout, file.drain_timeout)?,
             health_timeout: opt_secs("health-timeout", o.health_timeout, file.health_timeout)?,
-            dry_run: o.dry_run || file.dry_run.unwrap_or(false),
+            dry_run: o.dry_run || file.dry_run,
             supervisor: SupervisorSettings {
                 url: o.supervisor_url.or(file.supervisor_url).unwrap_or_else(|| DEFAULT_SUPERVISOR_URL.to_owned()),
                 username: o.supervisor_username.or(file.supervisor_username),
@@ -307,6 +345,7 @@ impl Settings {
             state_dir: o.state_dir.or(file.state_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             log_format,
             log_level: o.log_level.or(file.log_level),
+            log_target: o.log_target.or(file.log_target),
         })
     }
 }
@@ -345,7 +384,7 @@ mod tests {
     #[test]
     fn the_shipped_example_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("supervisor.d/elb-quorum.toml.example");
-        let s = Settings::resolve(Overrides { config: Some(path), ..Default::default() }).unwrap();
+        let s = Settings::resolve(Layer { config: Some(path), ..Default::default() }).unwrap();
         assert_eq!(s.domains, vec!["example.com".to_string()]);
         assert_eq!(s.gates, vec!["web".to_string()]);
         assert_eq!(s.rule.quorum_ppm, 750_000);
@@ -357,15 +396,20 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "quorum = 0.5\nmax-checks = 3\ndomain = [\"example.com\"]\ncheck-interval = 2.5\n")
             .unwrap();
-        let s = Settings::resolve(Overrides { config: Some(path.clone()), max_checks: Some(7), ..Default::default() })
-            .unwrap();
+        let s =
+            Settings::resolve(Layer { config: Some(path.clone()), max_checks: Some(7), ..Default::default() }).unwrap();
         assert_eq!(s.rule.quorum_ppm, 500_000, "file over default");
         assert_eq!(s.max_checks, 7, "flag over file");
         assert_eq!(s.domains, vec!["example.com".to_string()]);
         assert_eq!(s.check_interval, Duration::from_millis(2500));
         assert_eq!(s.poll_interval, Duration::from_secs(5), "default");
+        std::fs::write(&path, "quorum = \"60%\"\nlog-target = \"stderr\"\n").unwrap();
+        let s = Settings::resolve(Layer { config: Some(path.clone()), ..Default::default() }).unwrap();
+        assert_eq!((s.rule.quorum_ppm, s.log_target.as_deref()), (600_000, Some("stderr")), "quorum as text too");
+        std::fs::write(&path, "config = \"/etc/other.toml\"\n").unwrap();
+        assert!(Settings::resolve(Layer { config: Some(path.clone()), ..Default::default() }).is_err(), "no config key in a config file");
         std::fs::write(&path, "quorum = 0.5\nbogus = 1\n").unwrap();
-        let e = Settings::resolve(Overrides { config: Some(path), ..Default::default() }).unwrap_err();
+        let e = Settings::resolve(Layer { config: Some(path), ..Default::default() }).unwrap_err();
         assert!(e.0.contains("bogus"), "{e}");
     }
 }

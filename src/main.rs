@@ -84,11 +84,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<u8, Failure> {
-    let mut overrides = cli.opts.overrides();
-    overrides.supervisor_password = std::env::var("SUPERVISOR_PASSWORD").ok().map(Secret::new);
-    let settings = Settings::resolve(overrides)?;
+    let mut layer = cli.opts.clone();
+    layer.supervisor_password = std::env::var("SUPERVISOR_PASSWORD").ok().map(Secret::new);
+    let settings = Settings::resolve(layer)?;
     let target =
-        elb_quorum::logging::init(settings.log_format, settings.log_level.as_deref(), cli.opts.log_target.as_deref())
+        elb_quorum::logging::init(settings.log_format, settings.log_level.as_deref(), settings.log_target.as_deref())
             .map_err(Failure::usage)?;
     let _ = LOG_TARGET.set(target);
     match cli.command {
