@@ -407,7 +407,10 @@ mod tests {
         let s = Settings::resolve(Layer { config: Some(path.clone()), ..Default::default() }).unwrap();
         assert_eq!((s.rule.quorum_ppm, s.log_target.as_deref()), (600_000, Some("stderr")), "quorum as text too");
         std::fs::write(&path, "config = \"/etc/other.toml\"\n").unwrap();
-        assert!(Settings::resolve(Layer { config: Some(path.clone()), ..Default::default() }).is_err(), "no config key in a config file");
+        assert!(
+            Settings::resolve(Layer { config: Some(path.clone()), ..Default::default() }).is_err(),
+            "no config key in a config file"
+        );
         std::fs::write(&path, "quorum = 0.5\nbogus = 1\n").unwrap();
         let e = Settings::resolve(Layer { config: Some(path), ..Default::default() }).unwrap_err();
         assert!(e.0.contains("bogus"), "{e}");

@@ -134,6 +134,21 @@ fn status_numbers_naming_rule_and_refusal() {
     assert!(text(&out.stderr).contains("load balancer missing-example-com not found"), "{}", text(&out.stderr));
 }
 
+/// `elb-quorum restart PROGRAM` as node `host` of the cluster, with `extra` flags.
+fn one_shot(
+    program: &str,
+    host: &str,
+    id: &str,
+    state: &std::path::Path,
+    extra: &[&str],
+    env: &[(String, String)],
+) -> std::process::Output {
+    let mut args = vec!["restart", program, "--hostname", host, "--domain", "example.com", "--instance-id", id];
+    args.extend(["--state-dir", state.to_str().unwrap()]);
+    args.extend(extra);
+    run_bin(&args, env)
+}
+
 const WEB: &str = "[program:web]\ncommand=sleep 100000\nstartsecs=1\n";
 
 /// One-shot `restart`: gate → deregister → restart → register → InService, with an outside sampler
@@ -171,23 +186,7 @@ fn one_shot_restart_runs_the_whole_cycle() {
             }
         })
     };
-    let out = run_bin(
-        &[
-            "restart",
-            "web",
-            "--hostname",
-            &host,
-            "--domain",
-            "example.com",
-            "--instance-id",
-            &ids[0],
-            "--poll-interval",
-            "0.2",
-            "--state-dir",
-            state.to_str().unwrap(),
-        ],
-        &env,
-    );
+    let out = one_shot("web", &host, &ids[0], &state, &["--poll-interval", "0.2"], &env);
     stop.store(true, Ordering::SeqCst);
     sampler.join().unwrap();
     let log = text(&out.stderr);
@@ -208,22 +207,7 @@ fn one_shot_restart_runs_the_whole_cycle() {
     assert!(!state.join("state.json").exists(), "state file cleared");
 
     // Dry run: every check, nothing changed.
-    let out = run_bin(
-        &[
-            "restart",
-            "web",
-            "--dry-run",
-            "--hostname",
-            &host,
-            "--domain",
-            "example.com",
-            "--instance-id",
-            &ids[0],
-            "--state-dir",
-            state.to_str().unwrap(),
-        ],
-        &env,
-    );
+    let out = one_shot("web", &host, &ids[0], &state, &["--dry-run"], &env);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("dry run: would deregister"));
     assert_eq!(sup.pid("web"), Some(after), "dry run restarted nothing");
@@ -241,25 +225,7 @@ fn one_shot_restart_refuses_below_quorum_and_changes_nothing() {
     env.extend(sup.client_env());
     let state = sup.path("state");
     let host = format!("node0.{ns}");
-    let out = run_bin(
-        &[
-            "restart",
-            "web",
-            "--hostname",
-            &host,
-            "--domain",
-            "example.com",
-            "--instance-id",
-            &ids[0],
-            "--check-interval",
-            "0.1",
-            "--max-checks",
-            "3",
-            "--state-dir",
-            state.to_str().unwrap(),
-        ],
-        &env,
-    );
+    let out = one_shot("web", &host, &ids[0], &state, &["--check-interval", "0.1", "--max-checks", "3"], &env);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -270,21 +236,7 @@ fn one_shot_restart_refuses_below_quorum_and_changes_nothing() {
     assert_eq!(moto.health(&lb).get(&ids[0]).map(String::as_str), Some("InService"), "still registered");
 
     // An unknown program is refused before anything else (exit 2).
-    let out = run_bin(
-        &[
-            "restart",
-            "nope",
-            "--hostname",
-            &host,
-            "--domain",
-            "example.com",
-            "--instance-id",
-            &ids[0],
-            "--state-dir",
-            state.to_str().unwrap(),
-        ],
-        &env,
-    );
+    let out = one_shot("nope", &host, &ids[0], &state, &[], &env);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("unknown program \"nope\""));
     assert_eq!(moto.health(&lb).get(&ids[0]).map(String::as_str), Some("InService"));
@@ -309,25 +261,7 @@ fn one_shot_restart_brings_back_an_instance_left_out_with_its_programs_down() {
     let mut env = moto.env();
     env.extend(sup.client_env());
     let host = format!("node0.{ns}");
-    let out = run_bin(
-        &[
-            "restart",
-            "web",
-            "--hostname",
-            &host,
-            "--domain",
-            "example.com",
-            "--instance-id",
-            &ids[0],
-            "--max-checks",
-            "1",
-            "--poll-interval",
-            "0.2",
-            "--state-dir",
-            state.to_str().unwrap(),
-        ],
-        &env,
-    );
+    let out = one_shot("web", &host, &ids[0], &state, &["--max-checks", "1", "--poll-interval", "0.2"], &env);
     let log = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(log.contains("LEFT DEREGISTERED") && log.contains("restarting them now"), "{log}");
@@ -343,57 +277,38 @@ fn one_shot_restart_brings_back_an_instance_left_out_with_its_programs_down() {
 #[test]
 fn missing_credentials_say_so_at_once() {
     let moto = Moto::start();
-    let out = std::process::Command::new(bin())
-        .args([
-            "restart",
-            "web",
-            "--lb",
-            "web-example-com",
-            "--instance-id",
-            "i-1",
-            "--hostname",
-            "a.web.example.com",
-            "--members",
-            "static:3",
-        ])
-        .args(["--check-interval", "30", "--supervisor-url", "unix:///nonexistent.sock"])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", "/nonexistent")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_ENDPOINT_URL", &moto.endpoint)
-        .env("AWS_REGION", "us-east-1")
-        .env("ELB_QUORUM_LOG_TARGET", "stderr")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .args(args)
+            .args([
+                "--lb",
+                "web-example-com",
+                "--instance-id",
+                "i-1",
+                "--hostname",
+                "a.web.example.com",
+                "--members",
+                "static:3",
+            ])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", "/nonexistent")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_ENDPOINT_URL", &moto.endpoint)
+            .env("AWS_REGION", "us-east-1")
+            .env("ELB_QUORUM_LOG_TARGET", "stderr")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = run(&["restart", "web", "--supervisor-url", "unix:///nonexistent.sock"]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(
         err.contains("supervisord's socket /nonexistent.sock does not exist"),
         "supervisord is checked first: {err}"
     );
-    let out = std::process::Command::new(bin())
-        .args([
-            "status",
-            "--lb",
-            "web-example-com",
-            "--instance-id",
-            "i-1",
-            "--hostname",
-            "a.web.example.com",
-            "--members",
-            "static:3",
-        ])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", "/nonexistent")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_ENDPOINT_URL", &moto.endpoint)
-        .env("AWS_REGION", "us-east-1")
-        .env("ELB_QUORUM_LOG_TARGET", "stderr")
-        .output()
-        .unwrap();
+    let out = run(&["status"]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(
