@@ -71,6 +71,24 @@ impl Node {
     }
 }
 
+/// A four-instance cluster in the emulator and node0's supervisord with the listener.
+fn setup() -> (Moto, String, Node) {
+    let moto = Moto::start();
+    let (lb, ns) = unique_cluster();
+    let ids = moto.cluster(&lb, &ns, 4);
+    let n = node(&moto, &lb, &ns, &ids, "");
+    (moto, ns, n)
+}
+
+/// Asks for a restart of `slow` (2 s to stop) and waits until the instance is out of the load
+/// balancer: the cycle is then in its restart step.
+fn restart_slow_until_out(n: &Node) {
+    request(n, &["slow"]);
+    eventually(T, "the instance out of the load balancer", || {
+        n.log().contains("out of the load balancer").then_some(())
+    });
+}
+
 fn request(n: &Node, programs: &[&str]) {
     let mut args = vec!["request"];
     args.extend(programs);
@@ -80,10 +98,7 @@ fn request(n: &Node, programs: &[&str]) {
 
 #[test]
 fn every_trigger_leaves_restarts_and_comes_back() {
-    let moto = Moto::start();
-    let (lb, ns) = unique_cluster();
-    let ids = moto.cluster(&lb, &ns, 4);
-    let n = node(&moto, &lb, &ns, &ids, "");
+    let (moto, _, n) = setup();
 
     // REMOTE_COMMUNICATION through `elb-quorum request`.
     let web = n.sup.pid("web").unwrap();
@@ -156,16 +171,10 @@ fn below_quorum_the_request_is_given_up_and_the_listener_keeps_serving() {
 
 #[test]
 fn kill_9_mid_cycle_is_reconciled_by_the_restarted_listener() {
-    let moto = Moto::start();
-    let (lb, ns) = unique_cluster();
-    let ids = moto.cluster(&lb, &ns, 4);
-    let n = node(&moto, &lb, &ns, &ids, "");
+    let (moto, _, n) = setup();
 
     // During the restart (the slow program takes 2 s to stop): deregistered, state file says so.
-    request(&n, &["slow"]);
-    eventually(T, "the instance out of the load balancer", || {
-        n.log().contains("out of the load balancer").then_some(())
-    });
+    restart_slow_until_out(&n);
     assert!(!n.in_service(&moto), "deregistered");
     let pid = n.listener_pid();
     unsafe_kill(pid, "KILL");
@@ -176,9 +185,8 @@ fn kill_9_mid_cycle_is_reconciled_by_the_restarted_listener() {
     // Killed right after deregistering, and right before registering: the state file the cycle
     // writes before each step, with the emulator in the matching state.
     for step in ["deregistering", "registering"] {
-        moto.fixture(&["deregister", &lb, &n.id]);
-        let record =
-            serde_json::json!({"step": step, "instance_id": n.id, "lb": lb, "programs": ["web"], "since": 1, "pid": 1});
+        moto.fixture(&["deregister", &n.lb, &n.id]);
+        let record = serde_json::json!({"step": step, "instance_id": n.id, "lb": n.lb, "programs": ["web"], "since": 1, "pid": 1});
         std::fs::write(n.sup.path("state/state.json"), record.to_string()).unwrap();
         let before = count(&n.log(), "reconciled");
         unsafe_kill(n.listener_pid(), "KILL");
@@ -191,14 +199,8 @@ fn kill_9_mid_cycle_is_reconciled_by_the_restarted_listener() {
 
 #[test]
 fn sigterm_mid_cycle_finishes_coming_back_before_exiting() {
-    let moto = Moto::start();
-    let (lb, ns) = unique_cluster();
-    let ids = moto.cluster(&lb, &ns, 4);
-    let n = node(&moto, &lb, &ns, &ids, "");
-    request(&n, &["slow"]);
-    eventually(T, "the instance out of the load balancer", || {
-        n.log().contains("out of the load balancer").then_some(())
-    });
+    let (moto, _, n) = setup();
+    restart_slow_until_out(&n);
     let out = n.sup.ctl(&["stop", "elb-quorum"]);
     assert!(out.status.success(), "{}", text(&out.stdout));
     let log = n.log();
@@ -209,10 +211,7 @@ fn sigterm_mid_cycle_finishes_coming_back_before_exiting() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn bad_requests_never_take_the_instance_out() {
-    let moto = Moto::start();
-    let (lb, ns) = unique_cluster();
-    let ids = moto.cluster(&lb, &ns, 4);
-    let n = node(&moto, &lb, &ns, &ids, "");
+    let (moto, ns, n) = setup();
     let c = n.client();
     c.send_remote_comm_event("elb-quorum", "restart nope").await.unwrap();
     c.send_remote_comm_event("elb-quorum", "reboot web").await.unwrap();
@@ -251,10 +250,7 @@ async fn bad_requests_never_take_the_instance_out() {
 
 #[test]
 fn a_second_one_shot_restart_is_refused_while_one_runs() {
-    let moto = Moto::start();
-    let (lb, ns) = unique_cluster();
-    let ids = moto.cluster(&lb, &ns, 4);
-    let n = node(&moto, &lb, &ns, &ids, "");
+    let (moto, ns, n) = setup();
     let state = n.sup.path("state"); // the listener's state dir: it shares the lock
     let mut env = moto.env();
     env.extend(n.sup.client_env());
