@@ -47,10 +47,8 @@ pub fn stdin() -> Box<dyn AsyncRead + Unpin + Send> {
     Box::new(tokio::io::stdin())
 }
 
-fn write_all(out: &mut impl Write, bytes: &[&[u8]]) -> io::Result<()> {
-    for b in bytes {
-        out.write_all(b)?;
-    }
+fn write_all(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
+    out.write_all(bytes)?;
     out.flush()
 }
 
@@ -65,7 +63,7 @@ pub async fn run(
 ) -> End {
     let mut decoder = EventDecoder::default();
     let mut buf = vec![0u8; 64 * 1024];
-    if let Err(e) = write_all(&mut out, &[READY]) {
+    if let Err(e) = write_all(&mut out, READY) {
         return End::Io(e);
     }
     loop {
@@ -103,7 +101,7 @@ pub async fn run(
                             return End::Fatal(e);
                         }
                     }
-                    if let Err(e) = write_all(&mut out, &[ACK_READY]) {
+                    if let Err(e) = write_all(&mut out, ACK_READY) {
                         return End::Io(e);
                     }
                 }

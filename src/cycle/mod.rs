@@ -295,7 +295,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             info!(lb = self.lb.name(), instance_id = %self.me, "deregistering");
             if let Err(e) = self.lb.deregister(&self.me).await {
                 error!(lb = self.lb.name(), instance_id = %self.me, error = %e, "deregistering failed; making sure the instance is registered");
-                self.come_back().await?;
+                self.come_back(timings.healthy_after).await?;
                 return Err(e.into());
             }
             // Recheck only when this instance was serving: if it served nothing already (out of the
@@ -308,7 +308,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                         if !v.may_leave {
                             summary.races += 1;
                             warn!(lb = self.lb.name(), instance_id = %self.me, "peers left at the same time ({}); registering again and going back to the gate", v.summary());
-                            self.come_back().await?;
+                            self.come_back(timings.healthy_after).await?;
                             if checks >= self.timing.max_checks {
                                 return Ok(Outcome::GaveUp { verdict: v, checks });
                             }
@@ -320,7 +320,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     }
                     Err(e) => {
                         error!(error = %e, "quorum recheck after deregistering failed; registering again");
-                        self.come_back().await?;
+                        self.come_back(timings.healthy_after).await?;
                         return Err(e);
                     }
                 }
@@ -328,7 +328,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             let drain_bound =
                 self.timing.drain_timeout.unwrap_or(timings.drain.unwrap_or(Duration::ZERO) + DRAIN_MARGIN);
             if let Err(e) = self.wait_out(drain_bound).await {
-                self.come_back().await?;
+                self.come_back(timings.healthy_after).await?;
                 return Err(e);
             }
             summary.drain = t.elapsed();
@@ -341,7 +341,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 // recovered)? Then they must not stay out of the load balancer.
                 if matches!(self.services.running(&programs).await, Ok(true)) {
                     error!(error = %source, "restarting failed, but the programs are RUNNING: registering again");
-                    self.come_back().await?;
+                    self.come_back(timings.healthy_after).await?;
                     return Err(source.into());
                 }
                 self.state.save(&self.record(Step::ServicesDown, &programs, since))?;
@@ -467,12 +467,9 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         }
     }
 
-    /// Best effort after a failure: register again (bounded retries) and wait InService.
-    async fn come_back(&self) -> Result<(), CycleError> {
-        let healthy_after = match self.lb.timings().await {
-            Ok(t) => t.healthy_after,
-            Err(_) => Duration::from_secs(300),
-        };
+    /// Best effort after a failure: register again (bounded retries) and wait InService, bounded by
+    /// the load balancer's timings the cycle already read.
+    async fn come_back(&self, healthy_after: Duration) -> Result<(), CycleError> {
         match self.register_and_wait(healthy_after).await {
             Ok(()) => Ok(()),
             Err(e @ CycleError::StillDeregistered { .. }) => Err(e),

@@ -6,7 +6,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -157,11 +157,6 @@ impl StateFile {
             Err(fs::TryLockError::Error(source)) => Err(StateFileError::Lock { path, source }),
         }
     }
-}
-
-/// Whether the path exists and is a directory we can write (used by `status`).
-pub fn writable_dir(p: &Path) -> bool {
-    p.is_dir() && fs::metadata(p).map(|m| !m.permissions().readonly()).unwrap_or(false)
 }
 
 #[cfg(test)]
