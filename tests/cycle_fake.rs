@@ -65,6 +65,18 @@ fn me() -> String {
     ids(1)[0].clone()
 }
 
+/// A state file as a cycle writes it, for `web` on web-example-com.
+fn record(step: Step, instance_id: &str) -> Record {
+    Record {
+        step,
+        instance_id: instance_id.into(),
+        lb: "web-example-com".into(),
+        programs: vec!["web".into()],
+        since: 1,
+        pid: 1,
+    }
+}
+
 fn ops(h: &Harness) -> Vec<Op> {
     h.lb.calls().iter().filter(|c| c.op != Op::Registered && c.op != Op::Timings).map(|c| c.op).collect()
 }
@@ -279,17 +291,7 @@ async fn reconcile_finishes_a_cycle_killed_at_any_step() {
         let h = harness(4, S(0), S(5));
         h.lb.force_deregistered(&me());
         *h.services.running.lock().unwrap() = running;
-        h.cycle
-            .state
-            .save(&Record {
-                step,
-                instance_id: me(),
-                lb: "web-example-com".into(),
-                programs: vec!["web".into()],
-                since: 1,
-                pid: 1,
-            })
-            .unwrap();
+        h.cycle.state.save(&record(step, &me())).unwrap();
         assert!(h.cycle.reconcile().await.unwrap(), "{step:?}");
         assert!(h.lb.is_serving(&me()), "{step:?}: registered and InService");
         assert_eq!(
@@ -304,17 +306,7 @@ async fn reconcile_finishes_a_cycle_killed_at_any_step() {
 #[tokio::test(start_paused = true)]
 async fn a_state_file_of_another_instance_is_set_aside_not_acted_on() {
     let h = harness(4, S(0), S(5));
-    h.cycle
-        .state
-        .save(&Record {
-            step: Step::Restarting,
-            instance_id: "i-other".into(),
-            lb: "web-example-com".into(),
-            programs: vec!["web".into()],
-            since: 1,
-            pid: 1,
-        })
-        .unwrap();
+    h.cycle.state.save(&record(Step::Restarting, "i-other")).unwrap();
     assert!(!h.cycle.reconcile().await.unwrap());
     assert_eq!(h.lb.calls().len(), 0, "no load-balancer call");
     assert_eq!(h.cycle.state.load().unwrap(), None, "moved aside");
@@ -331,17 +323,7 @@ async fn services_still_down_after_a_crash_stay_out_loudly() {
     let h = harness(4, S(0), S(5));
     h.lb.force_deregistered(&me());
     *h.services.running.lock().unwrap() = false;
-    h.cycle
-        .state
-        .save(&Record {
-            step: Step::ServicesDown,
-            instance_id: me(),
-            lb: "web-example-com".into(),
-            programs: vec!["web".into()],
-            since: 1,
-            pid: 1,
-        })
-        .unwrap();
+    h.cycle.state.save(&record(Step::ServicesDown, &me())).unwrap();
     let e = h.cycle.reconcile().await.unwrap_err();
     assert!(e.left_out() && e.to_string().contains("LEFT DEREGISTERED"), "{e}");
     assert!(!h.lb.is_registered(&me()));

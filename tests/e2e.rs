@@ -228,21 +228,7 @@ async fn bad_requests_never_take_the_instance_out() {
     // supervisord unreachable for a one-shot restart: refused before leaving.
     let mut env = moto.env();
     env.push(("SUPERVISOR_SERVER_URL".into(), format!("unix://{}/gone.sock", n.sup.dir.path().display())));
-    let out = run_bin(
-        &[
-            "restart",
-            "web",
-            "--hostname",
-            &format!("node0.{ns}"),
-            "--domain",
-            "example.com",
-            "--instance-id",
-            &n.id,
-            "--state-dir",
-            n.sup.path("state2").to_str().unwrap(),
-        ],
-        &env,
-    );
+    let out = one_shot("web", &format!("node0.{ns}"), &n.id, &n.sup.path("state2"), &[], &env);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("gone.sock"));
     assert!(n.in_service(&moto));
@@ -272,18 +258,7 @@ fn a_second_one_shot_restart_is_refused_while_one_runs() {
     ]
     .map(String::from);
     let args: Vec<&str> = args_owned.iter().map(String::as_str).collect();
-    let first = {
-        let mut cmd = std::process::Command::new(bin());
-        cmd.args(&args)
-            .env_remove("AWS_PROFILE")
-            .env("ELB_QUORUM_LOG_TARGET", "stderr")
-            .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
-        for (k, v) in &env {
-            cmd.env(k, v);
-        }
-        cmd.spawn().unwrap()
-    };
+    let first = bin_command(&args, &env).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let first_pid = first.id().to_string();
     eventually(T, "the first restart holding the lock", || {
         (std::fs::read_to_string(state.join("lock")).ok()? == first_pid).then_some(())

@@ -134,21 +134,6 @@ fn status_numbers_naming_rule_and_refusal() {
     assert!(text(&out.stderr).contains("load balancer missing-example-com not found"), "{}", text(&out.stderr));
 }
 
-/// `elb-quorum restart PROGRAM` as node `host` of the cluster, with `extra` flags.
-fn one_shot(
-    program: &str,
-    host: &str,
-    id: &str,
-    state: &std::path::Path,
-    extra: &[&str],
-    env: &[(String, String)],
-) -> std::process::Output {
-    let mut args = vec!["restart", program, "--hostname", host, "--domain", "example.com", "--instance-id", id];
-    args.extend(["--state-dir", state.to_str().unwrap()]);
-    args.extend(extra);
-    run_bin(&args, env)
-}
-
 const WEB: &str = "[program:web]\ncommand=sleep 100000\nstartsecs=1\n";
 
 /// One-shot `restart`: gate → deregister → restart → register → InService, with an outside sampler

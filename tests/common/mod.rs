@@ -270,8 +270,8 @@ pub fn unsafe_kill(pid: u32, sig: &str) {
     let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
 }
 
-/// Runs our binary with `args` and `env`, no stdin, and returns its output.
-pub fn run_bin(args: &[&str], env: &[(String, String)]) -> Output {
+/// Our binary with `args` and `env`, no stdin, logs on stderr, no stray AWS profile or supervisord.
+pub fn bin_command(args: &[&str], env: &[(String, String)]) -> Command {
     let mut cmd = Command::new(bin());
     cmd.args(args)
         .env_remove("AWS_PROFILE")
@@ -281,7 +281,27 @@ pub fn run_bin(args: &[&str], env: &[(String, String)]) -> Output {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.output().expect("running elb-quorum")
+    cmd
+}
+
+/// Runs our binary (see `bin_command`) and returns its output.
+pub fn run_bin(args: &[&str], env: &[(String, String)]) -> Output {
+    bin_command(args, env).output().expect("running elb-quorum")
+}
+
+/// `elb-quorum restart PROGRAM` as node `host` of the cluster, with `extra` flags.
+pub fn one_shot(
+    program: &str,
+    host: &str,
+    id: &str,
+    state: &std::path::Path,
+    extra: &[&str],
+    env: &[(String, String)],
+) -> std::process::Output {
+    let mut args = vec!["restart", program, "--hostname", host, "--domain", "example.com", "--instance-id", id];
+    args.extend(["--state-dir", state.to_str().unwrap()]);
+    args.extend(extra);
+    run_bin(&args, env)
 }
 
 pub fn text(b: &[u8]) -> String {
