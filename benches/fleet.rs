@@ -29,6 +29,7 @@ fn params(k: usize, drain: u64, restart: u64, health: u64, settle: f64) -> Fleet
             health_timeout: None,
             settle: Duration::from_secs_f64(settle),
         },
+        strict: None,
     }
 }
 
@@ -128,6 +129,7 @@ async fn one_cycle(p: &FleetParams) -> f64 {
         dry_run: false,
         state: StateFile::new(&dir),
         shutdown: rx,
+        permits: None,
     };
     let start = tokio::time::Instant::now();
     let r = cycle.run(&RestartRequest::new(["web".to_string()], Origin::Cli)).await;

@@ -47,6 +47,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Strict mode's permit record (DynamoDB): inspect or repair.
+    Lease {
+        #[command(subcommand)]
+        action: LeaseCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// Remove instance ID's permit entry (one stuck after a crash), if its token is still the one read.
+    Release {
+        /// The holder whose entry to remove.
+        #[arg(long = "instance", value_name = "ID")]
+        instance: String,
+    },
 }
 
 #[cfg(test)]
@@ -73,6 +88,10 @@ mod tests {
             format!("[default: {DEFAULT_CONFIG_FILE} if it exists]"),
             format!("draining timeout + {}]", DRAIN_MARGIN.as_secs()),
             format!("healthy threshold + {}]", HEALTH_MARGIN.as_secs()),
+            format!("[default: {DEFAULT_LEASE_TABLE}]"),
+            format!("[default: {DEFAULT_LEASE_DURATION}]"),
+            format!("[default: {DEFAULT_LEASE_GRACE}]"),
+            format!("[default: {DEFAULT_MAX_HOLD}]"),
         ] {
             assert!(help.contains(&want), "--help lacks {want:?}");
         }

@@ -33,6 +33,17 @@ pub const DEFAULT_RPC_TIMEOUT: f64 = 30.0;
 pub const DRAIN_MARGIN: Duration = Duration::from_secs(15);
 /// Added to interval × healthy threshold when waiting for InService.
 pub const HEALTH_MARGIN: Duration = Duration::from_secs(30);
+/// Strict mode: the DynamoDB table holding each cluster's permit record.
+pub const DEFAULT_LEASE_TABLE: &str = "elb-quorum-permits";
+/// Strict mode: a permit entry's lifetime D, renewed every D/4. Peers wait at most D + G for the
+/// entry of a holder that died (kill -9) before it is dropped.
+pub const DEFAULT_LEASE_DURATION: f64 = 120.0;
+/// Strict mode: G, the clock skew tolerated between instances. An expired entry still counts for G;
+/// a holder trusts its permit only until expiry − G. Must be below D/2.
+pub const DEFAULT_LEASE_GRACE: f64 = 30.0;
+/// Strict mode: H, the longest a permit is renewed. Longer than a whole cycle: draining (up to 300 s
+/// by default on a Classic ELB, 3600 s at most) + restart + coming back InService.
+pub const DEFAULT_MAX_HOLD: f64 = 3600.0;
 /// Where supervisord listens when neither flag nor `SUPERVISOR_SERVER_URL` says.
 pub const DEFAULT_SUPERVISOR_URL: &str = "unix:///var/run/supervisor.sock";
 /// Crash-safety state and the lock file.
@@ -104,6 +115,21 @@ pub struct Layer {
     /// Bound on waiting for InService, in seconds [default: health check interval × healthy threshold + 30]
     #[arg(long, global = true, env = "ELB_QUORUM_HEALTH_TIMEOUT", value_name = "SECS")]
     pub health_timeout: Option<f64>,
+    /// Strict mode: take a permit in a DynamoDB table before leaving, so instances asked at the same moment cannot race below quorum. Needs the same on every member [default: off]
+    #[arg(long, global = true, env = "ELB_QUORUM_STRICT")]
+    pub strict: bool,
+    /// Strict mode: DynamoDB table of permits (hash key `pk`, a string) [default: elb-quorum-permits]
+    #[arg(long, global = true, env = "ELB_QUORUM_LEASE_TABLE", value_name = "TABLE")]
+    pub lease_table: Option<String>,
+    /// Strict mode: lifetime of a permit entry in seconds, renewed every quarter of it [default: 120]
+    #[arg(long, global = true, env = "ELB_QUORUM_LEASE_DURATION", value_name = "SECS")]
+    pub lease_duration: Option<f64>,
+    /// Strict mode: clock skew tolerated between instances, in seconds; below half the lease duration [default: 30]
+    #[arg(long, global = true, env = "ELB_QUORUM_LEASE_GRACE", value_name = "SECS")]
+    pub lease_grace: Option<f64>,
+    /// Strict mode: longest a permit is renewed, in seconds [default: 3600]
+    #[arg(long, global = true, env = "ELB_QUORUM_MAX_HOLD", value_name = "SECS")]
+    pub max_hold: Option<f64>,
     /// Make every check and log what would be done; change nothing
     #[arg(long, global = true, env = "ELB_QUORUM_DRY_RUN")]
     pub dry_run: bool,
@@ -202,6 +228,15 @@ pub struct SupervisorSettings {
     pub rpc_timeout: Duration,
 }
 
+/// Strict-mode settings (used by `lease` and `status` even without `--strict`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseSettings {
+    pub table: String,
+    pub duration: Duration,
+    pub grace: Duration,
+    pub max_hold: Duration,
+}
+
 /// Every setting, validated.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -219,6 +254,8 @@ pub struct Settings {
     pub drain_timeout: Option<Duration>,
     pub health_timeout: Option<Duration>,
     pub dry_run: bool,
+    pub strict: bool,
+    pub lease: LeaseSettings,
     pub supervisor: SupervisorSettings,
     pub programs: Vec<String>,
     pub gates: Vec<String>,
@@ -316,6 +353,30 @@ impl Settings {
             (None, p) => p,
         };
         let lb = o.lb.or(file.lb).filter(|s| !s.is_empty());
+        let lease = LeaseSettings {
+            table: o.lease_table.or(file.lease_table).unwrap_or_else(|| DEFAULT_LEASE_TABLE.to_owned()),
+            duration: secs("lease-duration", o.lease_duration, file.lease_duration, DEFAULT_LEASE_DURATION)?,
+            grace: secs("lease-grace", o.lease_grace, file.lease_grace, DEFAULT_LEASE_GRACE)?,
+            max_hold: secs("max-hold", o.max_hold, file.max_hold, DEFAULT_MAX_HOLD)?,
+        };
+        if lease.table.is_empty() {
+            return err("--lease-table \"\": a table name is needed");
+        }
+        if lease.duration < Duration::from_secs(4) {
+            return err(format!(
+                "--lease-duration {:?}: at least 4 seconds (it is renewed every quarter)",
+                lease.duration
+            ));
+        }
+        if lease.grace * 2 >= lease.duration {
+            return err(format!(
+                "--lease-grace {:?} must be below half of --lease-duration {:?}: a holder trusts its permit only until expiry − grace",
+                lease.grace, lease.duration
+            ));
+        }
+        if lease.max_hold < lease.duration {
+            return err(format!("--max-hold {:?}: at least --lease-duration {:?}", lease.max_hold, lease.duration));
+        }
         Ok(Settings {
             lb,
             domains,
@@ -334,6 +395,8 @@ impl Settings {
             drain_timeout: opt_secs("drain-timeout", o.drain_timeout, file.drain_timeout)?,
             health_timeout: opt_secs("health-timeout", o.health_timeout, file.health_timeout)?,
             dry_run: o.dry_run || file.dry_run,
+            strict: o.strict || file.strict,
+            lease,
             supervisor: SupervisorSettings {
                 url: o.supervisor_url.or(file.supervisor_url).unwrap_or_else(|| DEFAULT_SUPERVISOR_URL.to_owned()),
                 username: o.supervisor_username.or(file.supervisor_username),
@@ -411,6 +474,24 @@ mod tests {
             Settings::resolve(Layer { config: Some(path.clone()), ..Default::default() }).is_err(),
             "no config key in a config file"
         );
+        std::fs::write(&path, "strict = true\nlease-table = \"permits\"\nlease-duration = 60\n").unwrap();
+        let s = Settings::resolve(Layer { config: Some(path.clone()), lease_grace: Some(10.0), ..Default::default() })
+            .unwrap();
+        assert!(s.strict);
+        assert_eq!(
+            s.lease,
+            LeaseSettings {
+                table: "permits".into(),
+                duration: Duration::from_secs(60),
+                grace: Duration::from_secs(10),
+                max_hold: Duration::from_secs(3600)
+            }
+        );
+        for (d, g) in [(60.0, 30.0), (60.0, 45.0), (2.0, 0.5)] {
+            let layer = Layer { lease_duration: Some(d), lease_grace: Some(g), ..Default::default() };
+            let e = Settings::resolve(layer).unwrap_err();
+            assert!(e.0.contains("--lease-"), "D={d} G={g}: {e}");
+        }
         std::fs::write(&path, "quorum = 0.5\nbogus = 1\n").unwrap();
         let e = Settings::resolve(Layer { config: Some(path), ..Default::default() }).unwrap_err();
         assert!(e.0.contains("bogus"), "{e}");

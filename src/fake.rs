@@ -12,6 +12,7 @@ use crate::lb::members::Membership;
 use crate::lb::{
     HealthState, InstanceHealth, LbError, LbTimings, LoadBalancer, AZ_NOT_CONFIGURED, DEREGISTRATION_IN_PROGRESS,
 };
+use crate::lease::{BoxFuture, LeaseError, PermitStore, Record, Write, Written};
 use crate::quorum::Members;
 use crate::supervisor::{Services, SupervisorError};
 
@@ -369,6 +370,222 @@ impl Services for FakeServices {
     }
 }
 
+/// Which permit-store call a scripted fault applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StoreOp {
+    Load,
+    /// `Create` or `Put`.
+    Acquire,
+    Renew,
+    Remove,
+}
+
+/// A permit-store fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFault {
+    Throttled,
+    ServerError,
+    /// Times out, not applied.
+    Timeout,
+    /// Applied, then the reply is lost (a timeout to the caller).
+    LostReply,
+    NoTable,
+    AccessDenied,
+}
+
+/// One call the fake store answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreCall {
+    pub at: Duration,
+    pub op: StoreOp,
+    /// The entry written (writes only).
+    pub id: Option<String>,
+    /// `read`, `applied`, `conflict` or `error`.
+    pub result: &'static str,
+}
+
+#[derive(Debug)]
+struct StoreState {
+    start: Instant,
+    records: BTreeMap<String, Record>,
+    faults: BTreeMap<StoreOp, VecDeque<StoreFault>>,
+    sticky: BTreeMap<StoreOp, StoreFault>,
+    calls: Vec<StoreCall>,
+}
+
+/// An in-memory permit store with DynamoDB's conditional-write semantics (each call atomic), a
+/// latency, and faults moto cannot produce: throttling, 5xx, timeouts, replies lost after the write.
+#[derive(Debug, Clone)]
+pub struct FakeStore {
+    inner: Arc<Mutex<StoreState>>,
+    pub latency: Duration,
+}
+
+impl Default for FakeStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FakeStore {
+    pub fn new() -> Self {
+        let state = StoreState {
+            start: Instant::now(),
+            records: BTreeMap::new(),
+            faults: BTreeMap::new(),
+            sticky: BTreeMap::new(),
+            calls: Vec::new(),
+        };
+        Self { inner: Arc::new(Mutex::new(state)), latency: Duration::ZERO }
+    }
+
+    /// The next call of `op` fails with `fault` (queued: one fault per call).
+    pub fn fault(&self, op: StoreOp, fault: StoreFault) {
+        self.inner.lock().unwrap().faults.entry(op).or_default().push_back(fault);
+    }
+
+    /// Every call of `op` fails with `fault` from now on (`None`: none again).
+    pub fn fault_always(&self, op: StoreOp, fault: Option<StoreFault>) {
+        let mut st = self.inner.lock().unwrap();
+        match fault {
+            Some(f) => st.sticky.insert(op, f),
+            None => st.sticky.remove(&op),
+        };
+    }
+
+    pub fn calls(&self) -> Vec<StoreCall> {
+        self.inner.lock().unwrap().calls.clone()
+    }
+
+    pub fn record(&self, key: &str) -> Option<Record> {
+        self.inner.lock().unwrap().records.get(key).cloned()
+    }
+
+    pub fn set_record(&self, key: &str, record: Record) {
+        self.inner.lock().unwrap().records.insert(key.into(), record);
+    }
+
+    fn take_fault(&self, op: StoreOp) -> Option<StoreFault> {
+        let mut st = self.inner.lock().unwrap();
+        st.faults.get_mut(&op).and_then(|q| q.pop_front()).or_else(|| st.sticky.get(&op).copied())
+    }
+
+    fn log(&self, op: StoreOp, id: Option<&str>, result: &'static str) {
+        let mut st = self.inner.lock().unwrap();
+        let at = st.start.elapsed();
+        st.calls.push(StoreCall { at, op, id: id.map(str::to_owned), result });
+    }
+
+    fn error(fault: StoreFault, action: &'static str) -> LeaseError {
+        let table = "fake-permits".to_owned();
+        match fault {
+            StoreFault::Throttled => LeaseError::Throttled { table, action },
+            StoreFault::ServerError => {
+                LeaseError::Unavailable { table, action, detail: "InternalServerError: injected".into() }
+            }
+            StoreFault::Timeout | StoreFault::LostReply => {
+                LeaseError::Unavailable { table, action, detail: "timeout (injected)".into() }
+            }
+            StoreFault::NoTable => LeaseError::NoTable { table },
+            StoreFault::AccessDenied => LeaseError::AccessDenied { table, action, message: "injected".into() },
+        }
+    }
+
+    /// DynamoDB's semantics for one conditional write, atomically.
+    fn apply(&self, key: &str, write: &Write) -> Written {
+        let mut st = self.inner.lock().unwrap();
+        let current = st.records.get(key).cloned();
+        let conflict = || Written::Conflict(current.clone());
+        match write {
+            Write::Create { id, holder } => {
+                if current.is_some() {
+                    return conflict();
+                }
+                let holders = BTreeMap::from([(id.clone(), holder.clone())]);
+                st.records.insert(key.into(), Record { ver: 1, holders });
+            }
+            Write::Put { ver, id, holder, prune } => {
+                let Some(rec) = st.records.get_mut(key).filter(|r| r.ver == *ver) else { return conflict() };
+                for p in prune {
+                    rec.holders.remove(p);
+                }
+                rec.holders.insert(id.clone(), holder.clone());
+                rec.ver += 1;
+            }
+            Write::Renew { id, tok, exp } => {
+                let Some(rec) = st.records.get_mut(key) else { return conflict() };
+                let Some(h) = rec.holders.get_mut(id).filter(|h| &h.tok == tok) else { return conflict() };
+                h.exp = *exp;
+                rec.ver += 1;
+            }
+            Write::Remove { id, tok } => {
+                let Some(rec) = st.records.get_mut(key) else { return conflict() };
+                if rec.holders.get(id).is_none_or(|h| &h.tok != tok) {
+                    return conflict();
+                }
+                rec.holders.remove(id);
+                rec.ver += 1;
+            }
+        }
+        Written::Applied
+    }
+
+    async fn do_load(&self, key: &str) -> Result<Option<Record>, LeaseError> {
+        tokio::time::sleep(self.latency).await;
+        if let Some(f) = self.take_fault(StoreOp::Load) {
+            self.log(StoreOp::Load, None, "error");
+            return Err(Self::error(f, "GetItem"));
+        }
+        self.log(StoreOp::Load, None, "read");
+        Ok(self.record(key))
+    }
+
+    async fn do_write(&self, key: &str, write: Write) -> Result<Written, LeaseError> {
+        let (op, id) = match &write {
+            Write::Create { id, .. } | Write::Put { id, .. } => (StoreOp::Acquire, id.clone()),
+            Write::Renew { id, .. } => (StoreOp::Renew, id.clone()),
+            Write::Remove { id, .. } => (StoreOp::Remove, id.clone()),
+        };
+        tokio::time::sleep(self.latency).await;
+        let fault = self.take_fault(op);
+        if let Some(f) = fault.filter(|f| *f != StoreFault::LostReply) {
+            self.log(op, Some(&id), "error");
+            return Err(Self::error(f, "UpdateItem"));
+        }
+        let written = self.apply(key, &write);
+        self.log(op, Some(&id), if written == Written::Applied { "applied" } else { "conflict" });
+        match fault {
+            Some(f) => Err(Self::error(f, "UpdateItem")),
+            None => Ok(written),
+        }
+    }
+}
+
+impl PermitStore for FakeStore {
+    fn table(&self) -> &str {
+        "fake-permits"
+    }
+    fn load<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Record>, LeaseError>> {
+        Box::pin(self.do_load(key))
+    }
+    fn write<'a>(&'a self, key: &'a str, write: Write) -> BoxFuture<'a, Result<Written, LeaseError>> {
+        Box::pin(self.do_write(key, write))
+    }
+}
+
+/// Strict-mode settings for a fake fleet: D 120 s, G 30 s, H 3600 s, no skew.
+pub fn fake_permits(store: &FakeStore, key: &str, me: &str) -> crate::lease::Permits {
+    crate::lease::Permits {
+        store: Arc::new(store.clone()),
+        key: key.into(),
+        me: me.into(),
+        duration: Duration::from_secs(120),
+        grace: Duration::from_secs(30),
+        max_hold: Duration::from_secs(3600),
+        skew_ms: 0,
+    }
+}
+
 /// A simulated fleet: K instances on one fake load balancer, all asked to restart at once.
 #[derive(Debug, Clone)]
 pub struct FleetParams {
@@ -380,6 +597,8 @@ pub struct FleetParams {
     pub restart: Duration,
     pub healthy_after: Duration,
     pub timing: crate::cycle::Timing,
+    /// Strict mode: a fake permit store with this round trip per call.
+    pub strict: Option<Duration>,
 }
 
 /// What a fleet run measured.
@@ -400,6 +619,11 @@ pub struct FleetReport {
     pub lb_calls_per_second: f64,
     pub races: u32,
     pub failures: usize,
+    /// Strict mode: permit-store calls (reads and writes, heartbeats included).
+    pub store_calls: usize,
+    /// Strict mode: acquire writes that met a conflict, and those that were applied.
+    pub conflicts: usize,
+    pub acquires: usize,
 }
 
 /// Runs the fleet on tokio's clock (call inside a runtime with paused time for instant results).
@@ -432,6 +656,7 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
             }
         })
     };
+    let store = p.strict.map(|latency| FakeStore { latency, ..FakeStore::new() });
     let mut tasks = Vec::new();
     for id in &ids {
         let mut services = FakeServices::new(p.restart, &["web"]);
@@ -446,6 +671,7 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
             dry_run: false,
             state: StateFile::new(base.join(id)),
             shutdown: rx.clone(),
+            permits: store.as_ref().map(|s| fake_permits(s, "fleet", id)),
         };
         tasks.push(tokio::spawn(async move {
             let r = cycle.run(&RestartRequest::new(["web".to_string()], Origin::Remote)).await;
@@ -482,5 +708,12 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
         lb_calls_per_second: calls as f64 / makespan.as_secs_f64().max(1e-9),
         races,
         failures,
+        store_calls: store.as_ref().map_or(0, |s| s.calls().len()),
+        conflicts: store
+            .as_ref()
+            .map_or(0, |s| s.calls().iter().filter(|c| c.op == StoreOp::Acquire && c.result == "conflict").count()),
+        acquires: store
+            .as_ref()
+            .map_or(0, |s| s.calls().iter().filter(|c| c.op == StoreOp::Acquire && c.result == "applied").count()),
     }
 }

@@ -19,6 +19,18 @@ pub struct Identity {
     pub lb: String,
 }
 
+impl Identity {
+    /// The key of the cluster's permit record (strict mode): its namespace, or the load balancer's
+    /// name when the hostname has none (`--members static:N` off the naming rule).
+    pub fn cluster_key(&self) -> &str {
+        if self.namespace.is_empty() {
+            &self.lb
+        } else {
+            &self.namespace
+        }
+    }
+}
+
 /// The AWS configuration: the usual chains (env, profile, IMDS) for region and credentials,
 /// `AWS_ENDPOINT_URL*` overrides, and adaptive retry (backs off on throttling, 5 attempts).
 pub async fn aws_config() -> aws_config::SdkConfig {
@@ -26,6 +38,19 @@ pub async fn aws_config() -> aws_config::SdkConfig {
         .retry_config(RetryConfig::adaptive().with_max_attempts(5).with_initial_backoff(Duration::from_millis(500)))
         .load()
         .await
+}
+
+/// Missing credentials surface from the SDK as a dispatch failure: finds the cause by type anywhere
+/// in the error's source chain.
+pub fn credentials_error(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut source = Some(err);
+    while let Some(e) = source {
+        if let Some(c) = e.downcast_ref::<aws_credential_types::provider::error::CredentialsError>() {
+            return Some(c.to_string());
+        }
+        source = e.source();
+    }
+    None
 }
 
 /// Resolves the identity from settings, asking IMDS only for what no flag gave.

@@ -2,11 +2,13 @@
 //! cluster below quorum. The binary (`main.rs`) wires these modules; tests and benchmarks use them.
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod cycle;
 pub mod fake;
 pub mod identity;
 pub mod lb;
+pub mod lease;
 pub mod listener;
 pub mod logging;
 pub mod protocol;

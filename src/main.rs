@@ -9,15 +9,17 @@ use clap::Parser;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use elb_quorum::cli::{Cli, Command};
+use elb_quorum::cli::{Cli, Command, LeaseCommand};
 use elb_quorum::config::{ConfigError, MembersSource, Settings};
 use elb_quorum::cycle::state_file::{StateFile, StateFileError};
 use elb_quorum::cycle::{Cycle, CycleError, Outcome, Timing};
 use elb_quorum::identity::{self, Identity};
 use elb_quorum::lb::classic::ClassicElb;
 use elb_quorum::lb::members::{AnyMembers, Ec2NameMembers, Membership, StaticMembers};
+use elb_quorum::lease::dynamo::DynamoStore;
+use elb_quorum::lease::{self, Kind, Permits};
 use elb_quorum::listener::{self, End, Signal};
-use elb_quorum::quorum::decide;
+use elb_quorum::quorum::{decide, Reason};
 use elb_quorum::secret::Secret;
 use elb_quorum::supervisor::{SupervisorClient, SupervisorError, Supervisord};
 use elb_quorum::trigger::{valid_program_name, Origin, RestartRequest, Triggers, REMOTE_TYPE};
@@ -96,6 +98,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Restart { programs } => restart(settings, programs).await,
         Command::Request { programs } => request(settings, programs).await,
         Command::Status { json } => status(settings, json).await,
+        Command::Lease { action: LeaseCommand::Release { instance } } => lease_release(settings, instance).await,
     }
 }
 
@@ -118,6 +121,7 @@ async fn build_for(
         MembersSource::Static(n) => AnyMembers::Static(StaticMembers(n)),
         MembersSource::Ec2Name => AnyMembers::Ec2Name(Ec2NameMembers::new(&aws, identity.namespace.clone())),
     };
+    let permits = settings.strict.then(|| permits(settings, identity, &aws));
     let client = SupervisorClient::new(&settings.supervisor).map_err(Failure::usage)?;
     let services =
         Supervisord { client, restart_timeout: settings.restart_timeout, poll: std::time::Duration::from_millis(250) };
@@ -138,9 +142,23 @@ async fn build_for(
         dry_run: settings.dry_run,
         state: StateFile::new(&settings.state_dir),
         shutdown,
+        permits,
     };
-    info!(lb = %identity.lb, instance_id = %identity.instance_id, hostname = %identity.hostname, members = %cycle.members.describe(), quorum_ppm = settings.rule.quorum_ppm, dry_run = settings.dry_run, "elb-quorum {}", env!("CARGO_PKG_VERSION"));
+    info!(lb = %identity.lb, instance_id = %identity.instance_id, hostname = %identity.hostname, members = %cycle.members.describe(), quorum_ppm = settings.rule.quorum_ppm, dry_run = settings.dry_run, strict = settings.strict, "elb-quorum {}", env!("CARGO_PKG_VERSION"));
     Ok(cycle)
+}
+
+/// Strict mode's permits: the DynamoDB table, keyed by the cluster's namespace.
+fn permits(settings: &Settings, identity: &Identity, aws: &aws_config::SdkConfig) -> Permits {
+    Permits {
+        store: std::sync::Arc::new(DynamoStore::new(aws, &settings.lease.table)),
+        key: identity.cluster_key().to_owned(),
+        me: identity.instance_id.clone(),
+        duration: settings.lease.duration,
+        grace: settings.lease.grace,
+        max_hold: settings.lease.max_hold,
+        skew_ms: 0,
+    }
 }
 
 /// Forwards SIGHUP, SIGTERM and SIGINT; SIGTERM/SIGINT also raise the shutdown flag.
@@ -190,6 +208,13 @@ fn log_outcome(result: &Result<Outcome, CycleError>) {
                 verdict.summary()
             )
         }
+        Ok(Outcome::NoPermit { holders, permits, checks }) => {
+            warn!(
+                checks,
+                "restart request given up: no free permit after {checks} checks ({permits} held by {}); nothing changed",
+                holders.join(" ")
+            )
+        }
         Err(e) if e.left_out() => error!("{}", chain(e)),
         Err(e) => error!("restart cycle failed: {}; the instance is registered", chain(e)),
     }
@@ -211,7 +236,8 @@ impl Handler for ListenHandler {
             Some(l) => l,
             None => return,
         };
-        if matches!(self.state.load(), Ok(None)) {
+        // Nothing to finish: stay light (no AWS clients) unless strict mode may have left an entry.
+        if matches!(self.state.load(), Ok(None)) && !self.settings.strict {
             return;
         }
         let Some(cycle) = self.cycle().await else { return };
@@ -322,6 +348,13 @@ async fn restart(settings: Settings, programs: Vec<String>) -> Result<u8, Failur
             eprintln!("elb-quorum: quorum not reached after {checks} checks ({}); nothing changed", verdict.summary());
             Ok(NO_QUORUM)
         }
+        Outcome::NoPermit { holders, permits, checks } => {
+            eprintln!(
+                "elb-quorum: no free permit after {checks} checks ({permits} held by {}); nothing changed",
+                holders.join(" ")
+            );
+            Ok(NO_QUORUM)
+        }
         Outcome::Aborted => {
             eprintln!("elb-quorum: interrupted while waiting for quorum; nothing changed");
             Ok(NO_QUORUM)
@@ -351,12 +384,29 @@ async fn request(settings: Settings, programs: Vec<String>) -> Result<u8, Failur
 async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
     let (_tx, rx) = watch::channel(false);
     let (cycle, identity) = build(&settings, rx).await?;
-    let (snapshot, mine) =
-        cycle.snapshot(false).await.map_err(|e| Failure::runtime(format!("{:#}", anyhow::Error::from(e))))?;
-    let verdict = decide(&snapshot, &settings.rule);
-    let permits = settings.rule.permits(verdict.members);
+    let runtime = |e: CycleError| Failure::runtime(format!("{:#}", anyhow::Error::from(e)));
+    let (snapshot, mine) = cycle.snapshot(false).await.map_err(runtime)?;
+    let permits = settings.rule.permits(snapshot.members.len());
+    // Strict mode: every live holder but this instance counts as out; a slot must be free.
+    let strict = match &cycle.permits {
+        None => None,
+        Some(p) => {
+            let record = p.read().await.map_err(|e| runtime(e.into()))?;
+            let now = p.now();
+            let others = lease::others(&record, &p.me, now, p.grace);
+            let slots = record.live(now, p.grace).filter(|(id, h)| **id != p.me && h.kind == Kind::Slot).count();
+            Some((p, record, now, permits.saturating_sub(slots), others))
+        }
+    };
+    let mut verdict = match &strict {
+        Some((.., others)) => lease::decide_with_holders(snapshot, others, &settings.rule),
+        None => decide(&snapshot, &settings.rule),
+    };
+    if let Some((_, _, _, 0, _)) = strict {
+        verdict.may_leave &= verdict.reason != Reason::QuorumHolds;
+    }
     if json {
-        let out = serde_json::json!({
+        let mut out = serde_json::json!({
             "lb": identity.lb,
             "instance_id": identity.instance_id,
             "hostname": identity.hostname,
@@ -367,6 +417,30 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
             "max_out_at_once": permits,
             "verdict": verdict,
         });
+        if let Some((p, record, now, free, _)) = &strict {
+            let holders: Vec<_> = record
+                .holders
+                .iter()
+                .map(|(id, h)| {
+                    serde_json::json!({
+                        "instance_id": id,
+                        "kind": h.kind,
+                        "since_ms": h.since,
+                        "exp_ms": h.exp,
+                        "expired": h.exp < *now,
+                        "counted": h.exp + p.grace.as_millis() as u64 >= *now,
+                    })
+                })
+                .collect();
+            out["strict"] = serde_json::json!({
+                "table": settings.lease.table,
+                "key": p.key,
+                "ver": record.ver,
+                "permits": permits,
+                "free": free,
+                "holders": holders,
+            });
+        }
         println!("{}", serde_json::to_string_pretty(&out).expect("json"));
     } else {
         let self_state =
@@ -384,7 +458,41 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
             settings.rule.min_in_service
         );
         println!("max out at once   {permits}");
+        if let Some((p, record, now, free, _)) = &strict {
+            println!("permits           {free} free of {permits} (table {}, key {})", settings.lease.table, p.key);
+            for (id, h) in &record.holders {
+                let left = (h.exp as i64 - *now as i64) / 1000;
+                println!("  holder          {id} {} (expires in {left} s)", h.kind.as_str());
+            }
+        }
         println!("may leave now     {} ({:?})", if verdict.may_leave { "yes" } else { "no" }, verdict.reason);
     }
     Ok(if verdict.may_leave { OK } else { NO_QUORUM })
+}
+
+/// `lease release --instance ID`: removes a stuck entry, if its token is still the one read.
+async fn lease_release(settings: Settings, instance: String) -> Result<u8, Failure> {
+    let identity = identity::resolve(&settings).await.map_err(Failure::usage)?;
+    let aws = identity::aws_config().await;
+    let p = permits(&settings, &identity, &aws);
+    let runtime = |e: lease::LeaseError| Failure::runtime(e);
+    let record = p.read().await.map_err(runtime)?;
+    let Some(h) = record.holders.get(&instance) else {
+        println!("no permit entry for {instance} (table {}, key {}); nothing to remove", settings.lease.table, p.key);
+        return Ok(OK);
+    };
+    if p.remove(&instance, &h.tok).await.map_err(runtime)? {
+        warn!(instance_id = %instance, key = %p.key, "permit entry removed by hand");
+        println!(
+            "removed the {} entry of {instance} (taken at {} ms, expiring at {} ms)",
+            h.kind.as_str(),
+            h.since,
+            h.exp
+        );
+        Ok(OK)
+    } else {
+        Err(Failure::runtime(format!(
+            "the entry of {instance} changed since it was read (released, or taken again); nothing removed"
+        )))
+    }
 }

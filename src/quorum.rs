@@ -42,6 +42,20 @@ pub enum Members {
     Count(usize),
 }
 
+impl Members {
+    /// The cluster's size as the membership source gives it.
+    pub fn len(&self) -> usize {
+        match self {
+            Members::Ids(ids) => ids.len(),
+            Members::Count(n) => *n,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// What the load balancer and membership source said at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {

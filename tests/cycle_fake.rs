@@ -53,6 +53,7 @@ fn harness(n: usize, drain: Duration, healthy_after: Duration) -> Harness {
         dry_run: false,
         state: StateFile::new(dir.path()),
         shutdown: rx,
+        permits: None,
     };
     Harness { cycle, lb, services, _dir: dir, _shutdown: tx }
 }

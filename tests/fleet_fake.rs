@@ -25,6 +25,7 @@ fn params(k: usize, settle: u64) -> FleetParams {
             health_timeout: None,
             settle: Duration::from_secs(settle),
         },
+        strict: None,
     }
 }
 

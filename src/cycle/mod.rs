@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 use crate::config::{DRAIN_MARGIN, HEALTH_MARGIN};
 use crate::lb::members::Membership;
 use crate::lb::{InstanceHealth, LbError, LoadBalancer};
+use crate::lease::{decide_with_holders, Acquired, Kind, LeaseError, Permit, Permits};
 use crate::quorum::{decide, holds_without_me, Members, Reason, Rule, Snapshot, Verdict};
 use crate::supervisor::{Services, SupervisorError};
 use crate::trigger::RestartRequest;
@@ -68,6 +69,12 @@ pub enum Outcome {
         verdict: Verdict,
         checks: u32,
     },
+    /// Strict mode: every permit was taken at each of the bounded checks; nothing changed.
+    NoPermit {
+        holders: Vec<String>,
+        permits: usize,
+        checks: u32,
+    },
     /// Shutdown requested while waiting at the gate; nothing changed.
     Aborted,
 }
@@ -82,6 +89,16 @@ pub enum CycleError {
     Lb(#[from] LbError),
     #[error(transparent)]
     State(#[from] StateFileError),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error("no permit after {checks} checks (strict mode fails closed; nothing changed): {source}")]
+    NoPermit {
+        checks: u32,
+        #[source]
+        source: LeaseError,
+    },
+    #[error("permit lost before deregistering ({why}); nothing changed")]
+    PermitLost { why: String },
     #[error("INSTANCE {instance} LEFT DEREGISTERED FROM {lb}: its programs did not come back ({source}). Fix them, then run `elb-quorum restart {programs}` (or restart the listener) to register it again")]
     ServicesDown {
         lb: String,
@@ -144,15 +161,6 @@ pub fn settle_wait(settle: Duration, slot: Option<(usize, usize)>, now: Duration
     }
 }
 
-/// Wall-clock time since the Unix epoch, advanced by tokio's clock (so it is shared by tasks under
-/// a paused test clock, and real time in production).
-fn wall_now() -> Duration {
-    static BASE: std::sync::OnceLock<(Duration, Instant)> = std::sync::OnceLock::new();
-    let (wall, at) =
-        *BASE.get_or_init(|| (SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default(), Instant::now()));
-    wall + Instant::now().saturating_duration_since(at)
-}
-
 /// One instance's restart cycle.
 pub struct Cycle<L, M, S> {
     pub lb: L,
@@ -166,12 +174,35 @@ pub struct Cycle<L, M, S> {
     pub state: StateFile,
     /// Becomes true on SIGTERM/SIGINT: stop waiting at the gate; a cycle past the gate finishes.
     pub shutdown: watch::Receiver<bool>,
+    /// Strict mode: a permit is taken before leaving (see `crate::lease`).
+    pub permits: Option<Permits>,
 }
 
 enum Gate {
-    Allowed { verdict: Verdict, checks: u32 },
+    Allowed { verdict: Verdict, checks: u32, permit: Option<Box<Permit>> },
     GaveUp { verdict: Verdict, checks: u32 },
+    NoPermit { holders: Vec<String>, permits: usize, checks: u32 },
     Aborted,
+}
+
+/// One strict check's answer.
+enum StrictCheck {
+    Allowed(Verdict, Box<Permit>),
+    /// A permit was free, but quorum does not hold; it is released already.
+    Wait(Verdict),
+    /// Every slot is held.
+    Full {
+        holders: Vec<String>,
+        permits: usize,
+    },
+}
+
+/// How leaving ended when it did not fail.
+enum Left {
+    Done,
+    DryRun(Verdict),
+    /// Peers left at the same time (non-strict recheck): registered again, back to the gate.
+    Raced(Verdict),
 }
 
 impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
@@ -218,11 +249,11 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             if let Some(v) = &verdict {
                 info!(lb = self.lb.name(), instance_id = %self.me, check, max_checks = self.timing.max_checks, may_leave = v.may_leave, reason = ?v.reason, "quorum check: {}", v.summary());
                 if v.may_leave && (settled || v.reason != Reason::QuorumHolds || self.timing.settle.is_zero()) {
-                    return Ok(Gate::Allowed { verdict: v.clone(), checks: check });
+                    return Ok(Gate::Allowed { verdict: v.clone(), checks: check, permit: None });
                 }
                 if v.may_leave {
                     settled = true;
-                    let wait = settle_wait(self.timing.settle, slot, wall_now());
+                    let wait = settle_wait(self.timing.settle, slot, crate::clock::wall_now());
                     if !self.pause(wait).await {
                         return Ok(Gate::Aborted);
                     }
@@ -249,6 +280,98 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         }
     }
 
+    /// The strict gate: each check takes a permit first, then reads the load balancer with every
+    /// other holder counted out. Errors of the permit store fail closed: a failed check.
+    async fn strict_gate(&self, permits: &Permits, req: &RestartRequest, first_check: u32) -> Result<Gate, CycleError> {
+        let mut check = first_check;
+        loop {
+            check += 1;
+            let last = match self.strict_check(permits, req).await {
+                Ok(StrictCheck::Allowed(verdict, permit)) => {
+                    info!(lb = self.lb.name(), instance_id = %self.me, check, kind = permit.kind().as_str(), holders = permit.others.len(), reason = ?verdict.reason, "quorum check with permit: {}; leaving", verdict.summary());
+                    return Ok(Gate::Allowed { verdict, checks: check, permit: Some(permit) });
+                }
+                Ok(StrictCheck::Wait(verdict)) => {
+                    info!(lb = self.lb.name(), instance_id = %self.me, check, max_checks = self.timing.max_checks, reason = ?verdict.reason, "quorum check with permit: {}; permit released, waiting", verdict.summary());
+                    Ok(Gate::GaveUp { verdict, checks: check })
+                }
+                Ok(StrictCheck::Full { holders, permits }) => {
+                    info!(lb = self.lb.name(), instance_id = %self.me, check, max_checks = self.timing.max_checks, permits, "no free permit: held by {}", holders.join(" "));
+                    Ok(Gate::NoPermit { holders, permits, checks: check })
+                }
+                Err(CycleError::Lease(e)) if e.is_retryable() => {
+                    warn!(check, error = %e, "taking a permit failed; counts as a failed check (strict mode fails closed)");
+                    Err(CycleError::NoPermit { checks: check, source: e })
+                }
+                Err(CycleError::Lb(e)) if e.is_retryable() => {
+                    warn!(lb = self.lb.name(), check, error = %e, "quorum check failed; counts as a failed check");
+                    Err(CycleError::Lb(e))
+                }
+                Err(e) => return Err(e),
+            };
+            if check >= self.timing.max_checks {
+                if let Err(CycleError::NoPermit { .. }) = last {
+                    // A write whose reply was lost may have left an entry: best effort, else it expires.
+                    let _ = permits.remove_mine().await;
+                }
+                return last;
+            }
+            if !self.pause(jitter(self.timing.check_interval)).await {
+                return Ok(Gate::Aborted);
+            }
+        }
+    }
+
+    /// One strict check: members → permit → load balancer → decision. A slot refused to an instance
+    /// that serves nothing already becomes an exempt entry; an exempt instance found serving again
+    /// loses the exemption and tries for a slot once.
+    async fn strict_check(&self, permits: &Permits, req: &RestartRequest) -> Result<StrictCheck, CycleError> {
+        let members = self.members.members().await.map_err(CycleError::Members)?;
+        let limit = self.rule.permits(members.len());
+        let mut kind = if req.serves_nothing() { Kind::Exempt } else { Kind::Slot };
+        let mut exemption_lost = false;
+        loop {
+            let permit = match permits.acquire(kind, limit).await? {
+                Acquired::Granted(p) => p,
+                Acquired::Refused { holders } => {
+                    if exemption_lost {
+                        return Ok(StrictCheck::Full { holders, permits: limit });
+                    }
+                    let registered = self.lb.registered().await?;
+                    if registered.iter().any(|h| h.instance_id == self.me && h.serving()) {
+                        return Ok(StrictCheck::Full { holders, permits: limit });
+                    }
+                    info!(instance_id = %self.me, "no free slot, but the load balancer counts this instance out: taking an exempt entry");
+                    kind = Kind::Exempt;
+                    continue;
+                }
+            };
+            let registered = match self.lb.registered().await {
+                Ok(r) => r,
+                Err(e) => {
+                    permit.release().await;
+                    return Err(e.into());
+                }
+            };
+            let serving = registered.into_iter().filter(|h| h.serving()).map(|h| h.instance_id).collect();
+            let snapshot =
+                Snapshot { members: members.clone(), serving, me: self.me.clone(), known_down: req.serves_nothing() };
+            let verdict = decide_with_holders(snapshot, &permit.others, &self.rule);
+            if permit.kind() == Kind::Exempt && verdict.self_serving && !req.serves_nothing() {
+                info!(instance_id = %self.me, "this instance serves again: exemption dropped");
+                permit.release().await;
+                kind = Kind::Slot;
+                exemption_lost = true;
+                continue;
+            }
+            if verdict.may_leave {
+                return Ok(StrictCheck::Allowed(verdict, Box::new(permit)));
+            }
+            permit.release().await;
+            return Ok(StrictCheck::Wait(verdict));
+        }
+    }
+
     fn record(&self, step: Step, programs: &[String], since: u64) -> Record {
         Record {
             step,
@@ -268,108 +391,149 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         let mut summary = Summary { programs: programs.clone(), ..Default::default() };
         let mut checks = 0;
         loop {
-            let (verdict, used) = match self.gate(req, checks).await? {
-                Gate::Allowed { verdict, checks } => (verdict, checks),
+            let gate = match &self.permits {
+                Some(permits) => self.strict_gate(permits, req, checks).await?,
+                None => self.gate(req, checks).await?,
+            };
+            let (verdict, permit) = match gate {
+                Gate::Allowed { verdict, checks: used, permit } => {
+                    checks = used;
+                    (verdict, permit)
+                }
                 Gate::GaveUp { verdict, checks } => {
                     warn!(lb = self.lb.name(), instance_id = %self.me, checks, "giving up: quorum not reached after {checks} checks ({}); nothing changed", verdict.summary());
                     return Ok(Outcome::GaveUp { verdict, checks });
+                }
+                Gate::NoPermit { holders, permits, checks } => {
+                    warn!(lb = self.lb.name(), instance_id = %self.me, checks, "giving up: no free permit after {checks} checks ({permits} held by {}); nothing changed", holders.join(" "));
+                    return Ok(Outcome::NoPermit { holders, permits, checks });
                 }
                 Gate::Aborted => {
                     info!("shutdown requested while waiting for quorum; nothing changed");
                     return Ok(Outcome::Aborted);
                 }
             };
-            checks = used;
             summary.checks = checks;
-            if self.dry_run {
-                info!(lb = self.lb.name(), instance_id = %self.me, "dry run: would deregister, restart {}, register; nothing changed", programs.join(" "));
-                return Ok(Outcome::DryRun(verdict));
-            }
             summary.waited_for_quorum = started.elapsed();
-            // The gate may have waited minutes: the programs must still exist before we leave.
-            self.services.validate(&programs).await?;
-            let timings = self.lb.timings().await?;
-            let since = unix_now();
-            self.state.save(&self.record(Step::Deregistering, &programs, since))?;
-            let t = Instant::now();
-            info!(lb = self.lb.name(), instance_id = %self.me, "deregistering");
-            if let Err(e) = self.lb.deregister(&self.me).await {
-                error!(lb = self.lb.name(), instance_id = %self.me, error = %e, "deregistering failed; making sure the instance is registered");
-                self.come_back(timings.healthy_after).await?;
-                return Err(e.into());
+            let left = self.leave(&programs, &verdict, permit.as_deref(), &mut summary).await;
+            if let Some(permit) = permit {
+                permit.release().await;
             }
-            // Recheck only when this instance was serving: if it served nothing already (out of the
-            // load balancer, or its program down), its leaving took nothing from anyone, and going
-            // back would only register an instance that does not serve.
-            if verdict.reason == Reason::QuorumHolds {
-                match self.snapshot(false).await {
-                    Ok((snap, _)) => {
-                        let v = holds_without_me(&snap, &self.rule);
-                        if !v.may_leave {
-                            summary.races += 1;
-                            warn!(lb = self.lb.name(), instance_id = %self.me, "peers left at the same time ({}); registering again and going back to the gate", v.summary());
-                            self.come_back(timings.healthy_after).await?;
-                            if checks >= self.timing.max_checks {
-                                return Ok(Outcome::GaveUp { verdict: v, checks });
-                            }
-                            if !self.pause(jitter(self.timing.check_interval)).await {
-                                return Ok(Outcome::Aborted);
-                            }
-                            continue;
-                        }
+            match left? {
+                Left::Done => {
+                    summary.total = started.elapsed();
+                    info!(
+                        lb = self.lb.name(),
+                        instance_id = %self.me,
+                        programs = %programs.join(" "),
+                        waited_s = summary.waited_for_quorum.as_secs_f64(),
+                        drain_s = summary.drain.as_secs_f64(),
+                        restart_s = summary.restart.as_secs_f64(),
+                        in_service_s = summary.back_in_service.as_secs_f64(),
+                        total_s = summary.total.as_secs_f64(),
+                        "cycle done: {} restarted after {} quorum check(s)",
+                        programs.join(" "),
+                        summary.checks
+                    );
+                    return Ok(Outcome::Done(summary));
+                }
+                Left::DryRun(verdict) => return Ok(Outcome::DryRun(verdict)),
+                Left::Raced(verdict) => {
+                    if checks >= self.timing.max_checks {
+                        return Ok(Outcome::GaveUp { verdict, checks });
                     }
-                    Err(e) => {
-                        error!(error = %e, "quorum recheck after deregistering failed; registering again");
-                        self.come_back(timings.healthy_after).await?;
-                        return Err(e);
+                    if !self.pause(jitter(self.timing.check_interval)).await {
+                        return Ok(Outcome::Aborted);
                     }
                 }
             }
-            let drain_bound =
-                self.timing.drain_timeout.unwrap_or(timings.drain.unwrap_or(Duration::ZERO) + DRAIN_MARGIN);
-            if let Err(e) = self.wait_out(drain_bound).await {
-                self.come_back(timings.healthy_after).await?;
-                return Err(e);
-            }
-            summary.drain = t.elapsed();
-            info!(lb = self.lb.name(), instance_id = %self.me, drain_s = summary.drain.as_secs_f64(), "out of the load balancer");
-
-            self.state.save(&self.record(Step::Restarting, &programs, since))?;
-            let t = Instant::now();
-            if let Err(source) = self.services.restart(&programs).await {
-                // Healthy after all (the failure came before anything was stopped, or the programs
-                // recovered)? Then they must not stay out of the load balancer.
-                if matches!(self.services.running(&programs).await, Ok(true)) {
-                    error!(error = %source, "restarting failed, but the programs are RUNNING: registering again");
-                    self.come_back(timings.healthy_after).await?;
-                    return Err(source.into());
-                }
-                self.state.save(&self.record(Step::ServicesDown, &programs, since))?;
-                return Err(self.services_down(&programs, source));
-            }
-            summary.restart = t.elapsed();
-            info!(programs = %programs.join(" "), restart_s = summary.restart.as_secs_f64(), "programs restarted and RUNNING");
-
-            let t = Instant::now();
-            self.state.save(&self.record(Step::Registering, &programs, since))?;
-            self.register_and_wait(timings.healthy_after).await?;
-            summary.back_in_service = t.elapsed();
-            summary.total = started.elapsed();
-            info!(
-                lb = self.lb.name(),
-                instance_id = %self.me,
-                programs = %programs.join(" "),
-                waited_s = summary.waited_for_quorum.as_secs_f64(),
-                drain_s = summary.drain.as_secs_f64(),
-                restart_s = summary.restart.as_secs_f64(),
-                in_service_s = summary.back_in_service.as_secs_f64(),
-                total_s = summary.total.as_secs_f64(),
-                "cycle done: {} restarted after {} quorum check(s)",
-                programs.join(" "),
-                summary.checks
-            );
-            return Ok(Outcome::Done(summary));
         }
+    }
+
+    /// Past the gate: deregister → (recheck) → drain → restart → register → InService. With a
+    /// permit, a permit found lost before deregistering stops the cycle with nothing changed; one
+    /// lost later is logged loudly and the cycle finishes (the instance must come back).
+    async fn leave(
+        &self,
+        programs: &[String],
+        verdict: &Verdict,
+        permit: Option<&Permit>,
+        summary: &mut Summary,
+    ) -> Result<Left, CycleError> {
+        if self.dry_run {
+            info!(lb = self.lb.name(), instance_id = %self.me, "dry run: would deregister, restart {}, register; nothing changed", programs.join(" "));
+            return Ok(Left::DryRun(verdict.clone()));
+        }
+        // The gate may have waited minutes: the programs must still exist before we leave.
+        self.services.validate(programs).await?;
+        let timings = self.lb.timings().await?;
+        if let Some(why) = permit.and_then(Permit::lost) {
+            error!(lb = self.lb.name(), instance_id = %self.me, "permit lost before deregistering ({why}); not leaving");
+            return Err(CycleError::PermitLost { why });
+        }
+        let since = unix_now();
+        self.state.save(&self.record(Step::Deregistering, programs, since))?;
+        let t = Instant::now();
+        info!(lb = self.lb.name(), instance_id = %self.me, "deregistering");
+        if let Err(e) = self.lb.deregister(&self.me).await {
+            error!(lb = self.lb.name(), instance_id = %self.me, error = %e, "deregistering failed; making sure the instance is registered");
+            self.come_back(timings.healthy_after).await?;
+            return Err(e.into());
+        }
+        // Recheck only when this instance was serving: if it served nothing already (out of the
+        // load balancer, or its program down), its leaving took nothing from anyone, and going
+        // back would only register an instance that does not serve. In strict mode the permit
+        // already excludes the race the recheck looks for.
+        if verdict.reason == Reason::QuorumHolds && permit.is_none() {
+            match self.snapshot(false).await {
+                Ok((snap, _)) => {
+                    let v = holds_without_me(&snap, &self.rule);
+                    if !v.may_leave {
+                        summary.races += 1;
+                        warn!(lb = self.lb.name(), instance_id = %self.me, "peers left at the same time ({}); registering again and going back to the gate", v.summary());
+                        self.come_back(timings.healthy_after).await?;
+                        return Ok(Left::Raced(v));
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, "quorum recheck after deregistering failed; registering again");
+                    self.come_back(timings.healthy_after).await?;
+                    return Err(e);
+                }
+            }
+        }
+        let drain_bound = self.timing.drain_timeout.unwrap_or(timings.drain.unwrap_or(Duration::ZERO) + DRAIN_MARGIN);
+        if let Err(e) = self.wait_out(drain_bound).await {
+            self.come_back(timings.healthy_after).await?;
+            return Err(e);
+        }
+        summary.drain = t.elapsed();
+        info!(lb = self.lb.name(), instance_id = %self.me, drain_s = summary.drain.as_secs_f64(), "out of the load balancer");
+
+        self.state.save(&self.record(Step::Restarting, programs, since))?;
+        let t = Instant::now();
+        if let Err(source) = self.services.restart(programs).await {
+            // Healthy after all (the failure came before anything was stopped, or the programs
+            // recovered)? Then they must not stay out of the load balancer.
+            if matches!(self.services.running(programs).await, Ok(true)) {
+                error!(error = %source, "restarting failed, but the programs are RUNNING: registering again");
+                self.come_back(timings.healthy_after).await?;
+                return Err(source.into());
+            }
+            self.state.save(&self.record(Step::ServicesDown, programs, since))?;
+            return Err(self.services_down(programs, source));
+        }
+        summary.restart = t.elapsed();
+        info!(programs = %programs.join(" "), restart_s = summary.restart.as_secs_f64(), "programs restarted and RUNNING");
+
+        let t = Instant::now();
+        self.state.save(&self.record(Step::Registering, programs, since))?;
+        self.register_and_wait(timings.healthy_after).await?;
+        summary.back_in_service = t.elapsed();
+        if let Some(why) = permit.and_then(Permit::lost) {
+            error!(lb = self.lb.name(), instance_id = %self.me, "PERMIT LOST WHILE OUT OF THE LOAD BALANCER ({why}): the cycle finished, but peers may have counted this instance as serving meanwhile");
+        }
+        Ok(Left::Done)
     }
 
     /// Polls until this instance is out of service (absent or not serving), within `bound`.
@@ -497,9 +661,13 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     pub async fn reconcile(&self) -> Result<bool, CycleError> {
         let record = match self.state.load() {
             Ok(Some(r)) => r,
-            Ok(None) => return Ok(false),
+            Ok(None) => {
+                self.forget_old_permit().await?;
+                return Ok(false);
+            }
             Err(e @ StateFileError::Corrupt { .. }) => {
                 error!("{e}");
+                self.forget_old_permit().await?;
                 return Ok(false);
             }
             Err(e) => return Err(e.into()),
@@ -512,6 +680,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 "state file names instance {} on {}, not this one ({} on {}): a copied disk image? Moved to {} and not acted on",
                 record.instance_id, record.lb, self.me, self.lb.name(), moved.display()
             );
+            self.forget_old_permit().await?;
             return Ok(false);
         }
         warn!(step = ?record.step, programs = %record.programs.join(" "), "a previous run stopped mid-cycle; finishing it");
@@ -535,7 +704,26 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         let healthy_after = self.lb.timings().await.map(|t| t.healthy_after).unwrap_or(Duration::from_secs(300));
         self.register_and_wait(healthy_after).await?;
         info!(lb = self.lb.name(), instance_id = %self.me, "reconciled: registered and InService again");
+        self.forget_old_permit().await?;
         Ok(true)
+    }
+
+    /// Strict mode: removes this instance's entry left by an earlier run (kill -9 while holding a
+    /// permit), so that peers need not wait for it to expire. A store that cannot be reached is
+    /// not fatal here (the entry expires); a missing table or a denial is.
+    async fn forget_old_permit(&self) -> Result<(), CycleError> {
+        let Some(permits) = &self.permits else { return Ok(()) };
+        match permits.remove_mine().await {
+            Ok(true) => {
+                warn!(key = %permits.key, instance_id = %self.me, "removed this instance's permit entry left by an earlier run")
+            }
+            Ok(false) => {}
+            Err(e) if e.is_retryable() => {
+                warn!(error = %e, "cannot remove this instance's old permit entry now; it expires by itself")
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
     }
 }
 

@@ -45,13 +45,8 @@ impl ClassicElb {
                 }
             }
             _ => {
-                // Missing credentials surface as a dispatch failure: find the cause by type.
-                let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
-                while let Some(e) = source {
-                    if let Some(c) = e.downcast_ref::<aws_credential_types::provider::error::CredentialsError>() {
-                        return LbError::Credentials { lb, action, detail: c.to_string() };
-                    }
-                    source = e.source();
+                if let Some(detail) = crate::identity::credentials_error(&err) {
+                    return LbError::Credentials { lb, action, detail };
                 }
                 LbError::Unreachable { lb, action, detail: DisplayErrorContext(&err).to_string() }
             }
