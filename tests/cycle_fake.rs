@@ -360,3 +360,253 @@ async fn an_instance_already_out_is_not_sent_back_by_the_recheck() {
     assert_eq!(ops(&h), vec![Op::Deregister, Op::Register]);
     assert_eq!(*h.services.restarts.lock().unwrap(), 1);
 }
+
+// ---- Strict mode (`--strict`) against the fake permit store: moto can neither throttle nor lose a
+// reply after applying a write, and its clock cannot be skewed per instance.
+
+mod strict {
+    use super::*;
+    use elb_quorum::fake::{fake_permits, FakeStore, StoreFault, StoreOp};
+    use elb_quorum::lease::{Acquired, Holder, Kind, Permits, Record};
+
+    const KEY: &str = "web.example.com";
+
+    fn strict(h: &mut Harness, store: &FakeStore) {
+        h.cycle.permits = Some(fake_permits(store, KEY, &me()));
+    }
+
+    /// D = 8 s, G = 3 s, H = 1 h: a holder trusts its permit for 5 s without a renewal.
+    fn short(store: &FakeStore, me: &str) -> Permits {
+        Permits { duration: S(8), grace: S(3), ..fake_permits(store, KEY, me) }
+    }
+
+    fn holders(store: &FakeStore) -> Vec<String> {
+        store.record(KEY).map(|r| r.holders.into_keys().collect()).unwrap_or_default()
+    }
+
+    fn store_ops(store: &FakeStore, op: StoreOp) -> Vec<&'static str> {
+        store.calls().iter().filter(|c| c.op == op).map(|c| c.result).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_strict_cycle_holds_its_permit_from_before_deregistering_until_after_in_service() {
+        let mut h = harness(4, S(40), S(10));
+        h.cycle.lb.latency = Duration::from_millis(100);
+        let store = FakeStore::new();
+        strict(&mut h, &store);
+        let Outcome::Done(_) = h.cycle.run(&web()).await.unwrap() else { panic!() };
+        let acquired = store.calls().iter().find(|c| c.op == StoreOp::Acquire && c.result == "applied").unwrap().at;
+        let released = store.calls().iter().find(|c| c.op == StoreOp::Remove && c.result == "applied").unwrap().at;
+        let lb_at = |op| h.lb.calls().iter().find(|c| c.op == op).unwrap().at;
+        assert!(acquired < lb_at(Op::Deregister) && lb_at(Op::Deregister) < lb_at(Op::Register));
+        assert!(lb_at(Op::Register) < released, "released only once back");
+        assert!(store_ops(&store, StoreOp::Renew).contains(&"applied"), "renewed every D/4 = 30 s while draining 40 s");
+        assert!(h.lb.is_serving(&me()));
+        assert_eq!(holders(&store), Vec::<String>::new(), "entry gone");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_at_acquire_fails_closed_with_zero_load_balancer_calls() {
+        let mut h = harness(4, S(0), S(5));
+        let store = FakeStore::new();
+        store.fault_always(StoreOp::Acquire, Some(StoreFault::Throttled));
+        strict(&mut h, &store);
+        h.cycle.timing.max_checks = 3;
+        match h.cycle.run(&web()).await {
+            Err(e @ CycleError::NoPermit { checks: 3, .. }) => {
+                assert!(e.to_string().contains("no permit after 3 checks"), "{e}");
+                assert!(!e.left_out());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(h.lb.calls(), vec![], "the load balancer was never called");
+        assert_eq!(store_ops(&store, StoreOp::Acquire), vec!["error"; 3]);
+        assert_eq!(holders(&store), Vec::<String>::new());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_missing_table_or_denial_stops_before_any_load_balancer_call() {
+        for fault in [StoreFault::NoTable, StoreFault::AccessDenied] {
+            let mut h = harness(4, S(0), S(5));
+            let store = FakeStore::new();
+            store.fault_always(StoreOp::Load, Some(fault));
+            strict(&mut h, &store);
+            match h.cycle.run(&web()).await {
+                Err(CycleError::Lease(e)) => assert!(!e.is_retryable(), "{e}"),
+                other => panic!("{fault:?}: {other:?}"),
+            }
+            assert_eq!(h.lb.calls(), vec![], "{fault:?}: the load balancer was never called");
+            assert_eq!(store.calls().len(), 1, "{fault:?}: one read, no retry of a permanent error");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_applied_whose_reply_was_lost_is_found_by_its_token() {
+        let mut h = harness(4, S(0), S(5));
+        let store = FakeStore::new();
+        store.fault(StoreOp::Acquire, StoreFault::LostReply);
+        strict(&mut h, &store);
+        let Outcome::Done(s) = h.cycle.run(&web()).await.unwrap() else { panic!() };
+        assert_eq!(s.checks, 1, "the lost reply did not cost a check");
+        assert_eq!(store_ops(&store, StoreOp::Acquire), vec!["applied"], "written once, never twice");
+        assert_eq!(store_ops(&store, StoreOp::Remove), vec!["applied"]);
+        assert_eq!(holders(&store), Vec::<String>::new());
+        assert!(h.lb.is_serving(&me()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_before_the_write_counts_as_a_failed_check_then_succeeds() {
+        let mut h = harness(4, S(0), S(5));
+        let store = FakeStore::new();
+        store.fault(StoreOp::Acquire, StoreFault::Timeout);
+        store.fault(StoreOp::Acquire, StoreFault::ServerError);
+        strict(&mut h, &store);
+        let Outcome::Done(s) = h.cycle.run(&web()).await.unwrap() else { panic!() };
+        assert_eq!(s.checks, 3);
+        assert_eq!(store_ops(&store, StoreOp::Acquire), vec!["error", "error", "applied"]);
+        assert_eq!(h.lb.count(Op::Deregister, Some(&me())), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeat_lost_before_deregistering_aborts_and_releases() {
+        let mut h = harness(4, S(0), S(5));
+        let store = FakeStore::new();
+        // Renewals fail and the load balancer answers slowly: 6 s ± 50 % per call, so reading health and
+        // the timings outlast the 5 s the permit is trusted without a renewal.
+        store.fault_always(StoreOp::Renew, Some(StoreFault::Throttled));
+        h.cycle.lb.latency = S(6);
+        h.cycle.permits = Some(short(&store, &me()));
+        match h.cycle.run(&web()).await {
+            Err(CycleError::PermitLost { why }) => assert!(why.contains("not renewed in time"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(h.lb.count(Op::Deregister, None), 0, "nothing changed");
+        assert!(h.lb.is_serving(&me()));
+        assert_eq!(store_ops(&store, StoreOp::Remove), vec!["applied"], "released");
+        assert_eq!(*h.services.restarts.lock().unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeat_lost_after_deregistering_finishes_the_cycle() {
+        let mut h = harness(4, S(30), S(5));
+        let store = FakeStore::new();
+        store.fault_always(StoreOp::Renew, Some(StoreFault::ServerError));
+        h.cycle.permits = Some(short(&store, &me()));
+        let Outcome::Done(_) = h.cycle.run(&web()).await.unwrap() else { panic!() };
+        let deregistered = h.lb.calls().iter().find(|c| c.op == Op::Deregister).unwrap().at;
+        let failed: Vec<Duration> = store.calls().iter().filter(|c| c.op == StoreOp::Renew).map(|c| c.at).collect();
+        assert!(failed.iter().filter(|at| **at > deregistered + S(5)).count() > 3, "lost while draining: {failed:?}");
+        assert!(h.lb.is_serving(&me()), "finished: registered and InService");
+        assert_eq!(*h.services.restarts.lock().unwrap(), 1);
+        assert_eq!(holders(&store), Vec::<String>::new(), "entry removed at the end");
+    }
+
+    /// Two holders' overlap when one's clock is behind by `skew` and its renewals fail: it trusts
+    /// its permit until its own `exp − G`, while a peer drops the entry at `exp + G` on its clock.
+    async fn overlap_with_skew(skew: Duration) -> (bool, Duration) {
+        let store = FakeStore::new();
+        store.fault_always(StoreOp::Renew, Some(StoreFault::Throttled));
+        let slow = Permits { skew_ms: -(skew.as_millis() as i64), ..fake_permits(&store, KEY, "i-slow") };
+        let peer = fake_permits(&store, KEY, "i-peer");
+        let start = tokio::time::Instant::now();
+        let Acquired::Granted(held) = slow.acquire(Kind::Slot, 1).await.unwrap() else { panic!() };
+        loop {
+            tokio::time::sleep(S(1)).await;
+            if let Acquired::Granted(_) = peer.acquire(Kind::Slot, 1).await.unwrap() {
+                return (held.lost().is_none(), start.elapsed());
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn clock_skew_up_to_twice_the_grace_is_safe_beyond_it_is_not() {
+        // D = 120 s, G = 30 s.
+        let (overlap, waited) = overlap_with_skew(S(15)).await;
+        assert!(!overlap, "+G/2: the peer gets the slot only after the holder stopped trusting it");
+        assert!(waited <= S(120 + 30 - 15 + 2), "{waited:?}");
+        let (overlap, _) = overlap_with_skew(S(70)).await;
+        assert!(overlap, "+2G and more: both believe they hold the one slot (documented in the README)");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_killed_holders_entry_blocks_peers_for_at_most_d_plus_g() {
+        let store = FakeStore::new();
+        let dead = fake_permits(&store, KEY, "i-dead");
+        let peer = fake_permits(&store, KEY, "i-peer");
+        let Acquired::Granted(held) = dead.acquire(Kind::Slot, 1).await.unwrap() else { panic!() };
+        drop(held); // kill -9: no more renewals, no release
+        let start = tokio::time::Instant::now();
+        let waited = loop {
+            match peer.acquire(Kind::Slot, 1).await.unwrap() {
+                Acquired::Granted(_) => break start.elapsed(),
+                Acquired::Refused { holders } => assert_eq!(holders, vec!["i-dead".to_string()]),
+            }
+            tokio::time::sleep(S(1)).await;
+        };
+        assert!(waited > S(120) && waited <= S(150) + S(1), "D + G = 150 s: {waited:?}");
+        assert_eq!(holders(&store), vec!["i-peer".to_string()], "the dead entry was pruned");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_restarted_listener_removes_its_own_old_entry() {
+        let mut h = harness(4, S(0), S(5));
+        let store = FakeStore::new();
+        let old = Holder { tok: "old".into(), exp: u64::MAX / 2, since: 1, kind: Kind::Slot };
+        let peer = Holder { tok: "p".into(), ..old.clone() };
+        store.set_record(KEY, Record { ver: 4, holders: [(me(), old), ("i-0003".into(), peer)].into() });
+        strict(&mut h, &store);
+        assert!(!h.cycle.reconcile().await.unwrap(), "no state file: nothing to finish");
+        assert_eq!(holders(&store), vec!["i-0003".to_string()], "own entry gone, the peer's kept");
+        // Killed mid-cycle (deregistered, state file written): removed once InService again.
+        store.set_record(
+            KEY,
+            Record {
+                ver: 9,
+                holders: [(me(), Holder { tok: "x".into(), exp: u64::MAX / 2, since: 1, kind: Kind::Slot })].into(),
+            },
+        );
+        h.cycle.state.save(&record(Step::Deregistering, &me())).unwrap();
+        h.lb.force_deregistered(&me());
+        assert!(h.cycle.reconcile().await.unwrap());
+        assert!(h.lb.is_serving(&me()));
+        let removed = store.calls().iter().rfind(|c| c.op == StoreOp::Remove).unwrap().at;
+        let registered = h.lb.calls().iter().rfind(|c| c.op == Op::Register).unwrap().at;
+        assert!(registered < removed, "removed after registering");
+        assert_eq!(holders(&store), Vec::<String>::new());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_the_max_hold_a_holder_stops_renewing() {
+        let store = FakeStore::new();
+        let holder = Permits { max_hold: S(12), ..short(&store, "i-long") };
+        let peer = short(&store, "i-peer");
+        let Acquired::Granted(held) = holder.acquire(Kind::Slot, 1).await.unwrap() else { panic!() };
+        tokio::time::sleep(S(60)).await;
+        let renewals: Vec<Duration> = store.calls().iter().filter(|c| c.op == StoreOp::Renew).map(|c| c.at).collect();
+        assert!(!renewals.is_empty() && renewals.iter().all(|at| *at < S(12)), "{renewals:?}");
+        assert!(held.lost().is_some(), "past exp − G without renewal");
+        let Acquired::Granted(_) = peer.acquire(Kind::Slot, 1).await.unwrap() else { panic!("the entry expired") };
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_instance_the_load_balancer_counts_out_takes_an_exempt_entry_when_slots_are_full() {
+        let mut h = harness(4, S(0), S(5)); // 4 members, quorum 0.75: one permit
+        let store = FakeStore::new();
+        let peer = Holder { tok: "p".into(), exp: u64::MAX / 2, since: 1, kind: Kind::Slot };
+        store.set_record(KEY, Record { ver: 1, holders: [("i-0003".to_string(), peer)].into() });
+        strict(&mut h, &store);
+        h.cycle.timing.max_checks = 2;
+        // Serving: no slot for it, nothing changes.
+        match h.cycle.run(&web()).await.unwrap() {
+            Outcome::NoPermit { holders, permits: 1, checks: 2 } => assert_eq!(holders, vec!["i-0003".to_string()]),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(h.lb.count(Op::Deregister, None), 0);
+        // Out of the load balancer already: it leaves at once under an exempt entry.
+        h.lb.set_healthy(&me(), false);
+        let Outcome::Done(s) = h.cycle.run(&web()).await.unwrap() else { panic!() };
+        assert_eq!(s.checks, 1);
+        assert_eq!(holders(&store), vec!["i-0003".to_string()], "the peer's slot untouched, ours released");
+        assert!(h.lb.is_serving(&me()));
+    }
+}

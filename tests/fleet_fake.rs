@@ -85,3 +85,22 @@ async fn settle_makes_races_rarer_and_the_recheck_catches_the_rest() {
     assert!(without >= 20, "without settle nearly every simultaneous start races: {without}");
     assert!(with * 4 <= without, "settle: {with} races, without: {without}");
 }
+
+/// Strict mode, all asked at once, with no settle pause (the permit replaces it): over 20 seeds at
+/// K = 6 and K = 12 the sampled serving count never drops below quorum, nobody races, and every
+/// instance restarts exactly once. The store is the in-process fake (atomic like DynamoDB).
+#[tokio::test(start_paused = true)]
+async fn strict_fleets_never_dip_below_quorum() {
+    for k in [6, 12] {
+        let p = FleetParams { strict: Some(Duration::from_millis(45)), ..params(k, 0) };
+        for seed in 0..20 {
+            fastrand::seed(seed);
+            let r = simulate_fleet(&p).await;
+            assert_eq!(r.failures, 0, "k={k} seed {seed}: {r:?}");
+            assert_eq!(r.restarts, vec![1; k], "k={k} seed {seed}: each restarted exactly once");
+            assert!(r.min_serving >= r.required, "k={k} seed {seed}: below quorum in strict mode: {r:?}");
+            assert_eq!((r.races, r.below_quorum_instance_seconds), (0, 0.0), "k={k} seed {seed}");
+            assert!(r.acquires >= k, "k={k} seed {seed}: every instance took a permit: {r:?}");
+        }
+    }
+}
