@@ -7,22 +7,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_config::BehaviorVersion;
-use aws_sdk_elasticloadbalancing::config::{Credentials, Region};
 use common::*;
 use elb_quorum::lb::classic::ClassicElb;
 use elb_quorum::lb::members::{Ec2NameMembers, Membership};
 use elb_quorum::lb::{HealthState, LbError, LoadBalancer};
 use elb_quorum::quorum::Members;
-
-async fn sdk_config(moto: &Moto) -> aws_config::SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest())
-        .endpoint_url(&moto.endpoint)
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("testing", "testing", None, None, "tests"))
-        .load()
-        .await
-}
 
 #[tokio::test(flavor = "current_thread")]
 async fn classic_elb_and_ec2_members_through_the_sdk() {
@@ -43,7 +32,7 @@ async fn classic_elb_and_ec2_members_through_the_sdk() {
     ]);
     let members: Vec<String> = serde_json::from_value(v["members"].clone()).unwrap();
     let spare: Vec<String> = serde_json::from_value(v["unregistered"].clone()).unwrap();
-    let cfg = sdk_config(&moto).await;
+    let cfg = moto.sdk_config().await;
 
     let m = Ec2NameMembers::new(&cfg, ns.clone()).members().await.unwrap();
     let mut want: std::collections::BTreeSet<String> = members.iter().cloned().collect();

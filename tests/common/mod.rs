@@ -76,13 +76,28 @@ pub struct Moto {
 impl Moto {
     pub fn start() -> Moto {
         let port = free_port();
-        let child = Command::new(tool("moto_server"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        Self::spawn(port, Command::new(tool("moto_server")).args(["-H", "127.0.0.1", "-p", &port.to_string()]))
+    }
+
+    /// moto serving one request at a time (`tests/fixtures/moto_locked.py`): its DynamoDB is not
+    /// atomic under concurrency otherwise. With `record`, every call is logged there as a JSON line.
+    pub fn start_locked(record: Option<&Path>) -> Moto {
+        let port = free_port();
+        let mut cmd = Command::new(python());
+        cmd.arg(fixture("moto_locked.py")).args(["127.0.0.1", &port.to_string()]);
+        if let Some(r) = record {
+            cmd.arg(r);
+        }
+        Self::spawn(port, &mut cmd)
+    }
+
+    fn spawn(port: u16, cmd: &mut Command) -> Moto {
+        let child = cmd
             .env_remove("AWS_PROFILE")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("starting moto_server: {e}; {INSTALL_HINT}"));
+            .unwrap_or_else(|e| panic!("starting moto: {e}; {INSTALL_HINT}"));
         let guard = Guard(child);
         let endpoint = format!("http://127.0.0.1:{port}");
         eventually(Duration::from_secs(30), "moto_server to listen", || TcpStream::connect(("127.0.0.1", port)).ok());
@@ -120,6 +135,22 @@ impl Moto {
     pub fn cluster(&self, lb: &str, ns: &str, count: usize) -> Vec<String> {
         let v = self.fixture(&["create", "--lb", lb, "--namespace", ns, "--count", &count.to_string()]);
         v["members"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect()
+    }
+
+    /// Creates a strict-mode permit table.
+    pub fn permit_table(&self, name: &str) {
+        self.fixture(&["table", name]);
+    }
+
+    /// An AWS configuration that reaches this emulator only.
+    pub async fn sdk_config(&self) -> aws_config::SdkConfig {
+        let creds = aws_credential_types::Credentials::new("testing", "testing", None, None, "tests");
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(&self.endpoint)
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(creds)
+            .load()
+            .await
     }
 
     /// Instance id → State, as the load balancer reports registered instances.
