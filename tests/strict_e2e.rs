@@ -1,0 +1,153 @@
+//! Strict mode end to end: six real supervisords, each with the listener for its own instance in
+//! `--strict` mode, against moto (serialized by `tests/fixtures/moto_locked.py`, whose recorder logs
+//! every call in the order moto applied it), all asked to restart at the same moment.
+//!
+//! The cluster: 6 members, quorum 0.75 → 5 must serve, 1 permit. An outside sampler polls the load
+//! balancer every 50 ms: serving never drops below 5. The recorder shows, for every instance:
+//! permit acquired < Deregister < Register < permit released.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use elb_quorum::config::SupervisorSettings;
+use elb_quorum::lb::classic::ClassicElb;
+use elb_quorum::lb::LoadBalancer;
+use elb_quorum::secret::Secret;
+use elb_quorum::supervisor::SupervisorClient;
+
+const TABLE: &str = "elb-quorum-permits";
+const T: Duration = Duration::from_secs(180);
+
+fn strict_node(moto: &Moto, id: &str, hostname: &str) -> Supervisord {
+    let conf = format!(
+        "[program:web]\ncommand=sleep 100000\nstartsecs=1\n\n\
+         [eventlistener:elb-quorum]\ncommand={bin} listen --hostname {hostname} --domain example.com --instance-id {id} --strict --lease-table {TABLE} --program web --check-interval 0.5 --max-checks 200 --poll-interval 0.2 --state-dir {{here}}/state\n\
+         events=REMOTE_COMMUNICATION\nbuffer_size=50\nstopwaitsecs=60\n\
+         stderr_logfile={{here}}/listener.log\nenvironment=SUPERVISOR_USERNAME=\"{USER}\",SUPERVISOR_PASSWORD=\"{PASSWORD}\",ELB_QUORUM_LOG_TARGET=\"stderr\"\n",
+        bin = bin().display(),
+    );
+    Supervisord::start(&conf, false, &moto.env())
+}
+
+/// One recorded call.
+#[derive(Debug, serde::Deserialize)]
+struct Call {
+    t: f64,
+    action: String,
+    status: u16,
+    kind: Option<String>,
+    instance: Option<String>,
+}
+
+#[test]
+fn six_strict_listeners_asked_at_once_never_take_the_cluster_below_quorum() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("calls.jsonl");
+    let moto = Moto::start_locked(Some(&record));
+    moto.permit_table(TABLE);
+    let (lb, ns) = unique_cluster();
+    let v = moto.fixture(&["create", "--lb", &lb, "--namespace", &ns, "--count", "6"]);
+    let members: Vec<String> = serde_json::from_value(v["members"].clone()).unwrap();
+    let hostnames: BTreeMap<String, String> = serde_json::from_value(v["hostnames"].clone()).unwrap();
+    let nodes: Vec<Supervisord> = members.iter().map(|id| strict_node(&moto, id, &hostnames[id])).collect();
+    for n in &nodes {
+        eventually(T, "web RUNNING", || n.pid("web"));
+        eventually(T, "listener RUNNING", || n.status("elb-quorum").contains("RUNNING").then_some(()));
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let elb = rt.block_on(async { ClassicElb::new(&moto.sdk_config().await, lb.clone()) });
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let (mut min, mut samples) = (usize::MAX, 0);
+            while !stop.load(Ordering::SeqCst) {
+                let serving = rt.block_on(elb.registered()).unwrap().iter().filter(|h| h.serving()).count();
+                min = min.min(serving);
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (min, samples)
+        })
+    };
+
+    // All six asked at the same moment.
+    rt.block_on(async {
+        let tasks: Vec<_> = nodes
+            .iter()
+            .map(|n| {
+                let client = SupervisorClient::new(&SupervisorSettings {
+                    url: n.url(),
+                    username: Some(USER.into()),
+                    password: Some(Secret::new(PASSWORD)),
+                    rpc_timeout: Duration::from_secs(10),
+                })
+                .unwrap();
+                tokio::spawn(async move { client.send_remote_comm_event("elb-quorum", "restart web").await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+    });
+    for n in &nodes {
+        eventually(T, "every listener finished its cycle", || {
+            (count(&n.read("listener.log"), "cycle done") == 1).then_some(())
+        });
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (min_serving, samples) = sampler.join().unwrap();
+    assert!(samples > 20, "the sampler ran ({samples} samples)");
+    assert!(min_serving >= 5, "serving dropped to {min_serving} of 6; quorum needs 5");
+
+    let calls: Vec<Call> = std::fs::read_to_string(&record)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|c: &Call| c.status == 200)
+        .collect();
+    assert!(calls.windows(2).all(|w| w[0].t <= w[1].t), "the recorder logs in applied order");
+    for id in &members {
+        let mine: Vec<String> = calls
+            .iter()
+            .filter(|c| c.instance.as_deref() == Some(id.as_str()) && c.kind.as_deref() != Some("renew"))
+            .map(|c| c.kind.clone().unwrap_or_else(|| c.action.clone()))
+            .collect();
+        let dereg = mine.iter().position(|k| k == "DeregisterInstancesFromLoadBalancer").expect("deregistered");
+        let reg = mine.iter().position(|k| k == "RegisterInstancesWithLoadBalancer").expect("registered");
+        let acquired = mine[..dereg].iter().rposition(|k| k == "acquire").expect("a permit before deregistering");
+        assert!(!mine[acquired..dereg].contains(&"release".to_string()), "{id}: held until deregistering: {mine:?}");
+        let released = mine[reg..].iter().position(|k| k == "release").map(|p| p + reg);
+        assert!(released.is_some(), "{id}: released after registering: {mine:?}");
+        assert_eq!(mine.iter().filter(|k| k.contains("Deregister")).count(), 1, "{id}: left once: {mine:?}");
+    }
+    // The record is empty again: every permit was released.
+    let status = run_bin(
+        &[
+            "status",
+            "--json",
+            "--strict",
+            "--lease-table",
+            TABLE,
+            "--hostname",
+            &hostnames[&members[0]],
+            "--domain",
+            "example.com",
+            "--instance-id",
+            &members[0],
+        ],
+        &moto.env(),
+    );
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!((s["strict"]["permits"].as_u64(), s["strict"]["free"].as_u64()), (Some(1), Some(1)), "{s}");
+    assert_eq!(s["strict"]["holders"], serde_json::json!([]), "every permit released: {s}");
+    assert_eq!(s["verdict"]["serving"].as_u64(), Some(6));
+}
