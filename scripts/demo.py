@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """elb-quorum demo: a local cluster restarted all at once, taking turns under quorum.
 
-Starts the AWS emulator (moto) on 127.0.0.1, creates a Classic ELB with N instances named
+Starts the AWS emulator (moto, serialized by tests/fixtures/moto_locked.py so that its DynamoDB is
+atomic like the real one) on 127.0.0.1, creates a Classic ELB with N instances named
 nodeI.demo.example.com, starts one real supervisord per simulated instance (a `web` program and the
 elb-quorum listener, identity given by flags), asks every instance to restart `web` at the same
-moment, and shows live how many instances serve and the quorum line while they take turns. Ends with
-a summary and cleans up. Nothing leaves 127.0.0.1.
+moment, and shows live how many instances serve and the quorum line while they take turns. It does
+this twice: without strict mode (settle pause and recheck only), then with `--strict` (DynamoDB
+permits), and shows the fewest instances serving in each run side by side. Cleans up. Nothing
+leaves 127.0.0.1.
 
 Run it through scripts/demo (which makes the venv and builds the binary).
 """
@@ -47,13 +50,38 @@ def main():
     ap.add_argument("--bin", required=True, help="the elb-quorum binary")
     ap.add_argument("--instances", type=int, default=6)
     ap.add_argument("--quorum", default="0.75")
-    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--keep", action="store_true", help="keep the work directories")
+    ap.add_argument("--only", choices=["plain", "strict"], help="run only one of the two runs")
     a = ap.parse_args()
     venv_bin = os.path.dirname(sys.executable)
+    results = {}
+    for mode in ("plain", "strict"):
+        if a.only and a.only != mode:
+            continue
+        print("=" * 20, "run %d: %s" % (len(results) + 1, "without strict mode" if mode == "plain" else "with --strict"), "=" * 20)
+        results[mode] = one_run(a, venv_bin, mode == "strict")
+        print()
+    print("side by side (%d instances, quorum %s):" % (a.instances, a.quorum))
+    print("  %-22s %-16s %-24s %s" % ("run", "fewest serving", "restarted exactly once", "total"))
+    failed = False
+    for mode, (restarted, min_serving, required, total) in results.items():
+        label = "without strict mode" if mode == "plain" else "--strict"
+        below = "" if min_serving >= required else "  (below the quorum line %d)" % required
+        print("  %-22s %-16s %-24s %.1f s%s" % (label, "%d/%d" % (min_serving, a.instances),
+                                              "%d/%d" % (restarted, a.instances), total, below))
+        failed |= restarted != a.instances or (mode == "strict" and min_serving < required)
+    if "plain" in results and results["plain"][1] < results["plain"][2]:
+        print("without strict mode, instances that pass the gate at the same moment can race below quorum for a")
+        print("moment (the recheck sends them back); --strict closes that window with a conditional write.")
+    if failed:
+        sys.exit(1)
+
+
+def one_run(a, venv_bin, strict):
     work = tempfile.mkdtemp(prefix="elb-quorum-demo-")
     procs = []
     try:
-        run(a, venv_bin, work, procs)
+        return run(a, venv_bin, work, procs, strict)
     finally:
         for p in reversed(procs):
             if p.poll() is None:
@@ -69,15 +97,16 @@ def main():
             shutil.rmtree(work, ignore_errors=True)
 
 
-def run(a, venv_bin, work, procs):
+def run(a, venv_bin, work, procs, strict):
     port = free_port()
     endpoint = "http://127.0.0.1:%d" % port
     env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true", ELB_QUORUM_LOG_TARGET="stderr",
                PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""))
     env.pop("AWS_PROFILE", None)
-    print("starting the AWS emulator (moto) on %s" % endpoint)
-    procs.append(subprocess.Popen([os.path.join(venv_bin, "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+    print("starting the AWS emulator (moto, serialized) on %s" % endpoint)
+    locked = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "moto_locked.py")
+    procs.append(subprocess.Popen([sys.executable, locked, "127.0.0.1", str(port)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
     wait_for("moto", lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0)
     kw = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
@@ -93,13 +122,18 @@ def run(a, venv_bin, work, procs):
         nodes.append({"host": host, "id": r["Instances"][0]["InstanceId"], "dir": os.path.join(work, "node%d" % i)})
     elb.register_instances_with_load_balancer(LoadBalancerName=LB, Instances=[{"InstanceId": n["id"]} for n in nodes])
     print("created Classic ELB %s with %d instances named node0..node%d.%s" % (LB, len(nodes), len(nodes) - 1, NS))
+    if strict:
+        boto3.client("dynamodb", **kw).create_table(
+            TableName="elb-quorum-permits", KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}], BillingMode="PAY_PER_REQUEST")
+        print("created the permit table elb-quorum-permits (DynamoDB); every listener runs with --strict")
 
     for n in nodes:
         d = n["dir"]
         os.makedirs(d)
         listen = ("%s listen --hostname %s --domain example.com --instance-id %s --quorum %s "
-                  "--check-interval 1 --max-checks 300 --poll-interval 0.3 --settle 1.5 --state-dir %s/state"
-                  % (a.bin, n["host"], n["id"], a.quorum, d))
+                  "--check-interval 1 --max-checks 300 --poll-interval 0.3 --settle 1.5 --state-dir %s/state%s"
+                  % (a.bin, n["host"], n["id"], a.quorum, d, " --strict" if strict else ""))
         with open(os.path.join(d, "supervisord.conf"), "w") as f:
             f.write(f"""[unix_http_server]
 file={d}/supervisor.sock
@@ -185,8 +219,7 @@ environment=SUPERVISOR_USERNAME="demo",SUPERVISOR_PASSWORD="demo-secret"
     print("\nsummary: %d of %d instances restarted exactly once; fewest serving %d/%d (%.0f%%, quorum line %d); total %.1f s"
           % (restarted, members, min_serving, members, 100.0 * min_serving / members, required, total))
     print("(the emulator's view was sampled every ~0.1 s; with --keep the listener logs stay in %s/node*/elb-quorum.log)" % work)
-    if restarted != members or min_serving < required:
-        sys.exit(1)
+    return restarted, min_serving, required, total
 
 
 if __name__ == "__main__":
