@@ -6,6 +6,9 @@
 //!   `permits` instances, each drain + restart + health), fewest serving, races, load-balancer calls/s.
 //! - Cycle overhead: one instance of 4, zero drain, instant health, 10 s restart: cycle time minus
 //!   the restart, with and without the settle pause.
+//! - Strict mode (fake permit store, 45 ms per call, atomic like DynamoDB): K = 12 and 100, all asked
+//!   at once; makespan against `ceil(K/L) × cycle`, store calls per cycle, conflicts per granted
+//!   acquire, most instances out at once.
 
 use std::time::Duration;
 
@@ -44,11 +47,20 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 
 fn main() {
     let rt = runtime();
+    if std::env::args().any(|a| a == "--strict-only") {
+        strict_fleets(&rt);
+        return;
+    }
     if !std::env::args().any(|a| a == "--bench") {
         // Under `cargo test --all-targets`: one quick run, so the benchmark cannot rot unnoticed.
         fastrand::seed(1);
         let r = rt.block_on(simulate_fleet(&params(6, 20, 10, 15, 5.0)));
         assert!(r.failures == 0 && r.restarts.iter().all(|&n| n == 1), "{r:?}");
+        let r = rt.block_on(simulate_fleet(&FleetParams {
+            strict: Some(Duration::from_millis(45)),
+            ..params(12, 20, 10, 15, 0.0)
+        }));
+        assert!(r.failures == 0 && r.min_serving >= r.required, "{r:?}");
         return;
     }
     println!("fleet (simulated; quorum 0.75; drain 20 s, restart 10 s, health 15 s; 80 ms API calls; check 5 s, poll 1 s, settle 5 s; 50 seeds)");
@@ -103,6 +115,48 @@ fn main() {
             "  settle {settle:>3.0} s: overhead p50 {:.2} s, max {:.2} s (poll interval 1 s)",
             percentile(&mut over, 0.5),
             percentile(&mut over, 1.0)
+        );
+    }
+    strict_fleets(&rt);
+}
+
+/// Strict fleets: K = 12 and 100, 20 seeds each.
+fn strict_fleets(rt: &tokio::runtime::Runtime) {
+    println!();
+    println!("strict mode (simulated; fake permit store 45 ms per call; D 120 s, G 30 s; same fleet settings, no settle; 20 seeds)");
+    println!(
+        "{:>4} {:>3} {:>14} {:>13} {:>13} {:>11} {:>17} {:>13} {:>9}",
+        "K",
+        "L",
+        "ceil(K/L)×cyc",
+        "makespan p50",
+        "makespan max",
+        "ratio p50",
+        "store calls/cyc",
+        "conflicts/acq",
+        "max out"
+    );
+    for k in [12, 100] {
+        let p = FleetParams { strict: Some(Duration::from_millis(45)), ..params(k, 20, 10, 15, 0.0) };
+        let reports: Vec<FleetReport> = (0..20)
+            .map(|seed| {
+                fastrand::seed(seed);
+                rt.block_on(simulate_fleet(&p))
+            })
+            .collect();
+        assert!(reports.iter().all(|r| r.failures == 0 && r.restarts.iter().all(|&n| n == 1)));
+        let mut spans: Vec<f64> = reports.iter().map(|r| r.makespan.as_secs_f64()).collect();
+        let theo = reports[0].theoretical.as_secs_f64();
+        let (p50, max) = (percentile(&mut spans, 0.5), percentile(&mut spans, 1.0));
+        let calls: f64 = reports.iter().map(|r| r.store_calls as f64 / k as f64).sum::<f64>() / reports.len() as f64;
+        let conflicts: f64 =
+            reports.iter().map(|r| r.conflicts as f64 / r.acquires.max(1) as f64).sum::<f64>() / reports.len() as f64;
+        let max_out = reports.iter().map(|r| k - r.min_serving).max().unwrap();
+        println!(
+            "{k:>4} {:>3} {theo:>13.0}s {p50:>12.1}s {max:>12.1}s {:>11.3} {calls:>17.1} {conflicts:>13.3} {max_out:>5} (L {})",
+            reports[0].permits,
+            p50 / theo,
+            reports[0].permits
         );
     }
 }

@@ -37,5 +37,8 @@ done
 echo "== idle memory under real supervisord"
 "$py" benches/idle_rss.py --bin "$bin"
 
-echo "== fleet makespan and cycle overhead (fake load balancer, simulated time)"
+echo "== fleet makespan and cycle overhead, plain and strict (fake load balancer and permit store, simulated time)"
 cargo bench --locked --bench fleet
+
+echo "== strict mode: acquire latency against the serialized moto (20 contenders, 2 permits)"
+cargo bench --locked --bench lease

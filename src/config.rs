@@ -447,10 +447,17 @@ mod tests {
     #[test]
     fn the_shipped_example_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("supervisor.d/elb-quorum.toml.example");
-        let s = Settings::resolve(Layer { config: Some(path), ..Default::default() }).unwrap();
+        let s = Settings::resolve(Layer { config: Some(path.clone()), ..Default::default() }).unwrap();
         assert_eq!(s.domains, vec!["example.com".to_string()]);
         assert_eq!(s.gates, vec!["web".to_string()]);
         assert_eq!(s.rule.quorum_ppm, 750_000);
+        // Its commented strict-mode block is valid too, once uncommented.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let strict = text.lines().skip_while(|l| !l.starts_with("# Strict mode")).skip(2);
+        let uncommented: String = strict.map(|l| l.trim_start_matches("# ").to_owned() + "\n").collect();
+        let layer: Layer = toml::from_str(&uncommented).unwrap();
+        assert!(layer.strict);
+        assert_eq!((layer.lease_duration, layer.lease_grace, layer.max_hold), (Some(120.0), Some(30.0), Some(3600.0)));
     }
 
     #[test]
