@@ -151,3 +151,74 @@ fn six_strict_listeners_asked_at_once_never_take_the_cluster_below_quorum() {
     assert_eq!(s["strict"]["holders"], serde_json::json!([]), "every permit released: {s}");
     assert_eq!(s["verdict"]["serving"].as_u64(), Some(6));
 }
+
+/// The binary's strict-mode edges, as an operator meets them: a missing table stops a one-shot
+/// restart with exit 3 before any load-balancer call; `lease release` removes a stuck entry (and
+/// says so when there is none); bad lease values are usage errors.
+#[test]
+fn missing_table_stuck_entries_and_bad_values_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("calls.jsonl");
+    let moto = Moto::start_locked(Some(&record));
+    let (lb, ns) = unique_cluster();
+    let ids = moto.cluster(&lb, &ns, 4);
+    let sup = Supervisord::start("[program:web]\ncommand=sleep 100000\nstartsecs=1\n", false, &moto.env());
+    eventually(T, "web RUNNING", || sup.pid("web"));
+    let before = sup.pid("web");
+    let mut env = moto.env();
+    env.extend(sup.client_env());
+    let host = format!("node0.{ns}");
+    let state = sup.path("state");
+
+    std::fs::write(&record, "").unwrap();
+    let out = one_shot("web", &host, &ids[0], &state, &["--strict", "--lease-table", "missing"], &env);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("permit table missing does not exist"), "{err}");
+    let recorded = std::fs::read_to_string(&record).unwrap();
+    let calls: Vec<Call> = recorded.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(calls.iter().any(|c| c.action == "GetItem"), "{recorded}");
+    assert!(calls.iter().all(|c| !c.action.contains("Instance")), "no load-balancer call: {recorded}");
+    assert_eq!(sup.pid("web"), before, "web untouched");
+
+    // A stuck entry (a holder killed before it could release): removed by hand.
+    moto.permit_table(TABLE);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let permits = rt.block_on(async {
+        elb_quorum::lease::Permits {
+            store: Arc::new(elb_quorum::lease::dynamo::DynamoStore::new(&moto.sdk_config().await, TABLE)),
+            key: ns.clone(),
+            me: ids[1].clone(),
+            duration: Duration::from_secs(120),
+            grace: Duration::from_secs(30),
+            max_hold: Duration::from_secs(3600),
+            skew_ms: 0,
+        }
+    });
+    rt.block_on(async {
+        let held = permits.acquire(elb_quorum::lease::Kind::Slot, 1).await.unwrap();
+        std::mem::forget(held); // never released
+    });
+    let release = ["lease", "release", "--instance", &ids[1], "--hostname", &host, "--domain", "example.com"];
+    let release: Vec<&str> = release.into_iter().chain(["--instance-id", &ids[0]]).collect();
+    let out = run_bin(&release, &env);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&format!("removed the slot entry of {}", ids[1])), "{}", text(&out.stdout));
+    assert!(rt.block_on(permits.read()).unwrap().holders.is_empty());
+    let out = run_bin(&release, &env);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stdout).contains("no permit entry"), "{}", text(&out.stdout));
+
+    for (flags, needle) in [
+        (&["--lease-duration", "60", "--lease-grace", "30"][..], "--lease-grace"),
+        (&["--lease-duration", "2"][..], "--lease-duration"),
+        (&["--max-hold", "10"][..], "--max-hold"),
+    ] {
+        let mut extra = vec!["--strict"];
+        extra.extend(flags);
+        let out = one_shot("web", &host, &ids[0], &state, &extra, &env);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(needle), "{flags:?}: {}", text(&out.stderr));
+    }
+    assert_eq!(moto.health(&lb).get(&ids[0]).map(String::as_str), Some("InService"), "never left");
+}
