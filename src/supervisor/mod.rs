@@ -296,11 +296,11 @@ impl SupervisorClient {
             match self.start(&p.namespec(), false, left).await {
                 Ok(_) => {}
                 Err(e) if e.fault_code() == Some(FaultCode::AlreadyStarted) => {}
-                Err(SupervisorError::Fault {
-                    code: code @ (FaultCode::SpawnError | FaultCode::AbnormalTermination),
-                    message,
-                    ..
-                }) => {
+                // startProcess reaps at once: a process that exited before that answers SPAWN_ERROR,
+                // yet supervisord retries it (BACKOFF, up to `startretries`) like any quick exit.
+                // Whether it comes up or ends FATAL is for the wait below to see, not this race.
+                Err(e) if e.fault_code() == Some(FaultCode::SpawnError) => {}
+                Err(SupervisorError::Fault { code: code @ FaultCode::AbnormalTermination, message, .. }) => {
                     return Err(SupervisorError::ProgramFailed {
                         program: p.namespec(),
                         state: format!("{code:?}"),
