@@ -2,10 +2,8 @@
 //! event, acknowledges it at once, hands restart requests to the worker, and writes `READY` again.
 //! Stdout carries the protocol and nothing else; logs go through `tracing` (journald or stderr).
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::protocol::{EventDecoder, ProtocolError, ACK_READY, READY};
@@ -26,7 +24,7 @@ pub enum Signal {
 pub enum End {
     /// supervisord closed stdin.
     Eof,
-    /// SIGTERM or SIGINT.
+    /// SIGTERM or SIGINT (seen by the runtime, not by the protocol loop).
     Signal,
     /// The stream cannot be resynchronised (exit 2; supervisord restarts the listener).
     Fatal(ProtocolError),
@@ -34,17 +32,13 @@ pub enum End {
     Io(io::Error),
 }
 
-/// Stdin as an async reader: a pipe (as supervisord gives) is read through the reactor, with no
-/// thread hop per event; anything else (a file, a terminal) through tokio's blocking stdin.
-pub fn stdin() -> Box<dyn AsyncRead + Unpin + Send> {
-    use std::os::fd::{AsFd, OwnedFd};
-    let fd: io::Result<OwnedFd> = io::stdin().as_fd().try_clone_to_owned();
-    if let Ok(fd) = fd {
-        if let Ok(rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
-            return Box::new(rx);
-        }
-    }
-    Box::new(tokio::io::stdin())
+/// Stdin and stdout as plain files (duplicates of fds 0 and 1): one `read` and one `write` system
+/// call per event, no buffering layer that could split or delay a reply.
+pub fn stdio() -> io::Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::AsFd;
+    let input = io::stdin().as_fd().try_clone_to_owned()?;
+    let output = io::stdout().as_fd().try_clone_to_owned()?;
+    Ok((input.into(), output.into()))
 }
 
 fn write_all(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
@@ -52,74 +46,62 @@ fn write_all(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
     out.flush()
 }
 
-/// Runs the protocol loop until EOF, a signal to stop, or a fatal protocol error.
-pub async fn run(
-    mut input: impl AsyncRead + Unpin,
-    mut out: impl Write,
-    mut signals: mpsc::Receiver<Signal>,
-    triggers: &Triggers,
-    hup_programs: &[String],
-    worker: &WorkerHandle,
-) -> End {
+/// Runs the protocol loop on the calling thread until EOF or a fatal protocol error, with blocking
+/// reads and writes: per event one `read` and one `write`, as the C floor makes, and no reactor in
+/// between (the restart cycles and signals live on the tokio runtime, on another thread; a request
+/// reaches the worker through `WorkerHandle::submit`, which wakes it).
+pub fn run(mut input: impl Read, mut out: impl Write, triggers: &Triggers, worker: &WorkerHandle) -> End {
     let mut decoder = EventDecoder::default();
     let mut buf = vec![0u8; 64 * 1024];
     if let Err(e) = write_all(&mut out, READY) {
         return End::Io(e);
     }
     loop {
-        tokio::select! {
-            read = input.read(&mut buf) => {
-                let n = match read {
-                    Ok(0) => {
-                        if !decoder.is_idle() {
-                            warn!(buffered = decoder.buffered(), "stdin closed in the middle of an event");
-                        }
-                        info!("stdin closed: supervisord is stopping the listener");
-                        return End::Eof;
+        let n = match input.read(&mut buf) {
+            Ok(0) => {
+                if !decoder.is_idle() {
+                    warn!(buffered = decoder.buffered(), "stdin closed in the middle of an event");
+                }
+                info!("stdin closed: supervisord is stopping the listener");
+                return End::Eof;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return End::Io(e),
+            Ok(n) => n,
+        };
+        decoder.feed(&buf[..n]);
+        loop {
+            match decoder.next_event() {
+                Ok(None) => break,
+                Ok(Some(event)) => match triggers.classify(&event, |p| worker.is_own(p)) {
+                    Action::Restart(req) => {
+                        info!(event = %event.describe(), programs = ?req.programs, origin = %req.origins[0], "restart requested");
+                        worker.submit(req);
                     }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return End::Io(e),
-                    Ok(n) => n,
-                };
-                decoder.feed(&buf[..n]);
-                loop {
-                    match decoder.next_event() {
-                        Ok(None) => break,
-                        Ok(Some(event)) => {
-                            match triggers.classify(&event, |p| worker.is_own(p)) {
-                                Action::Restart(req) => {
-                                    info!(event = %event.describe(), programs = ?req.programs, origin = %req.origins[0], "restart requested");
-                                    worker.submit(req);
-                                }
-                                Action::Ignore(why) => debug!(event = %event.describe(), "ignored: {why}"),
-                                Action::Reject(why) => warn!(event = %event.describe(), "unusable request acknowledged and dropped: {why}"),
-                            }
-                        }
-                        Err(e) if e.is_recoverable() => warn!(error = %e, "event acknowledged and dropped"),
-                        Err(e) => {
-                            error!(error = %e, "cannot continue reading events; exiting so that supervisord restarts the listener");
-                            return End::Fatal(e);
-                        }
+                    Action::Ignore(why) => debug!(event = %event.describe(), "ignored: {why}"),
+                    Action::Reject(why) => {
+                        warn!(event = %event.describe(), "unusable request acknowledged and dropped: {why}")
                     }
-                    if let Err(e) = write_all(&mut out, ACK_READY) {
-                        return End::Io(e);
-                    }
+                },
+                Err(e) if e.is_recoverable() => warn!(error = %e, "event acknowledged and dropped"),
+                Err(e) => {
+                    error!(error = %e, "cannot continue reading events; exiting so that supervisord restarts the listener");
+                    return End::Fatal(e);
                 }
             }
-            Some(sig) = signals.recv() => match sig {
-                Signal::Hup => {
-                    if hup_programs.is_empty() {
-                        warn!("SIGHUP received but no --program is configured; nothing to restart");
-                    } else {
-                        info!(programs = ?hup_programs, "SIGHUP: restart requested");
-                        worker.submit(RestartRequest::new(hup_programs.iter().cloned(), Origin::Signal));
-                    }
-                }
-                Signal::Term => {
-                    info!("SIGTERM/SIGINT: stopping after the cycle in progress");
-                    return End::Signal;
-                }
+            if let Err(e) = write_all(&mut out, ACK_READY) {
+                return End::Io(e);
             }
         }
+    }
+}
+
+/// SIGHUP: restart every `--program`.
+pub fn on_hup(worker: &WorkerHandle, hup_programs: &[String]) {
+    if hup_programs.is_empty() {
+        warn!("SIGHUP received but no --program is configured; nothing to restart");
+    } else {
+        info!(programs = ?hup_programs, "SIGHUP: restart requested");
+        worker.submit(RestartRequest::new(hup_programs.iter().cloned(), Origin::Signal));
     }
 }

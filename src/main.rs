@@ -289,6 +289,28 @@ impl ListenHandler {
     }
 }
 
+/// Until the protocol loop ends (EOF, fatal input, I/O error) or SIGTERM/SIGINT; SIGHUP asks for
+/// a restart of every `--program`.
+async fn wait_for_end(
+    mut end: tokio::sync::oneshot::Receiver<End>,
+    mut signals: mpsc::Receiver<Signal>,
+    worker: &worker::WorkerHandle,
+    hup_programs: &[String],
+) -> End {
+    loop {
+        tokio::select! {
+            e = &mut end => return e.unwrap_or(End::Eof),
+            Some(sig) = signals.recv() => match sig {
+                Signal::Hup => listener::on_hup(worker, hup_programs),
+                Signal::Term => {
+                    info!("SIGTERM/SIGINT: stopping after the cycle in progress");
+                    return End::Signal;
+                }
+            },
+        }
+    }
+}
+
 async fn listen(settings: Settings) -> Result<u8, Failure> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let signals = signals(shutdown_tx.clone())?;
@@ -305,8 +327,19 @@ async fn listen(settings: Settings) -> Result<u8, Failure> {
         cycle: tokio::sync::OnceCell::new(),
     };
     let (worker, join) = worker::spawn(handler);
-    let end =
-        listener::run(listener::stdin(), std::io::stdout(), signals, &triggers, &settings.programs, &worker).await;
+    // The protocol loop runs on its own thread with blocking I/O; this runtime keeps the worker and
+    // the signals. A thread blocked reading stdin does not hold the process: returning from main
+    // ends it.
+    let (input, output) = listener::stdio().map_err(|e| Failure::runtime(format!("stdin/stdout: {e}")))?;
+    let (end_tx, end_rx) = tokio::sync::oneshot::channel();
+    let protocol_worker = worker.clone();
+    std::thread::Builder::new()
+        .name("protocol".into())
+        .spawn(move || {
+            let _ = end_tx.send(listener::run(input, output, &triggers, &protocol_worker));
+        })
+        .map_err(|e| Failure::runtime(format!("starting the protocol thread: {e}")))?;
+    let end = wait_for_end(end_rx, signals, &worker, &settings.programs).await;
     // At the gate: give up; past it: the cycle finishes coming back before we exit.
     let _ = shutdown_tx.send(true);
     worker.shutdown();
