@@ -5,10 +5,14 @@ use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::fmt;
 
-use crate::protocol::{Event, EventBody, ProcessStateName};
+use crate::protocol::{quote, Event, EventBody, ProcessStateName};
 
 /// The `type` of REMOTE_COMMUNICATION events meant for elb-quorum (`elb-quorum request` sends it).
 pub const REMOTE_TYPE: &str = "elb-quorum";
+
+/// Bytes of a rejected request quoted in its log line: programs may talk at length on stdout, and
+/// a log line per message must stay short.
+pub const QUOTED: usize = 80;
 
 /// Where a restart request came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,14 +148,17 @@ impl Triggers {
                 }
                 match parse_command(data, None) {
                     Ok(programs) => Action::Restart(RestartRequest::new(programs, Origin::Remote)),
-                    Err(e) => Action::Reject(format!("remote request {:?}: {e}", data.trim())),
+                    Err(e) => Action::Reject(format!("remote request {}: {e}", quote(data.trim().as_bytes(), QUOTED))),
                 }
             }
             EventBody::ProcessCommunication { channel: crate::protocol::Channel::Stdout, source, data } => {
                 let sender = source.namespec();
                 match parse_command(data, Some(&sender)) {
                     Ok(programs) => Action::Restart(RestartRequest::new(programs, Origin::Program(sender))),
-                    Err(e) => Action::Reject(format!("request from program {sender} {:?}: {e}", data.trim())),
+                    Err(e) => Action::Reject(format!(
+                        "request from program {sender} {}: {e}",
+                        quote(data.trim().as_bytes(), QUOTED)
+                    )),
                 }
             }
             EventBody::ProcessState(ps) if matches!(ps.state, ProcessStateName::Exited | ProcessStateName::Fatal) => {
@@ -299,6 +306,16 @@ mod tests {
         for (name, payload, want) in cases {
             assert_eq!(t.classify(&event(name, payload), none), want, "{name} {payload:?}");
         }
+    }
+
+    #[test]
+    fn a_long_rejected_request_is_quoted_short() {
+        let talk = format!("processname:chatty groupname:chatty pid:1\nhello {}", "x".repeat(10_000));
+        let Action::Reject(why) = triggers().classify(&event("PROCESS_COMMUNICATION_STDOUT", &talk), |_| false) else {
+            panic!("not a rejection")
+        };
+        assert!(why.starts_with("request from program chatty \"hello xxx"), "{why}");
+        assert!(why.len() < 200 && why.contains("(+9926 bytes)"), "{}: {why}", why.len());
     }
 
     #[test]
