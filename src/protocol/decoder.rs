@@ -5,7 +5,7 @@
 //! is fatal. Payloads above the limit are skipped as they arrive, never buffered. Scanning resumes
 //! where it stopped, so a large payload fed in small chunks costs linear time.
 
-use super::parse::{header_line, parse_body, parse_header_line, MAX_HEADER_LINE};
+use super::parse::{header_line, parse_body, parse_header_interned, Interner, MAX_HEADER_LINE};
 use super::{quote, Event, EventBody, Header, ProtocolError};
 
 /// Bounds on what the decoder buffers.
@@ -44,6 +44,7 @@ pub struct EventDecoder {
     start: usize,
     state: State,
     limits: DecoderLimits,
+    strings: Interner,
 }
 
 impl Default for EventDecoder {
@@ -65,6 +66,12 @@ fn utf8_width(lead: u8) -> usize {
 
 fn is_continuation(b: u8) -> bool {
     (b as i8) < -64 // 0x80..=0xBF
+}
+
+/// Continuation bytes in `bytes`, counted with byte-wide accumulators (255 bytes at a time), which
+/// the compiler turns into 16 bytes per instruction; a `usize` count would widen every byte.
+fn continuations(bytes: &[u8]) -> usize {
+    bytes.chunks(255).map(|c| c.iter().fold(0u8, |n, &b| n + u8::from(is_continuation(b))) as usize).sum()
 }
 
 /// Advances over up to `chars_left` whole characters of `avail`, starting at byte `pos`; returns the
@@ -90,7 +97,7 @@ fn advance_chars(avail: &[u8], mut pos: usize, mut chars_left: usize) -> (usize,
             break;
         }
         let block = &avail[pos..end];
-        let starts = block.len() - block.iter().filter(|&&b| is_continuation(b)).count();
+        let starts = block.len() - continuations(block);
         pos = end;
         chars_left -= starts.min(chars_left);
     }
@@ -99,7 +106,7 @@ fn advance_chars(avail: &[u8], mut pos: usize, mut chars_left: usize) -> (usize,
 
 impl EventDecoder {
     pub fn new(limits: DecoderLimits) -> Self {
-        Self { buf: Vec::new(), start: 0, state: State::Header, limits }
+        Self { buf: Vec::new(), start: 0, state: State::Header, limits, strings: Interner::default() }
     }
 
     /// Appends bytes read from the stream.
@@ -134,7 +141,7 @@ impl EventDecoder {
                     match header_line(input) {
                         Ok((_, line)) => {
                             let header_bytes = line.len() + 1;
-                            let header = match parse_header_line(line) {
+                            let header = match parse_header_interned(line, &mut self.strings) {
                                 Ok(h) => h,
                                 Err(e) => {
                                     self.state = State::Broken;
@@ -182,7 +189,7 @@ impl EventDecoder {
                         Ok(body) => Ok(Some(Event { header, body })),
                         Err(reason) => Err(ProtocolError::BadPayload {
                             serial: header.serial,
-                            eventname: header.eventname,
+                            eventname: header.eventname.to_string(),
                             reason,
                         }),
                     };
@@ -206,7 +213,7 @@ impl EventDecoder {
                     }
                     return Err(ProtocolError::Oversized {
                         serial: header.serial,
-                        eventname: header.eventname,
+                        eventname: header.eventname.to_string(),
                         len: header.len,
                         limit: self.limits.max_payload_chars,
                     });

@@ -3,9 +3,10 @@
 //! Frame layer (streaming, `.parse()`): finds the header line; a missing `\n` is `Incomplete`.
 //! Content layer (complete, `.parse_complete()`): the `key:value` tokens of a finished line.
 
-use nom::bytes::{tag, take_till, take_while, take_while1};
-use nom::multi::separated_list1;
-use nom::sequence::separated_pair;
+use std::sync::Arc;
+
+use nom::bytes::{tag, take_until, take_while, take_while1};
+use nom::sequence::{preceded, separated_pair};
 use nom::{IResult, Parser};
 
 use super::{quote, Channel, EventBody, Header, ProcessState, ProcessStateName, ProtocolError, Source};
@@ -13,60 +14,145 @@ use super::{quote, Channel, EventBody, Header, ProcessState, ProcessStateName, P
 /// Longest header line accepted; supervisor's are about 120 bytes.
 pub const MAX_HEADER_LINE: usize = 4096;
 
+/// Most `key:value` tokens one line may carry (supervisor's have at most 7).
+pub const MAX_TOKENS: usize = 16;
+
 /// Frame layer, streaming:
 /// ```text
 /// header-line = *(%x00-09 / %x0B-FF) LF
 /// ```
-/// Returns the line without its `\n`.
+/// Returns the line without its `\n`. (`take_until` finds the `\n` with memchr.)
 pub(crate) fn header_line(input: &[u8]) -> IResult<&[u8], &[u8]> {
-    let (rest, line) = take_till(|b| b == b'\n').parse(input)?;
+    let (rest, line) = take_until(&b"\n"[..]).parse(input)?;
     let (rest, _) = tag(&b"\n"[..]).parse(rest)?;
     Ok((rest, line))
 }
 
-/// Content layer, complete:
+/// The tokens of one line, borrowed from it: no allocation per event.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tokens<'a> {
+    items: [(&'a str, &'a str); MAX_TOKENS],
+    n: usize,
+    /// More than `MAX_TOKENS` were present.
+    overflow: bool,
+}
+
+impl<'a> Tokens<'a> {
+    fn new() -> Self {
+        Tokens { items: [("", ""); MAX_TOKENS], n: 0, overflow: false }
+    }
+
+    fn push(&mut self, token: (&'a str, &'a str)) {
+        match self.items.get_mut(self.n) {
+            Some(slot) => {
+                *slot = token;
+                self.n += 1;
+            }
+            None => self.overflow = true,
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &(&'a str, &'a str)> {
+        self.items[..self.n].iter()
+    }
+}
+
+/// Content layer, complete, on the line's bytes (no character decoding):
 /// ```text
 /// tokens = token *(SP token)
 /// token  = key ":" value
 /// key    = 1*(ALPHA / DIGIT / "_")
 /// value  = *(%x21-FF)            ; anything but space and control characters
 /// ```
-fn tokens(line: &str) -> IResult<&str, Vec<(&str, &str)>> {
-    let key = take_while1(|c: char| c.is_ascii_alphanumeric() || c == '_');
-    let value = take_while(|c: char| c != ' ' && c != '\n');
-    separated_list1(tag(" "), separated_pair(key, tag(":"), value)).parse_complete(line)
+/// Token boundaries are ASCII bytes, so every part is also a `&str` slice of `line`.
+fn tokens<'a>(line: &'a str, toks: &mut Tokens<'a>) -> IResult<&'a [u8], ()> {
+    let text = move |part: &[u8]| {
+        let at = part.as_ptr() as usize - line.as_ptr() as usize;
+        &line[at..at + part.len()]
+    };
+    let token = move || {
+        separated_pair(
+            take_while1(|b: u8| b.is_ascii_alphanumeric() || b == b'_'),
+            tag(&b":"[..]),
+            take_while(|b: u8| b != b' ' && b != b'\n'),
+        )
+        .map(move |(k, v)| (text(k), text(v)))
+    };
+    let (mut rest, first) = token().parse_complete(line.as_bytes())?;
+    toks.push(first);
+    // `many0` by hand: nom's fold would move the token array through every step.
+    loop {
+        match preceded(tag(&b" "[..]), token()).parse_complete(rest) {
+            Ok((r, t)) => {
+                toks.push(t);
+                rest = r;
+            }
+            Err(nom::Err::Error(_)) => return Ok((rest, ())),
+            Err(e) => return Err(e),
+        }
+    }
 }
 
-/// Parses a whole token line (nothing may be left over).
-fn token_line(line: &str) -> Result<Vec<(&str, &str)>, String> {
-    match tokens(line) {
-        Ok(("", toks)) => Ok(toks),
-        Ok((rest, _)) => Err(format!("unexpected text {}", quote(rest.as_bytes(), 40))),
+/// Parses a whole token line (nothing may be left over) into `toks`, in place: the array is not
+/// moved around, which would cost more than the parse.
+fn token_line<'a>(line: &'a str, toks: &mut Tokens<'a>) -> Result<(), String> {
+    match tokens(line, toks) {
+        Ok(_) if toks.overflow => Err(format!("more than {MAX_TOKENS} tokens in {}", quote(line.as_bytes(), 40))),
+        Ok((b"", ())) => Ok(()),
+        Ok((rest, ())) => Err(format!("unexpected text {}", quote(rest, 40))),
         Err(_) => Err(format!("expected key:value tokens, got {}", quote(line.as_bytes(), 40))),
     }
 }
 
-fn field<'a>(toks: &[(&'a str, &'a str)], key: &str) -> Option<&'a str> {
+fn field<'a>(toks: &Tokens<'a>, key: &str) -> Option<&'a str> {
     toks.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
 }
 
-fn required<'a>(toks: &[(&'a str, &'a str)], key: &str) -> Result<&'a str, String> {
+fn required<'a>(toks: &Tokens<'a>, key: &str) -> Result<&'a str, String> {
     field(toks, key).ok_or_else(|| format!("missing `{key}`"))
 }
 
-fn number<T: std::str::FromStr>(toks: &[(&str, &str)], key: &str) -> Result<Option<T>, String> {
+fn number<T: std::str::FromStr>(toks: &Tokens<'_>, key: &str) -> Result<Option<T>, String> {
     match field(toks, key) {
         None => Ok(None),
         Some(v) => v.parse().map(Some).map_err(|_| format!("`{key}` is not a number: {}", quote(v.as_bytes(), 20))),
     }
 }
 
+/// The header strings seen last, shared between events instead of allocated for each: supervisord
+/// repeats `ver`, `server` and `pool` on every event and uses a handful of event names.
+#[derive(Debug, Default)]
+pub(crate) struct Interner {
+    seen: Vec<Arc<str>>,
+}
+
+impl Interner {
+    /// Most distinct strings kept (supervisor has about 30 event names).
+    const KEEP: usize = 64;
+
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(hit) = self.seen.iter().find(|k| ***k == *s) {
+            return hit.clone();
+        }
+        let new: Arc<str> = Arc::from(s);
+        if self.seen.len() < Self::KEEP {
+            self.seen.push(new.clone());
+        }
+        new
+    }
+}
+
 /// Parses a finished header line (without its `\n`) into a [`Header`].
 /// `ver`, `eventname` and a numeric `len` are required; the rest default to empty or zero.
 pub fn parse_header_line(line: &[u8]) -> Result<Header, ProtocolError> {
+    parse_header_interned(line, &mut Interner::default())
+}
+
+pub(crate) fn parse_header_interned(line: &[u8], strings: &mut Interner) -> Result<Header, ProtocolError> {
     let bad = |reason| ProtocolError::BadHeader { quoted: quote(line, 120), reason };
     let text = std::str::from_utf8(line).map_err(|_| bad("not UTF-8"))?;
-    let toks = token_line(text).map_err(|_| bad("expected space-separated key:value tokens"))?;
+    let mut toks = Tokens::new();
+    token_line(text, &mut toks).map_err(|_| bad("expected space-separated key:value tokens"))?;
     let len = field(&toks, "len").ok_or_else(|| bad("no `len` token"))?;
     let len = len.parse::<usize>().map_err(|_| bad("`len` is not a number"))?;
     let eventname = field(&toks, "eventname").filter(|e| !e.is_empty()).ok_or_else(|| bad("no `eventname` token"))?;
@@ -74,17 +160,17 @@ pub fn parse_header_line(line: &[u8]) -> Result<Header, ProtocolError> {
     let serial = number::<u64>(&toks, "serial").map_err(|_| bad("`serial` is not a number"))?;
     let poolserial = number::<u64>(&toks, "poolserial").map_err(|_| bad("`poolserial` is not a number"))?;
     Ok(Header {
-        ver: ver.to_owned(),
-        server: field(&toks, "server").unwrap_or_default().to_owned(),
+        ver: strings.get(ver),
+        server: strings.get(field(&toks, "server").unwrap_or_default()),
         serial: serial.unwrap_or(0),
-        pool: field(&toks, "pool").unwrap_or_default().to_owned(),
+        pool: strings.get(field(&toks, "pool").unwrap_or_default()),
         poolserial: poolserial.unwrap_or(0),
-        eventname: eventname.to_owned(),
+        eventname: strings.get(eventname),
         len,
     })
 }
 
-fn source(toks: &[(&str, &str)]) -> Result<Source, String> {
+fn source(toks: &Tokens<'_>) -> Result<Source, String> {
     Ok(Source {
         processname: required(toks, "processname")?.to_owned(),
         groupname: field(toks, "groupname").unwrap_or_default().to_owned(),
@@ -136,7 +222,8 @@ fn parse_parts(eventname: &str, payload: &str) -> Result<(EventBody, Option<usiz
         let Some(state) = ProcessStateName::from_name(state) else {
             return unknown();
         };
-        let toks = token_line(payload.trim_end_matches('\n'))?;
+        let mut toks = Tokens::new();
+        token_line(payload.trim_end_matches('\n'), &mut toks)?;
         return Ok((
             EventBody::ProcessState(ProcessState {
                 state,
@@ -153,7 +240,8 @@ fn parse_parts(eventname: &str, payload: &str) -> Result<(EventBody, Option<usiz
     }
     if let Some(ch) = eventname.strip_prefix("PROCESS_COMMUNICATION_").and_then(channel) {
         let (line, at) = split_at_data(payload);
-        let toks = token_line(line)?;
+        let mut toks = Tokens::new();
+        token_line(line, &mut toks)?;
         return Ok((
             EventBody::ProcessCommunication { channel: ch, source: source(&toks)?, data: String::new() },
             Some(at),
@@ -161,21 +249,24 @@ fn parse_parts(eventname: &str, payload: &str) -> Result<(EventBody, Option<usiz
     }
     if let Some(ch) = eventname.strip_prefix("PROCESS_LOG_").and_then(channel) {
         let (line, at) = split_at_data(payload);
-        let toks = token_line(line)?;
+        let mut toks = Tokens::new();
+        token_line(line, &mut toks)?;
         return Ok((EventBody::ProcessLog { channel: ch, source: source(&toks)?, data: String::new() }, Some(at)));
     }
     if let Some(period) = eventname.strip_prefix("TICK_") {
         let Ok(period) = period.parse() else {
             return unknown();
         };
-        let toks = token_line(payload.trim_end_matches('\n'))?;
+        let mut toks = Tokens::new();
+        token_line(payload.trim_end_matches('\n'), &mut toks)?;
         let when = number(&toks, "when")?.ok_or("missing `when`")?;
         return Ok((EventBody::Tick { period, when }, None));
     }
     let body = match eventname {
         "REMOTE_COMMUNICATION" => {
             let (line, at) = split_at_data(payload);
-            let toks = token_line(line)?;
+            let mut toks = Tokens::new();
+            token_line(line, &mut toks)?;
             return Ok((
                 EventBody::RemoteCommunication { kind: required(&toks, "type")?.to_owned(), data: String::new() },
                 Some(at),
@@ -184,14 +275,16 @@ fn parse_parts(eventname: &str, payload: &str) -> Result<(EventBody, Option<usiz
         "SUPERVISOR_STATE_CHANGE_RUNNING" => EventBody::SupervisorStateChange { running: true },
         "SUPERVISOR_STATE_CHANGE_STOPPING" => EventBody::SupervisorStateChange { running: false },
         "PROCESS_GROUP_ADDED" | "PROCESS_GROUP_REMOVED" => {
-            let toks = token_line(payload.trim_end_matches('\n'))?;
+            let mut toks = Tokens::new();
+            token_line(payload.trim_end_matches('\n'), &mut toks)?;
             EventBody::ProcessGroup {
                 added: eventname == "PROCESS_GROUP_ADDED",
                 groupname: required(&toks, "groupname")?.to_owned(),
             }
         }
         "EVENT_BUFFER_OVERFLOW" => {
-            let toks = token_line(payload.trim_end_matches('\n'))?;
+            let mut toks = Tokens::new();
+            token_line(payload.trim_end_matches('\n'), &mut toks)?;
             EventBody::EventBufferOverflow {
                 groupname: field(&toks, "groupname").unwrap_or_default().to_owned(),
                 fields: toks.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
