@@ -32,6 +32,8 @@ pub enum Fault {
     ServerError,
     Unreachable,
     NotFound,
+    /// AccessDenied (HTTP 403).
+    Denied,
 }
 
 #[derive(Debug, Clone)]
@@ -218,6 +220,12 @@ impl FakeLb {
                 Err(LbError::Unreachable { lb, action, detail: "connection refused (fake)".into() })
             }
             Some(Fault::NotFound) => Err(LbError::LoadBalancerNotFound { lb }),
+            Some(Fault::Denied) => Err(LbError::Rejected {
+                lb,
+                action,
+                code: "AccessDenied".into(),
+                message: "User is not authorized to perform this action (fake)".into(),
+            }),
         }
     }
 }

@@ -135,6 +135,24 @@ async fn throttling_at_the_gate_counts_as_failed_checks_then_succeeds() {
     assert!(h.lb.is_serving(&me()));
 }
 
+/// Why the fake: moto does not enforce IAM. A refusal is not worth another check: it fails at once.
+#[tokio::test(start_paused = true)]
+async fn access_denied_at_the_gate_fails_at_once_changing_nothing() {
+    let h = harness(4, S(0), S(5));
+    h.lb.inject(Op::Registered, Fault::Denied, 1);
+    let start = tokio::time::Instant::now();
+    match h.cycle.run(&web()).await {
+        Err(CycleError::Lb(e)) => {
+            assert!(!e.is_retryable());
+            assert!(e.to_string().contains("AccessDenied"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.lb.count(Op::Registered, None), 1, "one check, not --max-checks of them");
+    assert!(start.elapsed() < S(1), "no wait at the gate: {:?}", start.elapsed());
+    assert_eq!(h.lb.count(Op::Deregister, None), 0);
+}
+
 /// Why the fake: moto never answers 5xx.
 #[tokio::test(start_paused = true)]
 async fn server_errors_on_register_are_retried_until_registered() {

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use aws_sdk_elasticloadbalancing::config::http::HttpResponse;
 use aws_sdk_elasticloadbalancing::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_elasticloadbalancing::types::Instance;
 use aws_sdk_elasticloadbalancing::Client;
@@ -21,10 +22,9 @@ impl ClassicElb {
         Self { client: Client::new(config), name: name.into() }
     }
 
-    fn map<E, R>(&self, action: &'static str, instance: Option<&str>, err: SdkError<E, R>) -> LbError
+    fn map<E>(&self, action: &'static str, instance: Option<&str>, err: SdkError<E, HttpResponse>) -> LbError
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-        R: std::fmt::Debug + Send + Sync + 'static,
     {
         let lb = self.name.clone();
         match &err {
@@ -41,7 +41,10 @@ impl ClassicElb {
                         message,
                     },
                     "Throttling" | "ThrottlingException" | "RequestLimitExceeded" => LbError::Throttled { lb, action },
-                    _ => LbError::Service { lb, action, code, message },
+                    // AWS's side (5xx): worth another check. Anything else is our request or our
+                    // permissions (AccessDenied, validation): waiting does not heal it.
+                    _ if se.raw().status().is_server_error() => LbError::Service { lb, action, code, message },
+                    _ => LbError::Rejected { lb, action, code, message },
                 }
             }
             _ => {

@@ -72,8 +72,12 @@ pub enum LbError {
     InvalidInstance { lb: String, instance: String, action: &'static str, message: String },
     #[error("{action} on load balancer {lb} was throttled (Rate exceeded) even after retries")]
     Throttled { lb: String, action: &'static str },
+    /// AWS failed on its side (HTTP 5xx) even after the SDK's retries.
     #[error("{action} on load balancer {lb} failed: {code}: {message}")]
     Service { lb: String, action: &'static str, code: String, message: String },
+    /// AWS refused the request (HTTP 4xx other than throttling): permissions, validation.
+    #[error("{action} on load balancer {lb} was refused: {code}: {message} (for AccessDenied, see the IAM policy in the README)")]
+    Rejected { lb: String, action: &'static str, code: String, message: String },
     #[error("{action} on load balancer {lb}: no usable AWS credentials ({detail}); give the instance an IAM role (instance profile), or set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")]
     Credentials { lb: String, action: &'static str, detail: String },
     #[error("{action} on load balancer {lb} could not reach AWS: {detail}")]
@@ -81,7 +85,8 @@ pub enum LbError {
 }
 
 impl LbError {
-    /// Worth trying again later (the SDK has already retried with backoff).
+    /// Worth trying again later (the SDK has already retried with backoff). A refusal is not: an
+    /// AccessDenied at the gate fails at once instead of spending every check.
     pub fn is_retryable(&self) -> bool {
         matches!(self, LbError::Throttled { .. } | LbError::Unreachable { .. } | LbError::Service { .. })
     }
