@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
 use aws_config::BehaviorVersion;
+use aws_sdk_elasticloadbalancing::config::http::HttpResponse;
+use aws_sdk_elasticloadbalancing::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 
 use crate::config::Settings;
 use crate::lb::{lb_name_from_hostname, namespace};
@@ -40,17 +42,39 @@ pub async fn aws_config() -> aws_config::SdkConfig {
         .await
 }
 
-/// Missing credentials surface from the SDK as a dispatch failure: finds the cause by type anywhere
-/// in the error's source chain.
-pub fn credentials_error(err: &(dyn std::error::Error + 'static)) -> Option<String> {
-    let mut source = Some(err);
+/// An AWS SDK error, reduced to what callers branch on. Every service crate's `SdkError` and HTTP
+/// response are the same smithy types, so one reading serves the load balancer, EC2 and DynamoDB.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AwsFailure {
+    /// AWS answered with an error: its code and message, and whether it was on AWS's side (5xx).
+    Service { code: String, message: String, server_error: bool },
+    /// No usable credentials (found by type anywhere in the error's source chain: the SDK reports
+    /// them as a dispatch failure).
+    Credentials(String),
+    /// Never got an answer: connection, timeout, DNS.
+    Unreachable(String),
+}
+
+pub fn aws_failure<E>(err: &SdkError<E, HttpResponse>) -> AwsFailure
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    if let SdkError::ServiceError(se) = err {
+        let e = se.err();
+        return AwsFailure::Service {
+            code: e.code().unwrap_or("Unknown").to_owned(),
+            message: e.message().unwrap_or_default().to_owned(),
+            server_error: se.raw().status().is_server_error(),
+        };
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = source {
         if let Some(c) = e.downcast_ref::<aws_credential_types::provider::error::CredentialsError>() {
-            return Some(c.to_string());
+            return AwsFailure::Credentials(c.to_string());
         }
         source = e.source();
     }
-    None
+    AwsFailure::Unreachable(DisplayErrorContext(err).to_string())
 }
 
 /// Resolves the identity from settings, asking IMDS only for what no flag gave.

@@ -4,9 +4,11 @@
 use std::time::Duration;
 
 use aws_sdk_elasticloadbalancing::config::http::HttpResponse;
-use aws_sdk_elasticloadbalancing::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_elasticloadbalancing::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_elasticloadbalancing::types::Instance;
 use aws_sdk_elasticloadbalancing::Client;
+
+use crate::identity::{aws_failure, AwsFailure};
 
 use super::{HealthState, InstanceHealth, LbError, LbTimings, LoadBalancer};
 
@@ -27,32 +29,20 @@ impl ClassicElb {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         let lb = self.name.clone();
-        match &err {
-            SdkError::ServiceError(se) => {
-                let e = se.err();
-                let code = e.code().unwrap_or("Unknown").to_owned();
-                let message = e.message().unwrap_or_default().to_owned();
-                match code.as_str() {
-                    "LoadBalancerNotFound" => LbError::LoadBalancerNotFound { lb },
-                    "InvalidInstance" => LbError::InvalidInstance {
-                        lb,
-                        instance: instance.unwrap_or_default().to_owned(),
-                        action,
-                        message,
-                    },
-                    "Throttling" | "ThrottlingException" | "RequestLimitExceeded" => LbError::Throttled { lb, action },
-                    // AWS's side (5xx): worth another check. Anything else is our request or our
-                    // permissions (AccessDenied, validation): waiting does not heal it.
-                    _ if se.raw().status().is_server_error() => LbError::Service { lb, action, code, message },
-                    _ => LbError::Rejected { lb, action, code, message },
+        match aws_failure(&err) {
+            AwsFailure::Service { code, message, server_error } => match code.as_str() {
+                "LoadBalancerNotFound" => LbError::LoadBalancerNotFound { lb },
+                "InvalidInstance" => {
+                    LbError::InvalidInstance { lb, instance: instance.unwrap_or_default().to_owned(), action, message }
                 }
-            }
-            _ => {
-                if let Some(detail) = crate::identity::credentials_error(&err) {
-                    return LbError::Credentials { lb, action, detail };
-                }
-                LbError::Unreachable { lb, action, detail: DisplayErrorContext(&err).to_string() }
-            }
+                "Throttling" | "ThrottlingException" | "RequestLimitExceeded" => LbError::Throttled { lb, action },
+                // AWS's side (5xx): worth another check. Anything else is our request or our
+                // permissions (AccessDenied, validation): waiting does not heal it.
+                _ if server_error => LbError::Service { lb, action, code, message },
+                _ => LbError::Rejected { lb, action, code, message },
+            },
+            AwsFailure::Credentials(detail) => LbError::Credentials { lb, action, detail },
+            AwsFailure::Unreachable(detail) => LbError::Unreachable { lb, action, detail },
         }
     }
 }

@@ -4,9 +4,11 @@
 use std::collections::BTreeSet;
 use std::future::Future;
 
-use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::config::http::HttpResponse;
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::Filter;
 
+use crate::identity::AwsFailure;
 use crate::quorum::Members;
 
 /// Instance states that still belong to the cluster (terminated and shutting-down do not).
@@ -91,17 +93,20 @@ impl Membership for Ec2NameMembers {
     }
 }
 
-fn ec2_error<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static, R: std::fmt::Debug>(
+fn ec2_error<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
     ns: &str,
-    e: SdkError<E, R>,
+    e: SdkError<E, HttpResponse>,
 ) -> String {
-    match &e {
-        SdkError::ServiceError(se) => format!(
-            "EC2 DescribeInstances for members *.{ns} failed: {}: {}",
-            se.err().code().unwrap_or("Unknown"),
-            se.err().message().unwrap_or_default()
-        ),
-        _ => format!("EC2 DescribeInstances for members *.{ns} could not reach AWS: {}", DisplayErrorContext(&e)),
+    match crate::identity::aws_failure(&e) {
+        AwsFailure::Service { code, message, .. } => {
+            format!("EC2 DescribeInstances for members *.{ns} failed: {code}: {message}")
+        }
+        AwsFailure::Credentials(detail) => {
+            format!("EC2 DescribeInstances for members *.{ns}: no usable AWS credentials ({detail})")
+        }
+        AwsFailure::Unreachable(detail) => {
+            format!("EC2 DescribeInstances for members *.{ns} could not reach AWS: {detail}")
+        }
     }
 }
 

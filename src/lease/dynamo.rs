@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
-use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValuesOnConditionCheckFailure};
 use aws_sdk_dynamodb::Client;
+
+use crate::identity::{aws_failure, AwsFailure};
 
 use super::{BoxFuture, Holder, Kind, LeaseError, PermitStore, Record, Write, Written};
 
@@ -39,32 +41,23 @@ impl DynamoStore {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         let table = self.table.clone();
-        match &err {
-            SdkError::ServiceError(se) => {
-                let e = se.err();
-                let code = e.code().unwrap_or("Unknown").to_owned();
-                let message = e.message().unwrap_or_default().to_owned();
-                match code.as_str() {
-                    "ResourceNotFoundException" => LeaseError::NoTable { table },
-                    "AccessDeniedException" | "UnrecognizedClientException" => {
-                        LeaseError::AccessDenied { table, action, message }
-                    }
-                    "ProvisionedThroughputExceededException" | "ThrottlingException" | "RequestLimitExceeded" => {
-                        LeaseError::Throttled { table, action }
-                    }
-                    "InternalServerError" | "ServiceUnavailable" | "TransactionConflictException" => {
-                        LeaseError::Unavailable { table, action, detail: format!("{code}: {message}") }
-                    }
-                    _ if se.raw().status().is_server_error() => {
-                        LeaseError::Unavailable { table, action, detail: format!("{code}: {message}") }
-                    }
-                    _ => LeaseError::Rejected { table, action, code, message },
+        match aws_failure(&err) {
+            AwsFailure::Service { code, message, server_error } => match code.as_str() {
+                "ResourceNotFoundException" => LeaseError::NoTable { table },
+                "AccessDeniedException" | "UnrecognizedClientException" => {
+                    LeaseError::AccessDenied { table, action, message }
                 }
-            }
-            _ => match crate::identity::credentials_error(&err) {
-                Some(detail) => LeaseError::Credentials { table, action, detail },
-                None => LeaseError::Unavailable { table, action, detail: DisplayErrorContext(&err).to_string() },
+                "ProvisionedThroughputExceededException" | "ThrottlingException" | "RequestLimitExceeded" => {
+                    LeaseError::Throttled { table, action }
+                }
+                "TransactionConflictException" => {
+                    LeaseError::Unavailable { table, action, detail: format!("{code}: {message}") }
+                }
+                _ if server_error => LeaseError::Unavailable { table, action, detail: format!("{code}: {message}") },
+                _ => LeaseError::Rejected { table, action, code, message },
             },
+            AwsFailure::Credentials(detail) => LeaseError::Credentials { table, action, detail },
+            AwsFailure::Unreachable(detail) => LeaseError::Unavailable { table, action, detail },
         }
     }
 
