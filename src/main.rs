@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 use elb_quorum::cli::{Cli, Command, LeaseCommand};
 use elb_quorum::config::{ConfigError, MembersSource, Settings};
 use elb_quorum::cycle::state_file::{StateFile, StateFileError};
-use elb_quorum::cycle::{Cycle, CycleError, Outcome, Timing};
+use elb_quorum::cycle::{held_by, Cycle, CycleError, Outcome, Timing};
 use elb_quorum::identity::{self, Identity};
 use elb_quorum::lb::classic::ClassicElb;
 use elb_quorum::lb::members::{AnyMembers, Ec2NameMembers, Membership, StaticMembers};
@@ -211,8 +211,9 @@ fn log_outcome(result: &Result<Outcome, CycleError>) {
         Ok(Outcome::NoPermit { holders, permits, checks }) => {
             warn!(
                 checks,
-                "restart request given up: no free permit after {checks} checks ({permits} held by {}); nothing changed",
-                holders.join(" ")
+                permits,
+                "restart request given up: no free permit after {checks} checks ({}); nothing changed",
+                held_by(holders)
             )
         }
         Err(e) if e.left_out() => error!("{}", chain(e)),
@@ -381,11 +382,8 @@ async fn restart(settings: Settings, programs: Vec<String>) -> Result<u8, Failur
             eprintln!("elb-quorum: quorum not reached after {checks} checks ({}); nothing changed", verdict.summary());
             Ok(NO_QUORUM)
         }
-        Outcome::NoPermit { holders, permits, checks } => {
-            eprintln!(
-                "elb-quorum: no free permit after {checks} checks ({permits} held by {}); nothing changed",
-                holders.join(" ")
-            );
+        Outcome::NoPermit { holders, checks, .. } => {
+            eprintln!("elb-quorum: no free permit after {checks} checks ({}); nothing changed", held_by(&holders));
             Ok(NO_QUORUM)
         }
         Outcome::Aborted => {

@@ -489,10 +489,10 @@ mod strict {
     async fn heartbeat_lost_before_deregistering_aborts_and_releases() {
         let mut h = harness(4, S(0), S(5));
         let store = FakeStore::new();
-        // Renewals fail and the load balancer answers slowly: 6 s ± 50 % per call, so reading health and
-        // the timings outlast the 5 s the permit is trusted without a renewal.
+        // Renewals fail and the load balancer answers slowly: 12 s ± 50 % per call, so reading health
+        // (at least 6 s) outlasts the 5 s the permit is trusted without a renewal.
         store.fault_always(StoreOp::Renew, Some(StoreFault::Throttled));
-        h.cycle.lb.latency = S(6);
+        h.cycle.lb.latency = S(12);
         h.cycle.permits = Some(short(&store, &me()));
         match h.cycle.run(&web()).await {
             Err(CycleError::PermitLost { why }) => assert!(why.contains("not renewed in time"), "{why}"),
@@ -604,6 +604,22 @@ mod strict {
         assert!(!renewals.is_empty() && renewals.iter().all(|at| *at < S(12)), "{renewals:?}");
         assert!(held.lost().is_some(), "past exp − G without renewal");
         let Acquired::Granted(_) = peer.acquire(Kind::Slot, 1).await.unwrap() else { panic!("the entry expired") };
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cluster_too_small_for_any_permit_gives_up_saying_so() {
+        let mut h = harness(2, S(0), S(5)); // 2 members at 0.75: both must serve, L = 0
+        let store = FakeStore::new();
+        strict(&mut h, &store);
+        h.cycle.timing.max_checks = 2;
+        match h.cycle.run(&web()).await.unwrap() {
+            Outcome::NoPermit { holders, permits: 0, checks: 2 } => {
+                assert_eq!(elb_quorum::cycle::held_by(&holders), "the cluster allows no instance out at once")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(store_ops(&store, StoreOp::Acquire), Vec::<&str>::new(), "nothing written");
+        assert_eq!(h.lb.count(Op::Deregister, None), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,6 +1,7 @@
 //! The gated restart cycle, shared by `listen` and the one-shot `restart`:
 //! validate programs → gate (quorum) → deregister → recheck → wait drained → restart programs →
-//! register → wait InService. The state file is written before each side effect; `reconcile`
+//! register → wait InService. In strict mode the gate takes a permit first (`crate::lease`), holds
+//! it until InService again and skips the recheck, which the permit makes unnecessary. The state file is written before each side effect; `reconcile`
 //! finishes a cycle that a previous process left half done.
 //!
 //! Invariant: whatever fails after deregistering, the instance is registered again before `run`
@@ -161,6 +162,16 @@ pub fn settle_wait(settle: Duration, slot: Option<(usize, usize)>, now: Duration
     }
 }
 
+/// Who holds every permit, for messages; none at all when the cluster allows nobody out (too
+/// small for its quorum and `--min-in-service`).
+pub fn held_by(holders: &[String]) -> String {
+    if holders.is_empty() {
+        "the cluster allows no instance out at once".into()
+    } else {
+        format!("held by {}", holders.join(" "))
+    }
+}
+
 /// One instance's restart cycle.
 pub struct Cycle<L, M, S> {
     pub lb: L,
@@ -296,7 +307,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     Ok(Gate::GaveUp { verdict, checks: check })
                 }
                 Ok(StrictCheck::Full { holders, permits }) => {
-                    info!(lb = self.lb.name(), instance_id = %self.me, check, max_checks = self.timing.max_checks, permits, "no free permit: held by {}", holders.join(" "));
+                    info!(lb = self.lb.name(), instance_id = %self.me, check, max_checks = self.timing.max_checks, permits, "no free permit: {}", held_by(&holders));
                     Ok(Gate::NoPermit { holders, permits, checks: check })
                 }
                 Err(CycleError::Lease(e)) if e.is_retryable() => {
@@ -405,7 +416,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     return Ok(Outcome::GaveUp { verdict, checks });
                 }
                 Gate::NoPermit { holders, permits, checks } => {
-                    warn!(lb = self.lb.name(), instance_id = %self.me, checks, "giving up: no free permit after {checks} checks ({permits} held by {}); nothing changed", holders.join(" "));
+                    warn!(lb = self.lb.name(), instance_id = %self.me, checks, "giving up: no free permit after {checks} checks ({}); nothing changed", held_by(&holders));
                     return Ok(Outcome::NoPermit { holders, permits, checks });
                 }
                 Gate::Aborted => {
