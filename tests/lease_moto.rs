@@ -61,7 +61,7 @@ async fn acquire_full_exempt_heartbeat_release() {
     let exempt = granted(b.acquire(Kind::Exempt, 1).await.unwrap());
     assert_eq!(exempt.others, ["i-a".to_string()].into(), "the slot holder counts as out");
     let first_exp = r.holders["i-a"].exp;
-    tokio::time::sleep(Duration::from_millis(2600)).await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
     let r = a.read().await.unwrap();
     assert!(r.holders["i-a"].exp > first_exp, "renewed after D/4");
     assert!(r.ver >= 4, "every write bumps ver: {}", r.ver);
