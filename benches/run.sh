@@ -10,7 +10,7 @@ bash scripts/test-env
 py=${ELB_QUORUM_VENV:-$root/.venv}/bin/python
 stream=/tmp/events-100k.bin
 cargo build --release --locked --quiet
-bin=$root/target/release/elb-quorum
+bin=${CARGO_TARGET_DIR:-$root/target}/release/elb-quorum
 
 echo "== stream: $shared/bench/gen_events.py $stream -n 100000"
 [ -s "$stream" ] || "$py" "$shared/bench/gen_events.py" "$stream" -n 100000
