@@ -22,16 +22,22 @@ ELB_QUORUM_BENCH_STREAM=$stream cargo bench --locked --bench parser -- --noplot 
 
 echo "== listen loop under the shared driver, pinned to CPU 0 (requests go nowhere: no supervisord reachable)"
 cc -O2 -o /tmp/ceiling_listener "$shared/bench/ceiling_listener.c"
-for name in c python elb-quorum; do
-  case $name in
-    c) cmd=(/tmp/ceiling_listener) ;;
-    python) cmd=("$py" "$shared/bench/minimal_listener.py") ;;
-    elb-quorum) cmd=("$bin" listen --lb bench --instance-id i-bench --hostname n.bench.example.com --members static:4 --state-dir /tmp/elb-quorum-bench-state --log-level warn --log-target stderr) ;;
-  esac
-  echo "-- $name"
-  "$py" "$shared/bench/py_roundtrip.py" --events "$stream" -n 100000 --runs 3 --pin 0 \
-    --env AWS_ENDPOINT_URL=http://127.0.0.1:9 --env AWS_REGION=us-east-1 --env AWS_EC2_METADATA_DISABLED=true \
-    -- "${cmd[@]}"
+# The generated stream makes every tenth event a restart request (each a failing cycle attempt here);
+# the -norequest copy renames their type so that the protocol loop is measured alone.
+sed 's/type:elb-quorum/type:elb-quorun/g' "$stream" > "${stream%.bin}-norequest.bin"
+for events in "${stream%.bin}-norequest.bin" "$stream"; do
+  for name in c python elb-quorum; do
+    case $name in
+      c) cmd=(/tmp/ceiling_listener) ;;
+      python) cmd=("$py" "$shared/bench/minimal_listener.py") ;;
+      elb-quorum) cmd=("$bin" listen --lb bench --instance-id i-bench --hostname n.bench.example.com --members static:4 --state-dir /tmp/elb-quorum-bench-state --log-level warn --log-target stderr) ;;
+    esac
+    echo "-- $name on $events"
+    SUPERVISOR_SERVER_URL=unix:///tmp/elb-quorum-bench-missing.sock \
+    "$py" "$shared/bench/py_roundtrip.py" --events "$events" -n 100000 --runs 3 --pin 0 \
+      --env AWS_ENDPOINT_URL=http://127.0.0.1:9 --env AWS_REGION=us-east-1 --env AWS_EC2_METADATA_DISABLED=true \
+      -- "${cmd[@]}" | tail -1
+  done
 done
 
 echo "== idle memory under real supervisord"
