@@ -17,7 +17,7 @@ use elb_quorum::identity::{self, Identity};
 use elb_quorum::lb::classic::ClassicElb;
 use elb_quorum::lb::members::{AnyMembers, Ec2NameMembers, Membership, StaticMembers};
 use elb_quorum::lease::dynamo::DynamoStore;
-use elb_quorum::lease::{self, Kind, Permits};
+use elb_quorum::lease::{self, Permits};
 use elb_quorum::listener::{self, End, Signal};
 use elb_quorum::quorum::{decide, Reason};
 use elb_quorum::secret::Secret;
@@ -412,6 +412,15 @@ async fn request(settings: Settings, programs: Vec<String>) -> Result<u8, Failur
     Ok(OK)
 }
 
+/// What `status` reads of the permit record in strict mode.
+struct StrictView<'a> {
+    permits: &'a Permits,
+    record: lease::Record,
+    now: u64,
+    /// Slots not held by another live holder.
+    free: usize,
+}
+
 async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
     let (_tx, rx) = watch::channel(false);
     let (cycle, identity) = build(&settings, rx).await?;
@@ -424,16 +433,18 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
         Some(p) => {
             let record = p.read().await.map_err(|e| runtime(e.into()))?;
             let now = p.now();
-            let others = lease::others(&record, &p.me, now, p.grace);
-            let slots = record.live(now, p.grace).filter(|(id, h)| **id != p.me && h.kind == Kind::Slot).count();
-            Some((p, record, now, permits.saturating_sub(slots), others))
+            let free = permits.saturating_sub(record.other_slots(&p.me, now, p.grace).len());
+            Some(StrictView { permits: p, record, now, free })
         }
     };
     let mut verdict = match &strict {
-        Some((.., others)) => lease::decide_with_holders(snapshot, others, &settings.rule),
+        Some(v) => {
+            let others = lease::others(&v.record, &v.permits.me, v.now, v.permits.grace);
+            lease::decide_with_holders(snapshot, &others, &settings.rule)
+        }
         None => decide(&snapshot, &settings.rule),
     };
-    if let Some((_, _, _, 0, _)) = strict {
+    if strict.as_ref().is_some_and(|v| v.free == 0) {
         verdict.may_leave &= verdict.reason != Reason::QuorumHolds;
     }
     if json {
@@ -448,7 +459,7 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
             "max_out_at_once": permits,
             "verdict": verdict,
         });
-        if let Some((p, record, now, free, _)) = &strict {
+        if let Some(StrictView { permits: p, record, now, free }) = &strict {
             let holders: Vec<_> = record
                 .holders
                 .iter()
@@ -459,7 +470,7 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
                         "since_ms": h.since,
                         "exp_ms": h.exp,
                         "expired": h.exp < *now,
-                        "counted": h.exp + p.grace.as_millis() as u64 >= *now,
+                        "counted": h.counts(*now, p.grace),
                     })
                 })
                 .collect();
@@ -489,7 +500,7 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
             settings.rule.min_in_service
         );
         println!("max out at once   {permits}");
-        if let Some((p, record, now, free, _)) = &strict {
+        if let Some(StrictView { permits: p, record, now, free }) = &strict {
             println!("permits           {free} free of {permits} (table {}, key {})", settings.lease.table, p.key);
             for (id, h) in &record.holders {
                 let left = (h.exp as i64 - *now as i64) / 1000;

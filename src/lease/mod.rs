@@ -87,8 +87,22 @@ pub struct Record {
 impl Record {
     /// Holders still counted (`exp + grace ≥ now`), expired or not.
     pub fn live(&self, now: u64, grace: Duration) -> impl Iterator<Item = (&String, &Holder)> {
-        let grace = grace.as_millis() as u64;
-        self.holders.iter().filter(move |(_, h)| h.exp.saturating_add(grace) >= now)
+        self.holders.iter().filter(move |(_, h)| h.counts(now, grace))
+    }
+
+    /// The live slot holders other than `me`: the permits in use for anyone asking for a slot.
+    pub fn other_slots(&self, me: &str, now: u64, grace: Duration) -> Vec<String> {
+        self.live(now, grace)
+            .filter(|(id, h)| id.as_str() != me && h.kind == Kind::Slot)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+}
+
+impl Holder {
+    /// Still counted at `now`: not expired for more than `grace`.
+    pub fn counts(&self, now: u64, grace: Duration) -> bool {
+        self.exp.saturating_add(grace.as_millis() as u64) >= now
     }
 }
 
@@ -160,23 +174,18 @@ pub enum Plan {
 
 /// The acquire step, pure: from the record read at `now`, my new entry and the limit L.
 pub fn plan(record: Option<&Record>, me: &str, holder: Holder, limit: usize, now: u64, grace: Duration) -> Plan {
-    let Some(record) = record else {
-        if holder.kind == Kind::Slot && limit == 0 {
-            return Plan::Refuse { holders: vec![] };
-        }
-        return Plan::Write(Write::Create { id: me.into(), holder });
-    };
-    let live: BTreeSet<&String> = record.live(now, grace).map(|(id, _)| id).collect();
-    let slots: Vec<String> = record
-        .live(now, grace)
-        .filter(|(id, h)| id.as_str() != me && h.kind == Kind::Slot)
-        .map(|(id, _)| id.clone())
-        .collect();
+    let empty = Record::default();
+    let current = record.unwrap_or(&empty);
+    let slots = current.other_slots(me, now, grace);
     if holder.kind == Kind::Slot && slots.len() >= limit {
         return Plan::Refuse { holders: slots };
     }
-    let prune = record.holders.keys().filter(|id| id.as_str() != me && !live.contains(id)).cloned().collect();
-    Plan::Write(Write::Put { ver: record.ver, id: me.into(), holder, prune })
+    if record.is_none() {
+        return Plan::Write(Write::Create { id: me.into(), holder });
+    }
+    let prune =
+        current.holders.iter().filter(|(id, h)| id.as_str() != me && !h.counts(now, grace)).map(|(id, _)| id.clone());
+    Plan::Write(Write::Put { ver: current.ver, id: me.into(), holder, prune: prune.collect() })
 }
 
 /// The live holders other than `me`: every decision counts them out, InService or not.
