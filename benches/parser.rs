@@ -2,6 +2,10 @@
 //! `../shared/bench/gen_events.py`) and with non-ASCII payloads (where `len` counts characters).
 //! `ELB_QUORUM_BENCH_STREAM=/tmp/events-100k.bin` benchmarks that file too, so the figure can be set
 //! beside supervisor's own `childutils` on the same bytes (`benches/run.sh`).
+//!
+//! `framing/*` is the floor under any decoder of these streams: the same 64 KiB chunks copied into
+//! a buffer, each header line found and its `len` read, the payload skipped unread (no tokens, no
+//! character count, no validation, no event). A decoder cannot go faster than that.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use elb_quorum::protocol::EventDecoder;
@@ -51,6 +55,29 @@ fn decode(bytes: &[u8], chunk: usize) -> usize {
     n
 }
 
+/// The floor: copy each chunk into a buffer, find every header line (memchr) and its `len`, jump
+/// over `len` bytes. Only right for streams whose payloads are ASCII (`len` counts bytes then).
+fn framing(bytes: &[u8], chunk: usize) -> usize {
+    let mut buf: Vec<u8> = Vec::with_capacity(4 * chunk);
+    let (mut start, mut n) = (0, 0);
+    for c in bytes.chunks(chunk) {
+        buf.drain(..start);
+        start = 0;
+        buf.extend_from_slice(c);
+        while let Some(i) = memchr::memchr(b'\n', &buf[start..]) {
+            let line = &buf[start..start + i];
+            let at = memchr::memmem::rfind(line, b"len:").expect("every header has len") + 4;
+            let len: usize = std::str::from_utf8(&line[at..]).ok().and_then(|l| l.parse().ok()).expect("numeric len");
+            if start + i + 1 + len > buf.len() {
+                break;
+            }
+            start += i + 1 + len;
+            n += 1;
+        }
+    }
+    n
+}
+
 fn bench(c: &mut Criterion) {
     let mut streams = vec![
         ("ascii", stream(20_000, "log line: request served in 12 ms\tstatus=200\n")),
@@ -68,6 +95,13 @@ fn bench(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("events", name), bytes, |b, bytes| b.iter(|| decode(bytes, 64 * 1024)));
         g.throughput(Throughput::Bytes(bytes.len() as u64));
         g.bench_with_input(BenchmarkId::new("bytes", name), bytes, |b, bytes| b.iter(|| decode(bytes, 64 * 1024)));
+    }
+    g.finish();
+    let mut g = c.benchmark_group("framing");
+    for (name, (bytes, n)) in streams.iter().filter(|(name, _)| *name != "non-ascii") {
+        assert_eq!(framing(bytes, 64 * 1024), *n, "{name}: framing finds every event");
+        g.throughput(Throughput::Elements(*n as u64));
+        g.bench_with_input(BenchmarkId::new("events", name), bytes, |b, bytes| b.iter(|| framing(bytes, 64 * 1024)));
     }
     g.finish();
 }
