@@ -18,7 +18,7 @@ echo "== stream: $shared/bench/gen_events.py $stream -n 100000"
 echo "== parser: supervisor.childutils on the same stream"
 "$py" "$shared/bench/py_parse_bench.py" "$stream" --runs 5
 echo "== parser: elb-quorum decoder (criterion)"
-ELB_QUORUM_BENCH_STREAM=$stream cargo bench --locked --bench parser -- --noplot 2>&1 | grep -E "^decode|thrpt"
+ELB_QUORUM_BENCH_STREAM=$stream cargo bench --locked --bench parser -- --noplot 2>&1 | grep -E "^decode|^framing|thrpt"
 
 echo "== listen loop under the shared driver, pinned to CPU 0 (requests go nowhere: no supervisord reachable)"
 cc -O2 -o /tmp/ceiling_listener "$shared/bench/ceiling_listener.c"
@@ -41,7 +41,7 @@ for events in "${stream%.bin}-norequest.bin" "$stream"; do
 done
 
 echo "== idle memory under real supervisord"
-"$py" benches/idle_rss.py --bin "$bin"
+"$py" benches/idle_rss.py --bin "$bin" --smaps
 
 echo "== fleet makespan and cycle overhead, plain and strict (fake load balancer and permit store, simulated time)"
 cargo bench --locked --bench fleet
