@@ -1,0 +1,27 @@
+//! Release builds of the binary lay out the code an idle listener runs in one place
+//! (`src/hot-text.ld`, written by `benches/hot_text.py`): its resident text shrinks by about 2 MiB
+//! (benches/README.md). `ELB_QUORUM_HOT_TEXT=0` leaves it out, for a linker that does not take
+//! GNU linker scripts (GNU ld and lld do) or to train a new list.
+
+use std::env;
+use std::path::Path;
+
+fn main() {
+    println!("cargo:rerun-if-changed=src/hot-text.ld");
+    println!("cargo:rerun-if-env-changed=ELB_QUORUM_HOT_TEXT");
+    let linux = env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux");
+    // "release" for the release and bench profiles, "debug" for dev and test: tests link as usual.
+    let release = env::var("PROFILE").as_deref() == Ok("release");
+    let wanted = env::var("ELB_QUORUM_HOT_TEXT").as_deref() != Ok("0");
+    if linux && release && wanted {
+        let script =
+            Path::new(&env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("src/hot-text.ld");
+        if script.exists() {
+            println!("cargo:rustc-link-arg-bins={}", script.display());
+        } else {
+            println!(
+                "cargo:warning=src/hot-text.ld is missing: linking without it (python benches/hot_text.py writes it)"
+            );
+        }
+    }
+}
