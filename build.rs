@@ -1,7 +1,7 @@
 //! Release builds of the binary lay out the code an idle listener runs in one place
-//! (`src/hot-text.ld`, written by `benches/hot_text.py`): its resident text shrinks by about 2 MiB
+//! (`src/hot-text.ld`, written by `benches/hot_text.py`): its resident text shrinks by about 3 MiB
 //! (benches/README.md). `ELB_QUORUM_HOT_TEXT=0` leaves it out, for a linker that does not take
-//! GNU linker scripts (GNU ld and lld do) or to train a new list.
+//! GNU linker scripts with INSERT (GNU ld and lld do) or to train a new list.
 
 use std::env;
 use std::path::Path;
@@ -17,7 +17,9 @@ fn main() {
         let script =
             Path::new(&env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("src/hot-text.ld");
         if script.exists() {
-            println!("cargo:rustc-link-arg-bins={}", script.display());
+            // `-T` with a script of INSERT commands augments the linker's default layout (GNU ld
+            // wants `-T` for INSERT; lld takes it the same way).
+            println!("cargo:rustc-link-arg-bins=-Wl,-T,{}", script.display());
         } else {
             println!(
                 "cargo:warning=src/hot-text.ld is missing: linking without it (python benches/hot_text.py writes it)"
