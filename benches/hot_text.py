@@ -13,7 +13,7 @@ How:
    can name every function (it does not read a second executable section);
 2. runs it under callgrind (`--demangle=no`: the names are the linker's) twice: through
    benches/idle_rss.py's workload under a real supervisord, and on stdin with one event of every
-   family the listener parses (rejected requests and oversized payloads included);
+   family the listener parses (rejected requests and a malformed payload included);
 3. writes one input-section pattern per function that ran, with what changes from build to build
    replaced by `*` (legacy `17h<hash>E` suffixes, v0 crate disambiguators, LLVM's `.N` suffixes),
    so that the list keeps matching after unrelated changes; a function that no longer exists

@@ -7,10 +7,11 @@ Python listener (childutils wait/ok loop) in the same supervisord, after both ha
 Both listeners subscribe to PROCESS_STATE, REMOTE_COMMUNICATION and TICK_5. A flapping program and
 REMOTE_COMMUNICATION events (type `bench`, ignored by elb-quorum) give them work; then VmRSS and
 VmHWM are read from /proc. The binary is read whole before the start, so that the page cache
-holds all of it: the kernel then maps every 64 KiB window around a touched page of it (fault-around),
-the worst case and a repeatable one (a partly cached binary measured up to 1 MiB less, by chance).
-`--smaps` adds elb-quorum's resident memory per mapping. elb-quorum runs with a static identity and no AWS endpoint reachable
-(127.0.0.1:9): it makes no AWS call while idle. Everything binds 127.0.0.1 or a unix socket.
+holds all of it: the kernel then maps every 64 KiB window around a touched page of it
+(fault-around), the worst case and a repeatable one (a partly cached binary measured up to 1 MiB
+less, by chance). `--smaps` adds elb-quorum's resident memory per mapping. elb-quorum runs with a
+static identity and no AWS endpoint reachable (127.0.0.1:9): it makes no AWS call while idle.
+Everything binds 127.0.0.1 or a unix socket.
 """
 import argparse
 import os
