@@ -27,6 +27,9 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import idle_rss  # noqa: E402  (the benchmark's listener command and environment)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "src", "hot-text.ld")
 VALGRIND = ["valgrind", "--tool=callgrind", "--demangle=no", "--dump-line=no"]
@@ -131,11 +134,8 @@ def main():
         names |= functions(out1, binary)
         # 2. On stdin: every event family, rejected requests included; exits at EOF.
         out2 = os.path.join(d, "stdin.callgrind")
-        env = dict(os.environ, SUPERVISOR_SERVER_URL="unix://" + os.path.join(d, "missing.sock"),
-                   AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
-        subprocess.run(VALGRIND + ["--callgrind-out-file=" + out2, binary, "listen", "--lb", "bench", "--instance-id",
-                                   "i-bench", "--hostname", "n.bench.example.com", "--members", "static:4", "--state-dir",
-                                   os.path.join(d, "state"), "--log-level", "warn", "--log-target", "stderr"],
+        env = dict(os.environ, **idle_rss.LISTEN_ENV, SUPERVISOR_SERVER_URL="unix://" + os.path.join(d, "missing.sock"))
+        subprocess.run(VALGRIND + ["--callgrind-out-file=" + out2, binary] + idle_rss.listen_args(os.path.join(d, "state")),
                        input=stdin_stream(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
         names |= functions(out2, binary)
     if len(names) < 50:

@@ -52,16 +52,21 @@ fn script_and_hot_name() -> (PathBuf, String) {
     (script, pattern.replace('*', "0123456789abcdef"))
 }
 
-/// Runs the linked program, then checks that `hot` lies in `.text.hot_elbq`, before `.text`, and
-/// that `cold` does not.
-fn assert_laid_out(exe: &Path, hot: &str) {
+/// Writes `source` as `file` in a scratch directory, builds it with `compiler args… FILE -o EXE`,
+/// runs it, then checks that `hot` lies in `.text.hot_elbq`, before `.text`, and that `cold` does not.
+fn assert_laid_out(file: &str, source: String, compiler: &str, args: &[&str], hot: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, exe) = (dir.path().join(file), dir.path().join("prog"));
+    std::fs::write(&src, source).unwrap();
+    let (src, exe) = (src.to_str().unwrap(), exe.to_str().unwrap());
+    tool(compiler, &[args, &[src, "-o", exe]].concat());
     let status = Command::new(exe).status().expect("the linked program runs");
     assert!(status.success(), "the program linked with the script runs: {status}");
-    let sections = tool("readelf", &["-SW", exe.to_str().unwrap()]);
+    let sections = tool("readelf", &["-SW", exe]);
     let (hot_start, hot_size) = section(&sections, ".text.hot_elbq");
     let (text_start, _) = section(&sections, ".text");
     assert!(hot_start < text_start, ".text.hot_elbq comes before .text:\n{sections}");
-    let nm = tool("nm", &[exe.to_str().unwrap()]);
+    let nm = tool("nm", &[exe]);
     let (hot_at, cold_at) = (address(&nm, hot), address(&nm, "cold"));
     let in_hot = hot_start..hot_start + hot_size;
     assert!(in_hot.contains(&hot_at), "{hot} at {hot_at:#x} is in the hot section\n{sections}");
@@ -72,58 +77,29 @@ fn assert_laid_out(exe: &Path, hot: &str) {
 #[test]
 fn rustc_linker_places_listed_functions_in_the_hot_section() {
     let (script, hot) = script_and_hot_name();
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("prog.rs");
-    std::fs::write(
-        &src,
-        format!(
-            "#[export_name = \"{hot}\"]\n\
-             #[inline(never)]\n\
-             pub fn hot(x: usize) -> usize {{ x * 3 + 1 }}\n\
-             #[no_mangle]\n\
-             #[inline(never)]\n\
-             pub fn cold(x: usize) -> usize {{ x * 5 + 2 }}\n\
-             fn main() {{ let n = std::env::args().count(); std::process::exit((hot(n) + cold(n) == 0) as i32) }}\n"
-        ),
-    )
-    .unwrap();
-    let exe = dir.path().join("prog");
+    let source = format!(
+        "#[export_name = \"{hot}\"]\n\
+         #[inline(never)]\n\
+         pub fn hot(x: usize) -> usize {{ x * 3 + 1 }}\n\
+         #[no_mangle]\n\
+         #[inline(never)]\n\
+         pub fn cold(x: usize) -> usize {{ x * 5 + 2 }}\n\
+         fn main() {{ let n = std::env::args().count(); std::process::exit((hot(n) + cold(n) == 0) as i32) }}\n"
+    );
     let link_arg = format!("link-arg=-Wl,-T,{}", script.display()); // as build.rs passes it
-    tool("rustc", &["-O", "--edition", "2021", "-C", &link_arg, src.to_str().unwrap(), "-o", exe.to_str().unwrap()]);
-    assert_laid_out(&exe, &hot);
+    assert_laid_out("prog.rs", source, "rustc", &["-O", "--edition", "2021", "-C", &link_arg], &hot);
 }
 
 /// With the system's C compiler and GNU ld (for builds configured to link with it), position-independent.
 #[test]
 fn gnu_ld_places_listed_functions_in_the_hot_section() {
     let (script, hot) = script_and_hot_name();
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("prog.c");
-    std::fs::write(
-        &src,
-        format!(
-            "int hot(int x) __asm__(\"{hot}\");\n\
-             int hot(int x) {{ return x * 3 + 1; }}\n\
-             int cold(int x) {{ return x * 5 + 2; }}\n\
-             int main(int argc, char **argv) {{ (void)argv; return hot(argc) + cold(argc) == 0; }}\n"
-        ),
-    )
-    .unwrap();
-    let exe = dir.path().join("prog");
-    let t = format!("-Wl,-T,{}", script.display());
-    tool(
-        "cc",
-        &[
-            "-O1",
-            "-fPIE",
-            "-pie",
-            "-ffunction-sections",
-            "-fuse-ld=bfd",
-            src.to_str().unwrap(),
-            &t,
-            "-o",
-            exe.to_str().unwrap(),
-        ],
+    let source = format!(
+        "int hot(int x) __asm__(\"{hot}\");\n\
+         int hot(int x) {{ return x * 3 + 1; }}\n\
+         int cold(int x) {{ return x * 5 + 2; }}\n\
+         int main(int argc, char **argv) {{ (void)argv; return hot(argc) + cold(argc) == 0; }}\n"
     );
-    assert_laid_out(&exe, &hot);
+    let t = format!("-Wl,-T,{}", script.display());
+    assert_laid_out("prog.c", source, "cc", &["-O1", "-fPIE", "-pie", "-ffunction-sections", "-fuse-ld=bfd", &t], &hot);
 }
