@@ -170,21 +170,19 @@ async fn one_cycle(p: &FleetParams) -> f64 {
     let mut lb = FakeLb::new("bench", &ids, p.drain, p.healthy_after);
     lb.latency = p.latency;
     let mut services = FakeServices::new(p.restart, &["web"]);
-    services.lb = Some((lb.clone(), ids[0].clone()));
+    services.lbs = vec![(lb.clone(), ids[0].clone())];
     let dir = std::env::temp_dir().join(format!("elb-quorum-bench-{}-{}", std::process::id(), fastrand::u64(..)));
     let (_tx, rx) = tokio::sync::watch::channel(false);
-    let cycle = Cycle {
-        lb,
-        members: FakeMembers(ids.iter().cloned().collect()),
+    let cycle = Cycle::new(
+        vec![lb],
+        FakeMembers(ids.iter().cloned().collect()),
         services,
-        me: ids[0].clone(),
-        rule: p.rule,
-        timing: p.timing.clone(),
-        dry_run: false,
-        state: StateFile::new(&dir),
-        shutdown: rx,
-        permits: None,
-    };
+        ids[0].clone(),
+        StateFile::new(&dir),
+        rx,
+    )
+    .with_rule(p.rule)
+    .with_timing(p.timing.clone());
     let start = tokio::time::Instant::now();
     let r = cycle.run(&RestartRequest::new(["web".to_string()], Origin::Cli)).await;
     let _ = std::fs::remove_dir_all(&dir);

@@ -69,9 +69,14 @@ pub struct Layer {
     #[arg(long, global = true, env = "ELB_QUORUM_CONFIG", value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Classic ELB name [default: from the hostname: i-0abc.web.example.com → web-example-com]
-    #[arg(long, global = true, env = "ELB_QUORUM_LB", value_name = "NAME")]
-    pub lb: Option<String>,
+    /// Classic load balancer to leave and rejoin; repeatable, may be mixed with --target-group (environment: comma-separated) [default: with no --target-group either, from the hostname: i-0abc.web.example.com → web-example-com]
+    #[arg(long, global = true, env = "ELB_QUORUM_LB", value_delimiter = ',', value_name = "NAME")]
+    #[serde(deserialize_with = "one_or_many")]
+    pub lb: Vec<String>,
+    /// ELBv2 target group (ALB/NLB), by name or ARN, to leave and rejoin with every port this instance has in it; repeatable (environment: comma-separated) [default: none]
+    #[arg(long, global = true, env = "ELB_QUORUM_TARGET_GROUP", value_delimiter = ',', value_name = "NAME|ARN")]
+    #[serde(deserialize_with = "one_or_many")]
+    pub target_group: Vec<String>,
     /// Supported domain for the hostname rule; repeatable (environment: comma-separated) [default: none]
     #[arg(long, global = true, env = "ELB_QUORUM_DOMAIN", value_delimiter = ',', value_name = "DOMAIN")]
     pub domain: Vec<String>,
@@ -179,6 +184,20 @@ fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Str
     }))
 }
 
+/// A TOML value that is one string or a list of strings (`lb = "web"` or `lb = ["a", "b"]`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 impl Layer {
     /// Reads a TOML file as a layer.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -240,7 +259,10 @@ pub struct LeaseSettings {
 /// Every setting, validated.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub lb: Option<String>,
+    /// Classic load balancers named outright (none: the hostname rule, unless target groups are).
+    pub lbs: Vec<String>,
+    /// Target groups by name or ARN.
+    pub target_groups: Vec<String>,
     pub domains: Vec<String>,
     pub hostname: Option<String>,
     pub instance_id: Option<String>,
@@ -298,6 +320,20 @@ pub fn seconds(option: &str, v: f64) -> Result<Duration, ConfigError> {
     Ok(Duration::from_secs_f64(v))
 }
 
+/// Attachment names: trimmed, none empty, each once.
+fn names(option: &str, given: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    let mut out: Vec<String> = Vec::with_capacity(given.len());
+    for n in given.iter().map(|n| n.trim()) {
+        if n.is_empty() || n.contains(char::is_whitespace) {
+            return err(format!("--{option} {n:?}: not a name or ARN"));
+        }
+        if !out.iter().any(|o| o == n) {
+            out.push(n.to_owned());
+        }
+    }
+    Ok(out)
+}
+
 fn vec_or(flag: Vec<String>, file: Vec<String>) -> Vec<String> {
     if flag.is_empty() {
         file
@@ -352,7 +388,8 @@ impl Settings {
             (Some(path), _) => Some(Secret::from_file(&path).map_err(ConfigError)?),
             (None, p) => p,
         };
-        let lb = o.lb.or(file.lb).filter(|s| !s.is_empty());
+        let lbs = names("lb", vec_or(o.lb, file.lb))?;
+        let target_groups = names("target-group", vec_or(o.target_group, file.target_group))?;
         let lease = LeaseSettings {
             table: o.lease_table.or(file.lease_table).unwrap_or_else(|| DEFAULT_LEASE_TABLE.to_owned()),
             duration: secs("lease-duration", o.lease_duration, file.lease_duration, DEFAULT_LEASE_DURATION)?,
@@ -378,7 +415,8 @@ impl Settings {
             return err(format!("--max-hold {:?}: at least --lease-duration {:?}", lease.max_hold, lease.duration));
         }
         Ok(Settings {
-            lb,
+            lbs,
+            target_groups,
             domains,
             hostname: o.hostname.or(file.hostname).filter(|s| !s.is_empty()),
             instance_id: o.instance_id.or(file.instance_id).filter(|s| !s.is_empty()),
@@ -502,5 +540,26 @@ mod tests {
         std::fs::write(&path, "quorum = 0.5\nbogus = 1\n").unwrap();
         let e = Settings::resolve(Layer { config: Some(path), ..Default::default() }).unwrap_err();
         assert!(e.0.contains("bogus"), "{e}");
+    }
+
+    /// `--lb` and `--target-group` mix, in flags and in the file (one name or a list), flags
+    /// replacing the file's list; duplicates collapse; an empty name is an error.
+    #[test]
+    fn attachments_mix_in_flags_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "lb = \"web\"\ntarget-group = [\"http\", \"arn:aws:elasticloadbalancing:us-east-1:1:targetgroup/grpc/2\"]\n").unwrap();
+        let s = Settings::resolve(Layer { config: Some(path.clone()), ..Default::default() }).unwrap();
+        assert_eq!(s.lbs, vec!["web".to_string()]);
+        assert_eq!(s.target_groups.len(), 2);
+        let s = Settings::resolve(Layer {
+            config: Some(path.clone()),
+            target_group: vec!["tg".into(), " tg ".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!((s.lbs, s.target_groups), (vec!["web".to_string()], vec!["tg".to_string()]));
+        let e = Settings::resolve(Layer { config: Some(path), lb: vec!["".into()], ..Default::default() }).unwrap_err();
+        assert!(e.0.contains("--lb"), "{e}");
     }
 }

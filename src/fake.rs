@@ -1,6 +1,8 @@
 //! In-process fakes behind the real traits, for what the AWS emulator cannot show: connection
-//! draining, slow health checks, throttling, 5xx, zones not enabled, peers racing. Used by tests and
-//! benchmarks only; time is tokio's clock, so `tokio::time::pause()` makes them deterministic.
+//! draining and deregistration delays, slow health checks (`initial`), throttling, 5xx and
+//! `HealthUnavailable`, zones not enabled, one instance on several ports of a target group, peers
+//! racing. Used by tests and benchmarks only; time is tokio's clock, so `tokio::time::pause()` makes
+//! them deterministic.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -9,9 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::lb::members::Membership;
-use crate::lb::{
-    HealthState, InstanceHealth, LbError, LbTimings, LoadBalancer, AZ_NOT_CONFIGURED, DEREGISTRATION_IN_PROGRESS,
-};
+use crate::lb::{AttachmentSpec, Kind, LbError, LbTimings, LoadBalancer, Target, TargetHealth, TargetState};
 use crate::lease::{BoxFuture, LeaseError, PermitStore, Record, Write, Written};
 use crate::quorum::Members;
 use crate::supervisor::{Services, SupervisorError};
@@ -19,10 +19,13 @@ use crate::supervisor::{Services, SupervisorError};
 /// Which call a scripted fault applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Op {
-    Registered,
+    /// `targets()`: DescribeInstanceHealth / DescribeTargetHealth.
+    Targets,
     Deregister,
     Register,
     Timings,
+    /// `resolve()`: DescribeTargetGroups.
+    Resolve,
 }
 
 /// A fault to inject.
@@ -30,19 +33,33 @@ pub enum Op {
 pub enum Fault {
     Throttled,
     ServerError,
+    /// Target groups' `HealthUnavailable` (HTTP 500).
+    HealthUnavailable,
     Unreachable,
     NotFound,
     /// AccessDenied (HTTP 403).
     Denied,
+    /// `InvalidTarget` / `InvalidInstance` (HTTP 400), the call not applied.
+    InvalidTarget,
+    /// `InvalidTarget` after the call took the valid targets out anyway (moto does this for a
+    /// `DeregisterTargets` batch with one invalid target).
+    InvalidTargetApplied,
 }
 
+/// One target's registration.
 #[derive(Debug, Clone)]
-struct Inst {
+struct Reg {
     registered: bool,
-    /// Healthy as a process (its health check passes).
-    healthy: bool,
     deregistered_at: Option<Instant>,
     registered_at: Option<Instant>,
+}
+
+/// One instance's process, shared by all its targets.
+#[derive(Debug, Clone)]
+struct Proc {
+    /// Healthy as a process (its health check passes).
+    healthy: bool,
+    /// Its zone is enabled on the load balancer.
     az_ok: bool,
 }
 
@@ -51,27 +68,31 @@ struct Inst {
 pub struct Call {
     pub at: Duration,
     pub op: Op,
+    /// The instance of the first target the call names.
     pub instance: Option<String>,
+    pub targets: Vec<Target>,
 }
 
 #[derive(Debug)]
 struct State {
     start: Instant,
-    instances: BTreeMap<String, Inst>,
+    targets: BTreeMap<Target, Reg>,
+    procs: BTreeMap<String, Proc>,
     faults: BTreeMap<Op, VecDeque<Fault>>,
     calls: Vec<Call>,
     /// Instances that stop serving when `trigger` deregisters (a peer racing us).
     race: Option<(String, Vec<String>)>,
-    /// Lowest serving count seen by any `registered` call, for fleet tests.
+    /// Lowest serving count seen by any `targets` call, for fleet tests.
     min_serving: usize,
 }
 
-/// A Classic ELB in memory: draining keeps a deregistered instance InService (with the
-/// deregistration description) for `drain`; a registered instance becomes InService `healthy_after`
-/// after registration if its process is healthy.
+/// A Classic ELB or a target group in memory. Draining keeps a deregistered target listed for
+/// `drain` (Classic: InService with the deregistration description; target group: `draining`),
+/// then it is gone; a registered target serves `healthy_after` after registration if its process
+/// is healthy (target group: `initial` until then).
 #[derive(Clone)]
 pub struct FakeLb {
-    name: String,
+    spec: AttachmentSpec,
     pub drain: Duration,
     pub healthy_after: Duration,
     /// Time each call takes before it acts (an API round trip).
@@ -80,31 +101,42 @@ pub struct FakeLb {
 }
 
 impl FakeLb {
-    /// A load balancer with `ids` registered and InService.
+    /// A Classic load balancer with `ids` registered and InService.
     pub fn new(name: &str, ids: &[String], drain: Duration, healthy_after: Duration) -> Self {
-        let instances = ids
-            .iter()
-            .map(|id| {
-                (
-                    id.clone(),
-                    Inst { registered: true, healthy: true, deregistered_at: None, registered_at: None, az_ok: true },
-                )
-            })
-            .collect();
+        let targets: Vec<Target> = ids.iter().map(Target::instance).collect();
+        Self::with(AttachmentSpec { kind: Kind::Classic, name: name.into() }, &targets, drain, healthy_after)
+    }
+
+    /// A target group with `ids` registered and healthy on `port`.
+    pub fn target_group(name: &str, ids: &[String], port: i32, drain: Duration, healthy_after: Duration) -> Self {
+        let targets: Vec<Target> = ids.iter().map(|id| Target::on_port(id, port)).collect();
+        Self::with(AttachmentSpec { kind: Kind::TargetGroup, name: name.into() }, &targets, drain, healthy_after)
+    }
+
+    fn with(spec: AttachmentSpec, targets: &[Target], drain: Duration, healthy_after: Duration) -> Self {
+        let reg = Reg { registered: true, deregistered_at: None, registered_at: None };
         Self {
-            name: name.into(),
+            spec,
             drain,
             healthy_after,
             latency: Duration::ZERO,
             state: Arc::new(Mutex::new(State {
                 start: Instant::now(),
-                instances,
+                targets: targets.iter().map(|t| (t.clone(), reg.clone())).collect(),
+                procs: targets.iter().map(|t| (t.instance_id.clone(), Proc { healthy: true, az_ok: true })).collect(),
                 faults: BTreeMap::new(),
                 calls: vec![],
                 race: None,
                 min_serving: usize::MAX,
             })),
         }
+    }
+
+    /// Registers one more healthy target (a second port of an instance).
+    pub fn add_target(&self, target: Target) {
+        let mut s = self.state.lock().unwrap();
+        s.procs.entry(target.instance_id.clone()).or_insert(Proc { healthy: true, az_ok: true });
+        s.targets.insert(target, Reg { registered: true, deregistered_at: None, registered_at: None });
     }
 
     /// The next `n` calls of `op` fail with `fault`.
@@ -115,20 +147,33 @@ impl FakeLb {
 
     /// Marks an instance's process healthy or not (a stopped peer).
     pub fn set_healthy(&self, id: &str, healthy: bool) {
-        self.state.lock().unwrap().instances.get_mut(id).expect("known instance").healthy = healthy;
+        self.state.lock().unwrap().procs.get_mut(id).expect("known instance").healthy = healthy;
     }
 
-    /// The instance's zone is not enabled on the load balancer: it never becomes InService.
+    /// The instance's zone is not enabled (target group: no balancer uses it for this target): it
+    /// never serves.
     pub fn set_zone_disabled(&self, id: &str) {
-        self.state.lock().unwrap().instances.get_mut(id).expect("known instance").az_ok = false;
+        self.state.lock().unwrap().procs.get_mut(id).expect("known instance").az_ok = false;
     }
 
-    /// Removes an instance from the load balancer directly (as a crashed cycle left it).
+    /// Removes an instance's targets directly (as a crashed cycle left them).
     pub fn force_deregistered(&self, id: &str) {
         let mut s = self.state.lock().unwrap();
-        let i = s.instances.get_mut(id).expect("known instance");
-        i.registered = false;
-        i.deregistered_at = None;
+        for (_, r) in s.targets.iter_mut().filter(|(t, _)| t.instance_id == id) {
+            r.registered = false;
+            r.deregistered_at = None;
+        }
+    }
+
+    /// Takes `targets` out at once, without a call.
+    fn force_out(&self, targets: &[Target]) {
+        let mut s = self.state.lock().unwrap();
+        for t in targets {
+            if let Some(r) = s.targets.get_mut(t) {
+                r.registered = false;
+                r.deregistered_at = None;
+            }
+        }
     }
 
     /// When `trigger` deregisters, `peers` stop serving at the same moment (they raced us).
@@ -140,55 +185,74 @@ impl FakeLb {
         self.state.lock().unwrap().calls.clone()
     }
 
-    /// Calls of `op` (for one instance, if given).
+    /// Calls of `op` (naming one instance, if given).
     pub fn count(&self, op: Op, instance: Option<&str>) -> usize {
         self.calls().iter().filter(|c| c.op == op && (instance.is_none() || c.instance.as_deref() == instance)).count()
     }
 
+    /// Whether every target `id` has here is registered (and it has one).
     pub fn is_registered(&self, id: &str) -> bool {
-        self.state.lock().unwrap().instances.get(id).is_some_and(|i| i.registered)
+        let s = self.state.lock().unwrap();
+        let mut regs = s.targets.iter().filter(|(t, _)| t.instance_id == id).peekable();
+        regs.peek().is_some() && regs.all(|(_, r)| r.registered)
     }
 
-    /// Whether the load balancer would report `id` serving now.
+    /// The registered targets of `id`.
+    pub fn registered_targets(&self, id: &str) -> Vec<Target> {
+        let s = self.state.lock().unwrap();
+        s.targets.iter().filter(|(t, r)| t.instance_id == id && r.registered).map(|(t, _)| t.clone()).collect()
+    }
+
+    /// Whether every target of `id` would be reported serving now.
     pub fn is_serving(&self, id: &str) -> bool {
-        let s = self.state.lock().unwrap();
-        let now = Instant::now();
-        s.instances.get(id).and_then(|i| self.health_of(id, i, now)).is_some_and(|h| h.serving())
+        let list = self.list(Instant::now());
+        let mine: Vec<&TargetHealth> = list.iter().filter(|h| h.target.instance_id == id).collect();
+        !mine.is_empty() && mine.iter().all(|h| h.serving())
     }
 
-    /// Serving instances now, as the load balancer's own view.
+    /// Instances serving now (every target serving), as the load balancer's own view.
     pub fn serving_now(&self) -> usize {
-        let s = self.state.lock().unwrap();
-        let now = Instant::now();
-        s.instances.iter().filter_map(|(id, i)| self.health_of(id, i, now)).filter(|h| h.serving()).count()
+        crate::cycle::serving_ids(&self.list(Instant::now()), "").len()
     }
 
-    /// The fewest serving instances any `registered` call saw.
+    /// The fewest serving instances any `targets` call saw.
     pub fn min_serving_seen(&self) -> usize {
         self.state.lock().unwrap().min_serving
     }
 
-    fn health_of(&self, id: &str, i: &Inst, now: Instant) -> Option<InstanceHealth> {
-        let h = |state, description: &str| {
-            Some(InstanceHealth { instance_id: id.to_owned(), state, description: description.to_owned() })
-        };
-        if !i.registered {
-            return match i.deregistered_at {
-                Some(t) if now < t + self.drain => h(HealthState::InService, DEREGISTRATION_IN_PROGRESS),
+    fn list(&self, now: Instant) -> Vec<TargetHealth> {
+        let s = self.state.lock().unwrap();
+        s.targets.iter().filter_map(|(t, r)| self.health_of(t, r, &s.procs[&t.instance_id], now)).collect()
+    }
+
+    fn health_of(&self, target: &Target, r: &Reg, p: &Proc, now: Instant) -> Option<TargetHealth> {
+        let classic = self.spec.kind == Kind::Classic;
+        let h = |state, raw: &str| Some(TargetHealth { target: target.clone(), state, raw: raw.to_owned() });
+        if !r.registered {
+            return match r.deregistered_at {
+                Some(t) if now < t + self.drain => h(
+                    TargetState::Draining,
+                    if classic {
+                        "InService (Instance deregistration currently in progress.)"
+                    } else {
+                        "draining (Target.DeregistrationInProgress)"
+                    },
+                ),
                 _ => None,
             };
         }
-        if !i.az_ok {
-            return h(HealthState::OutOfService, AZ_NOT_CONFIGURED);
+        if !p.az_ok {
+            return h(
+                TargetState::NeverHeals,
+                if classic { "OutOfService (zone not enabled)" } else { "unused (Target.NotInUse)" },
+            );
         }
-        let warming = i.registered_at.is_some_and(|t| now < t + self.healthy_after);
-        if i.healthy && !warming {
-            h(HealthState::InService, "N/A")
-        } else {
-            h(
-                HealthState::OutOfService,
-                "Instance has failed at least the UnhealthyThreshold number of health checks consecutively.",
-            )
+        let warming = r.registered_at.is_some_and(|t| now < t + self.healthy_after);
+        match (p.healthy, warming, classic) {
+            (true, false, _) => h(TargetState::Serving, if classic { "InService (N/A)" } else { "healthy" }),
+            (true, true, false) => h(TargetState::Starting, "initial (Elb.RegistrationInProgress)"),
+            (_, _, false) => h(TargetState::Unhealthy, "unhealthy (Target.FailedHealthChecks)"),
+            (_, _, true) => h(TargetState::Unhealthy, "OutOfService (failed health checks)"),
         }
     }
 
@@ -198,100 +262,169 @@ impl FakeLb {
         }
     }
 
-    fn enter(&self, op: Op, instance: Option<&str>) -> Result<(), LbError> {
+    fn enter(&self, op: Op, targets: &[Target]) -> Result<(), LbError> {
         let mut s = self.state.lock().unwrap();
         let at = Instant::now() - s.start;
-        s.calls.push(Call { at, op, instance: instance.map(str::to_owned) });
+        s.calls.push(Call {
+            at,
+            op,
+            instance: targets.first().map(|t| t.instance_id.clone()),
+            targets: targets.to_vec(),
+        });
         let fault = s.faults.get_mut(&op).and_then(|q| q.pop_front());
-        let lb = self.name.clone();
-        let action = match op {
-            Op::Registered => "DescribeInstanceHealth",
-            Op::Deregister => "DeregisterInstancesFromLoadBalancer",
-            Op::Register => "RegisterInstancesWithLoadBalancer",
-            Op::Timings => "DescribeLoadBalancerAttributes",
+        let lb = self.label();
+        let classic = self.spec.kind == Kind::Classic;
+        let action = match (op, classic) {
+            (Op::Targets, true) => "DescribeInstanceHealth",
+            (Op::Targets, false) => "DescribeTargetHealth",
+            (Op::Deregister, true) => "DeregisterInstancesFromLoadBalancer",
+            (Op::Deregister, false) => "DeregisterTargets",
+            (Op::Register, true) => "RegisterInstancesWithLoadBalancer",
+            (Op::Register, false) => "RegisterTargets",
+            (Op::Timings, true) => "DescribeLoadBalancerAttributes",
+            (Op::Timings, false) => "DescribeTargetGroupAttributes",
+            (Op::Resolve, _) => "DescribeTargetGroups",
         };
+        let target = targets.iter().map(Target::to_string).collect::<Vec<_>>().join(" ");
         match fault {
             None => Ok(()),
             Some(Fault::Throttled) => Err(LbError::Throttled { lb, action }),
             Some(Fault::ServerError) => {
                 Err(LbError::Service { lb, action, code: "InternalFailure".into(), message: "HTTP 503".into() })
             }
+            Some(Fault::HealthUnavailable) => Err(LbError::Service {
+                lb,
+                action,
+                code: "HealthUnavailable".into(),
+                message: "health information is unavailable (fake, HTTP 500)".into(),
+            }),
             Some(Fault::Unreachable) => {
                 Err(LbError::Unreachable { lb, action, detail: "connection refused (fake)".into() })
             }
-            Some(Fault::NotFound) => Err(LbError::LoadBalancerNotFound { lb }),
+            Some(Fault::NotFound) => Err(LbError::NotFound {
+                lb,
+                code: if classic { "LoadBalancerNotFound" } else { "TargetGroupNotFound" }.into(),
+            }),
             Some(Fault::Denied) => Err(LbError::Rejected {
                 lb,
                 action,
                 code: "AccessDenied".into(),
                 message: "User is not authorized to perform this action (fake)".into(),
             }),
+            Some(Fault::InvalidTarget | Fault::InvalidTargetApplied) => Err(LbError::InvalidTarget {
+                lb,
+                target,
+                action,
+                code: if classic { "InvalidInstance" } else { "InvalidTarget" }.into(),
+                message: "the target is not valid (fake)".into(),
+            }),
         }
     }
 }
 
 impl LoadBalancer for FakeLb {
-    fn name(&self) -> &str {
-        &self.name
+    fn spec(&self) -> &AttachmentSpec {
+        &self.spec
     }
 
-    async fn registered(&self) -> Result<Vec<InstanceHealth>, LbError> {
+    fn id(&self) -> String {
+        match self.spec.kind {
+            Kind::Classic => self.spec.name.clone(),
+            Kind::TargetGroup => {
+                format!("arn:aws:elasticloadbalancing:us-east-1:000000000000:targetgroup/{}/fake", self.spec.name)
+            }
+        }
+    }
+
+    async fn resolve(&self) -> Result<(), LbError> {
+        if self.spec.kind == Kind::TargetGroup {
+            self.enter(Op::Resolve, &[])?;
+        }
+        Ok(())
+    }
+
+    async fn targets(&self) -> Result<Vec<TargetHealth>, LbError> {
         self.wait().await;
-        self.enter(Op::Registered, None)?;
-        let now = Instant::now();
+        self.enter(Op::Targets, &[])?;
+        let list = self.list(Instant::now());
+        let serving = crate::cycle::serving_ids(&list, "").len();
         let mut s = self.state.lock().unwrap();
-        let list: Vec<InstanceHealth> = s.instances.iter().filter_map(|(id, i)| self.health_of(id, i, now)).collect();
-        let serving = list.iter().filter(|h| h.serving()).count();
         s.min_serving = s.min_serving.min(serving);
         Ok(list)
     }
 
-    async fn deregister(&self, instance: &str) -> Result<(), LbError> {
+    async fn deregister(&self, targets: &[Target]) -> Result<(), LbError> {
         self.wait().await;
-        self.enter(Op::Deregister, Some(instance))?;
+        let applied_anyway = self.state.lock().unwrap().faults.get(&Op::Deregister).and_then(|q| q.front()).copied()
+            == Some(Fault::InvalidTargetApplied);
+        if applied_anyway {
+            self.force_out(targets);
+        }
+        self.enter(Op::Deregister, targets)?;
         let mut s = self.state.lock().unwrap();
         let now = Instant::now();
-        if let Some(i) = s.instances.get_mut(instance) {
-            if i.registered {
-                i.registered = false;
-                i.deregistered_at = Some(now);
+        // A target group refuses an unregistered target (the rest of the batch still goes out, as
+        // moto does); a Classic load balancer does not mind.
+        let mut invalid = None;
+        for t in targets {
+            match s.targets.get_mut(t) {
+                Some(r) if r.registered => {
+                    r.registered = false;
+                    r.deregistered_at = Some(now);
+                }
+                _ if self.spec.kind == Kind::TargetGroup => invalid = Some(t.clone()),
+                _ => {}
             }
         }
         if let Some((trigger, peers)) = s.race.clone() {
-            if trigger == instance {
+            if targets.iter().any(|t| t.instance_id == trigger) {
                 for p in peers {
-                    if let Some(i) = s.instances.get_mut(&p) {
-                        i.healthy = false;
+                    if let Some(proc) = s.procs.get_mut(&p) {
+                        proc.healthy = false;
                     }
                 }
                 s.race = None;
             }
         }
-        Ok(())
+        match invalid {
+            Some(t) => Err(LbError::InvalidTarget {
+                lb: self.label(),
+                target: t.to_string(),
+                action: "DeregisterTargets",
+                code: "InvalidTarget".into(),
+                message: "The target is not registered (fake)".into(),
+            }),
+            None => Ok(()),
+        }
     }
 
-    async fn register(&self, instance: &str) -> Result<(), LbError> {
+    async fn register(&self, targets: &[Target]) -> Result<(), LbError> {
         self.wait().await;
-        self.enter(Op::Register, Some(instance))?;
+        self.enter(Op::Register, targets)?;
         let mut s = self.state.lock().unwrap();
-        let i = s.instances.entry(instance.to_owned()).or_insert(Inst {
-            registered: false,
-            healthy: true,
-            deregistered_at: None,
-            registered_at: None,
-            az_ok: true,
-        });
-        if !i.registered {
-            i.registered = true;
-            i.deregistered_at = None;
-            i.registered_at = Some(Instant::now());
+        for t in targets {
+            s.procs.entry(t.instance_id.clone()).or_insert(Proc { healthy: true, az_ok: true });
+            let r = s.targets.entry(t.clone()).or_insert(Reg {
+                registered: false,
+                deregistered_at: None,
+                registered_at: None,
+            });
+            if !r.registered {
+                r.registered = true;
+                r.deregistered_at = None;
+                r.registered_at = Some(Instant::now());
+            }
         }
         Ok(())
     }
 
     async fn timings(&self) -> Result<LbTimings, LbError> {
-        self.enter(Op::Timings, None)?;
-        Ok(LbTimings { drain: (!self.drain.is_zero()).then_some(self.drain), healthy_after: self.healthy_after })
+        self.enter(Op::Timings, &[])?;
+        let drain = match self.spec.kind {
+            Kind::Classic => (!self.drain.is_zero()).then_some(self.drain),
+            Kind::TargetGroup => Some(self.drain),
+        };
+        Ok(LbTimings { drain, healthy_after: self.healthy_after })
     }
 }
 
@@ -319,7 +452,8 @@ pub struct FakeServices {
     pub running: Arc<Mutex<bool>>,
     pub restarts: Arc<Mutex<u32>>,
     pub known: BTreeSet<String>,
-    pub lb: Option<(FakeLb, String)>,
+    /// Attachments whose health follows this instance's programs: (attachment, instance id).
+    pub lbs: Vec<(FakeLb, String)>,
 }
 
 impl FakeServices {
@@ -331,7 +465,7 @@ impl FakeServices {
             running: Arc::new(Mutex::new(true)),
             restarts: Arc::default(),
             known: known.iter().map(|s| s.to_string()).collect(),
-            lb: None,
+            lbs: Vec::new(),
         }
     }
 }
@@ -346,7 +480,7 @@ impl Services for FakeServices {
 
     async fn restart(&self, programs: &[String]) -> Result<(), SupervisorError> {
         self.validate(programs).await?;
-        if let Some((lb, me)) = &self.lb {
+        for (lb, me) in &self.lbs {
             lb.set_healthy(me, false);
         }
         *self.running.lock().unwrap() = false;
@@ -354,7 +488,7 @@ impl Services for FakeServices {
         *self.restarts.lock().unwrap() += 1;
         if *self.fail_before_stop.lock().unwrap() {
             *self.running.lock().unwrap() = true;
-            if let Some((lb, me)) = &self.lb {
+            for (lb, me) in &self.lbs {
                 lb.set_healthy(me, true);
             }
             return Err(SupervisorError::UnknownProgram { name: programs.join(" ") });
@@ -367,7 +501,7 @@ impl Services for FakeServices {
             });
         }
         *self.running.lock().unwrap() = true;
-        if let Some((lb, me)) = &self.lb {
+        for (lb, me) in &self.lbs {
             lb.set_healthy(me, true);
         }
         Ok(())
@@ -668,19 +802,18 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
     let mut tasks = Vec::new();
     for id in &ids {
         let mut services = FakeServices::new(p.restart, &["web"]);
-        services.lb = Some((lb.clone(), id.clone()));
-        let cycle = Cycle {
-            lb: lb.clone(),
-            members: FakeMembers(ids.iter().cloned().collect()),
-            services: services.clone(),
-            me: id.clone(),
-            rule: p.rule,
-            timing: p.timing.clone(),
-            dry_run: false,
-            state: StateFile::new(base.join(id)),
-            shutdown: rx.clone(),
-            permits: store.as_ref().map(|s| fake_permits(s, "fleet", id)),
-        };
+        services.lbs = vec![(lb.clone(), id.clone())];
+        let cycle = Cycle::new(
+            vec![lb.clone()],
+            FakeMembers(ids.iter().cloned().collect()),
+            services.clone(),
+            id.clone(),
+            StateFile::new(base.join(id)),
+            rx.clone(),
+        )
+        .with_rule(p.rule)
+        .with_timing(p.timing.clone())
+        .with_permits(store.as_ref().map(|s| fake_permits(s, "fleet", id)));
         tasks.push(tokio::spawn(async move {
             let r = cycle.run(&RestartRequest::new(["web".to_string()], Origin::Remote)).await;
             let restarts = *services.restarts.lock().unwrap();

@@ -1,5 +1,6 @@
 //! Who am I: instance id (IMDSv2 unless `--instance-id`), the machine's hostname (unless
-//! `--hostname`), and from it the cluster namespace and the load balancer's name.
+//! `--hostname`), and from it the cluster namespace and, when no attachment is named, the Classic
+//! load balancer's name.
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use aws_sdk_elasticloadbalancing::config::http::HttpResponse;
 use aws_sdk_elasticloadbalancing::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 
 use crate::config::Settings;
-use crate::lb::{lb_name_from_hostname, namespace};
+use crate::lb::{lb_name_from_hostname, namespace, AttachmentSpec, Kind};
 
 /// This instance and its cluster.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -18,18 +19,24 @@ pub struct Identity {
     pub hostname: String,
     /// `web.example.com` for `i-0abc.web.example.com`.
     pub namespace: String,
-    pub lb: String,
+    /// Classic load balancers, then target groups, as configured (or the hostname rule's one).
+    pub attachments: Vec<AttachmentSpec>,
 }
 
 impl Identity {
-    /// The key of the cluster's permit record (strict mode): its namespace, or the load balancer's
-    /// name when the hostname has none (`--members static:N` off the naming rule).
+    /// The key of the cluster's permit record (strict mode): its namespace, or the first
+    /// attachment's name when the hostname has none (`--members static:N` off the naming rule).
     pub fn cluster_key(&self) -> &str {
         if self.namespace.is_empty() {
-            &self.lb
+            self.attachments.first().map(|a| a.name.as_str()).unwrap_or_default()
         } else {
             &self.namespace
         }
+    }
+
+    /// The attachments, for logs: "load balancer web, target group api".
+    pub fn attachment_list(&self) -> String {
+        self.attachments.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -85,10 +92,16 @@ pub async fn resolve(settings: &Settings) -> Result<Identity, String> {
             .into_string()
             .map_err(|_| "the machine's hostname is not UTF-8: give --hostname".to_owned())?,
     };
-    let lb = match &settings.lb {
-        Some(lb) => lb.clone(),
-        None => lb_name_from_hostname(&hostname, &settings.domains)?,
-    };
+    let mut attachments: Vec<AttachmentSpec> = settings
+        .lbs
+        .iter()
+        .map(|n| AttachmentSpec { kind: Kind::Classic, name: n.clone() })
+        .chain(settings.target_groups.iter().map(|n| AttachmentSpec { kind: Kind::TargetGroup, name: n.clone() }))
+        .collect();
+    if attachments.is_empty() {
+        attachments
+            .push(AttachmentSpec { kind: Kind::Classic, name: lb_name_from_hostname(&hostname, &settings.domains)? });
+    }
     let ns = match (namespace(&hostname), &settings.members) {
         (Ok(ns), _) => ns,
         (Err(_), crate::config::MembersSource::Static(_)) => String::new(),
@@ -98,7 +111,7 @@ pub async fn resolve(settings: &Settings) -> Result<Identity, String> {
         Some(id) => id.clone(),
         None => imds_instance_id().await?,
     };
-    Ok(Identity { instance_id, hostname, namespace: ns, lb })
+    Ok(Identity { instance_id, hostname, namespace: ns, attachments })
 }
 
 async fn imds_instance_id() -> Result<String, String> {

@@ -12,14 +12,14 @@ use tracing::{error, info, warn};
 use elb_quorum::cli::{Cli, Command, LeaseCommand};
 use elb_quorum::config::{ConfigError, MembersSource, Settings};
 use elb_quorum::cycle::state_file::{StateFile, StateFileError};
-use elb_quorum::cycle::{held_by, Cycle, CycleError, Outcome, Timing};
+use elb_quorum::cycle::{chain, held_by, Cycle, CycleError, Outcome, Timing};
 use elb_quorum::identity::{self, Identity};
-use elb_quorum::lb::classic::ClassicElb;
 use elb_quorum::lb::members::{AnyMembers, Ec2NameMembers, Membership, StaticMembers};
+use elb_quorum::lb::{Attachment, LoadBalancer, TargetState};
 use elb_quorum::lease::dynamo::DynamoStore;
 use elb_quorum::lease::{self, Permits};
 use elb_quorum::listener::{self, End, Signal};
-use elb_quorum::quorum::{decide, Reason};
+use elb_quorum::quorum::Reason;
 use elb_quorum::secret::Secret;
 use elb_quorum::supervisor::{SupervisorClient, SupervisorError, Supervisord};
 use elb_quorum::trigger::{valid_program_name, Origin, RestartRequest, Triggers, REMOTE_TYPE};
@@ -56,9 +56,10 @@ impl From<ConfigError> for Failure {
 
 impl From<CycleError> for Failure {
     fn from(e: CycleError) -> Self {
-        match e {
-            CycleError::Supervisor(SupervisorError::UnknownProgram { .. }) => Failure::usage(e),
-            e => Failure::runtime(format!("{:#}", anyhow::Error::from(e))),
+        if e.is_configuration() {
+            Failure::usage(chain(&e))
+        } else {
+            Failure::runtime(chain(&e))
         }
     }
 }
@@ -102,7 +103,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     }
 }
 
-type ProdCycle = Cycle<ClassicElb, AnyMembers, Supervisord>;
+type ProdCycle = Cycle<Attachment, AnyMembers, Supervisord>;
 
 async fn build(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result<(ProdCycle, Identity), Failure> {
     let identity = identity::resolve(settings).await.map_err(Failure::usage)?;
@@ -125,26 +126,21 @@ async fn build_for(
     let client = SupervisorClient::new(&settings.supervisor).map_err(Failure::usage)?;
     let services =
         Supervisord { client, restart_timeout: settings.restart_timeout, poll: std::time::Duration::from_millis(250) };
-    let cycle = Cycle {
-        lb: ClassicElb::new(&aws, identity.lb.clone()),
-        members,
-        services,
-        me: identity.instance_id.clone(),
-        rule: settings.rule,
-        timing: Timing {
-            check_interval: settings.check_interval,
-            max_checks: settings.max_checks,
-            poll_interval: settings.poll_interval,
-            drain_timeout: settings.drain_timeout,
-            health_timeout: settings.health_timeout,
-            settle: settings.settle,
-        },
-        dry_run: settings.dry_run,
-        state: StateFile::new(&settings.state_dir),
-        shutdown,
-        permits,
-    };
-    info!(lb = %identity.lb, instance_id = %identity.instance_id, hostname = %identity.hostname, members = %cycle.members.describe(), quorum_ppm = settings.rule.quorum_ppm, dry_run = settings.dry_run, strict = settings.strict, "elb-quorum {}", env!("CARGO_PKG_VERSION"));
+    let lbs = identity.attachments.iter().map(|spec| Attachment::new(&aws, spec)).collect();
+    let cycle =
+        Cycle::new(lbs, members, services, identity.instance_id.clone(), StateFile::new(&settings.state_dir), shutdown)
+            .with_rule(settings.rule)
+            .with_timing(Timing {
+                check_interval: settings.check_interval,
+                max_checks: settings.max_checks,
+                poll_interval: settings.poll_interval,
+                drain_timeout: settings.drain_timeout,
+                health_timeout: settings.health_timeout,
+                settle: settings.settle,
+            })
+            .with_dry_run(settings.dry_run)
+            .with_permits(permits);
+    info!(attachments = %identity.attachment_list(), instance_id = %identity.instance_id, hostname = %identity.hostname, members = %cycle.members.describe(), quorum_ppm = settings.rule.quorum_ppm, dry_run = settings.dry_run, strict = settings.strict, "elb-quorum {}", env!("CARGO_PKG_VERSION"));
     Ok(cycle)
 }
 
@@ -184,18 +180,6 @@ fn signals(shutdown: watch::Sender<bool>) -> Result<mpsc::Receiver<Signal>, Fail
         }
     });
     Ok(rx)
-}
-
-/// An error and its causes on one line (`anyhow`'s `{:#}` for a borrowed error).
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 fn log_outcome(result: &Result<Outcome, CycleError>) {
@@ -318,7 +302,7 @@ async fn listen(settings: Settings) -> Result<u8, Failure> {
     // Configuration errors (the hostname rule, a missing instance id) stop the listener at once.
     let identity = identity::resolve(&settings).await.map_err(Failure::usage)?;
     SupervisorClient::new(&settings.supervisor).map_err(Failure::usage)?;
-    info!(lb = %identity.lb, instance_id = %identity.instance_id, hostname = %identity.hostname, "elb-quorum {} listening", env!("CARGO_PKG_VERSION"));
+    info!(attachments = %identity.attachment_list(), instance_id = %identity.instance_id, hostname = %identity.hostname, "elb-quorum {} listening", env!("CARGO_PKG_VERSION"));
     let triggers = Triggers { gated: settings.gates.iter().cloned().collect() };
     let handler = ListenHandler {
         state: StateFile::new(&settings.state_dir),
@@ -424,40 +408,63 @@ struct StrictView<'a> {
 async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
     let (_tx, rx) = watch::channel(false);
     let (cycle, identity) = build(&settings, rx).await?;
-    let runtime = |e: CycleError| Failure::runtime(format!("{:#}", anyhow::Error::from(e)));
-    let (snapshot, mine) = cycle.snapshot(false).await.map_err(runtime)?;
-    let permits = settings.rule.permits(snapshot.members.len());
+    cycle.resolve().await?;
+    let obs = cycle.observe().await?;
+    let permits = settings.rule.permits(obs.members.len());
     // Strict mode: every live holder but this instance counts as out; a slot must be free.
     let strict = match &cycle.permits {
         None => None,
         Some(p) => {
-            let record = p.read().await.map_err(|e| runtime(e.into()))?;
+            let record = p.read().await.map_err(|e| Failure::from(CycleError::from(e)))?;
             let now = p.now();
             let free = permits.saturating_sub(record.other_slots(&p.me, now, p.grace).len());
             Some(StrictView { permits: p, record, now, free })
         }
     };
-    let mut verdict = match &strict {
-        Some(v) => {
-            let others = lease::others(&v.record, &v.permits.me, v.now, v.permits.grace);
-            lease::decide_with_holders(snapshot, &others, &settings.rule)
-        }
-        None => decide(&snapshot, &settings.rule),
+    let others = match &strict {
+        Some(v) => lease::others(&v.record, &v.permits.me, v.now, v.permits.grace),
+        None => Default::default(),
     };
+    let mut decision = cycle.decide(&obs, false, &others);
     if strict.as_ref().is_some_and(|v| v.free == 0) {
-        verdict.may_leave &= verdict.reason != Reason::QuorumHolds;
+        decision.overall.may_leave &= decision.overall.reason != Reason::QuorumHolds;
     }
+    // A target group that does not list this instance, or a target that can never serve: leaving
+    // is refused whatever the numbers say.
+    let refusal = cycle.plan(&obs).err();
+    let may_leave = decision.may_leave() && refusal.is_none();
+    let mine = |i: usize| -> Vec<&elb_quorum::lb::TargetHealth> {
+        obs.listed[i]
+            .iter()
+            .filter(|h| h.target.instance_id == identity.instance_id && h.state != TargetState::NotRegistered)
+            .collect()
+    };
     if json {
+        let attachments: Vec<_> = cycle
+            .lbs
+            .iter()
+            .enumerate()
+            .map(|(i, lb)| {
+                serde_json::json!({
+                    "kind": lb.spec().kind,
+                    "name": lb.spec().name,
+                    "id": lb.id(),
+                    "verdict": decision.per_attachment[i],
+                    "self_targets": mine(i),
+                })
+            })
+            .collect();
         let mut out = serde_json::json!({
-            "lb": identity.lb,
+            "attachments": attachments,
             "instance_id": identity.instance_id,
             "hostname": identity.hostname,
             "namespace": identity.namespace,
             "members_source": cycle.members.describe(),
-            "self_health": mine,
             "quorum": settings.rule.quorum_ppm as f64 / 1e6,
             "max_out_at_once": permits,
-            "verdict": verdict,
+            "verdict": decision.overall,
+            "may_leave": may_leave,
+            "refusal": refusal.as_ref().map(|e| chain(e)),
         });
         if let Some(StrictView { permits: p, record, now, free }) = &strict {
             let holders: Vec<_> = record
@@ -485,20 +492,32 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
         }
         println!("{}", serde_json::to_string_pretty(&out).expect("json"));
     } else {
-        let self_state =
-            mine.map(|h| format!("{:?} ({})", h.state, h.description)).unwrap_or_else(|| "not registered".into());
-        println!("load balancer     {}", identity.lb);
+        let v = &decision.overall;
         println!("instance          {} ({})", identity.instance_id, identity.hostname);
         println!("members source    {}", cycle.members.describe());
-        println!("members           {}", verdict.members);
-        println!("serving           {} (this instance: {self_state})", verdict.serving);
-        println!("after leaving     {}", verdict.serving_after);
+        println!("members           {}", v.members);
         println!(
             "required          {} (quorum {}, min in service {})",
-            verdict.required,
+            v.required,
             settings.rule.quorum_ppm as f64 / 1e6,
             settings.rule.min_in_service
         );
+        for (i, lb) in cycle.lbs.iter().enumerate() {
+            let a = &decision.per_attachment[i];
+            let id = lb.id();
+            let arn = if id != lb.spec().name { format!(" ({id})") } else { String::new() };
+            println!("{:<17} {}{arn}", lb.spec().kind.noun(), lb.spec().name);
+            println!(
+                "  serving         {} now, {} after leaving, {} required: {} ({:?})",
+                a.serving,
+                a.serving_after,
+                a.required,
+                if a.may_leave { "may leave" } else { "may not leave" },
+                a.reason
+            );
+            let me: Vec<String> = mine(i).iter().map(|h| format!("{} {}", h.target, h.raw)).collect();
+            println!("  this instance   {}", if me.is_empty() { "not registered".into() } else { me.join("; ") });
+        }
         println!("max out at once   {permits}");
         if let Some(StrictView { permits: p, record, now, free }) = &strict {
             println!("permits           {free} free of {permits} (table {}, key {})", settings.lease.table, p.key);
@@ -507,9 +526,21 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
                 println!("  holder          {id} {} (expires in {left} s)", h.kind.as_str());
             }
         }
-        println!("may leave now     {} ({:?})", if verdict.may_leave { "yes" } else { "no" }, verdict.reason);
+        match &refusal {
+            Some(e) => println!("may leave now     no: {}", chain(e)),
+            None if cycle.lbs.len() > 1 => println!(
+                "may leave now     {} ({:?}, {})",
+                if may_leave { "yes" } else { "no" },
+                v.reason,
+                v.attachment
+            ),
+            None => println!("may leave now     {} ({:?})", if may_leave { "yes" } else { "no" }, v.reason),
+        }
     }
-    Ok(if verdict.may_leave { OK } else { NO_QUORUM })
+    match refusal {
+        Some(e) => Err(e.into()),
+        None => Ok(if may_leave { OK } else { NO_QUORUM }),
+    }
 }
 
 /// `lease release --instance ID`: removes a stuck entry, if its token is still the one read.

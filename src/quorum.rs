@@ -4,6 +4,10 @@
 //! least `min_in_service`. An instance that serves nothing already (the load balancer counts it out,
 //! or its program is known to be down) may always leave: leaving takes nothing from the cluster.
 //! Integers only: `q` is in parts per million.
+//!
+//! With several attachments (Classic load balancers, target groups) the rule must hold in every
+//! one, each with the same members: `combine` keeps each attachment's verdict and names the one
+//! that governs.
 
 use std::collections::BTreeSet;
 
@@ -87,6 +91,8 @@ pub enum Reason {
 /// The answer and the numbers behind it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Verdict {
+    /// The attachment this verdict is about ("target group web-tg"); empty before `combine`.
+    pub attachment: String,
     pub may_leave: bool,
     pub reason: Reason,
     /// Cluster size (the denominator).
@@ -105,10 +111,15 @@ pub struct Verdict {
 impl Verdict {
     /// One line for logs: `6 members, 5 serving, 4 after leaving, 5 required`.
     pub fn summary(&self) -> String {
-        format!(
+        let numbers = format!(
             "{} members, {} serving, {} after leaving, {} required (min {})",
             self.members, self.serving, self.serving_after, self.required, self.min_in_service
-        )
+        );
+        if self.attachment.is_empty() {
+            numbers
+        } else {
+            format!("{}: {numbers}", self.attachment)
+        }
     }
 }
 
@@ -148,6 +159,7 @@ pub fn decide(snapshot: &Snapshot, rule: &Rule) -> Verdict {
         Reason::QuorumHolds
     };
     Verdict {
+        attachment: String::new(),
         may_leave: matches!(reason, Reason::NotServing | Reason::ProgramDown | Reason::QuorumHolds),
         reason,
         members,
@@ -173,6 +185,36 @@ pub fn holds_without_me(snapshot: &Snapshot, rule: &Rule) -> Verdict {
         Reason::BelowMinimum
     };
     v
+}
+
+/// Every attachment's verdict and the one that governs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// The first attachment that refuses; when all allow, the one with the least room
+    /// (serving after leaving − required) among those this instance serves in.
+    pub overall: Verdict,
+    /// One per attachment, in the configured order.
+    pub per_attachment: Vec<Verdict>,
+}
+
+impl Decision {
+    pub fn may_leave(&self) -> bool {
+        self.overall.may_leave
+    }
+}
+
+/// Combines per-attachment verdicts (each already named): leaving must be allowed in every one.
+/// An attachment where this instance is already out allows it (leaving costs it nothing).
+pub fn combine(per_attachment: Vec<Verdict>) -> Decision {
+    let room = |v: &Verdict| v.serving_after as i64 - v.required.max(v.min_in_service) as i64;
+    let overall = per_attachment
+        .iter()
+        .find(|v| !v.may_leave)
+        .or_else(|| per_attachment.iter().filter(|v| v.reason == Reason::QuorumHolds).min_by_key(|v| room(v)))
+        .or(per_attachment.first())
+        .cloned()
+        .expect("a cycle has at least one attachment");
+    Decision { overall, per_attachment }
 }
 
 #[cfg(test)]
@@ -312,6 +354,69 @@ mod tests {
             // Leaving by the ordinary rule never takes the cluster below quorum.
             if v.reason == Reason::QuorumHolds {
                 prop_assert!(others * 1_000_000 >= members * q as usize);
+            }
+        }
+    }
+
+    fn named(name: &str, v: Verdict) -> Verdict {
+        Verdict { attachment: name.into(), ..v }
+    }
+
+    #[test]
+    fn every_attachment_must_allow() {
+        // (per attachment: serving indexes; me = 0; 4 members) → may leave, governing attachment
+        type Case = (Vec<Vec<usize>>, bool, &'static str, Reason);
+        let cases: Vec<Case> = vec![
+            // All full: the tightest (all equal) is the first.
+            (vec![vec![0, 1, 2, 3], vec![0, 1, 2, 3]], true, "a0", Reason::QuorumHolds),
+            // One group below quorum once this instance leaves: it blocks, and is named.
+            (vec![vec![0, 1, 2, 3], vec![0, 1, 2]], false, "a1", Reason::BelowQuorum),
+            (vec![vec![0, 1, 2], vec![0, 1, 2, 3], vec![0, 1, 2]], false, "a0", Reason::BelowQuorum),
+            // This instance is missing from one group: that group costs nothing, the other governs.
+            (vec![vec![1, 2, 3], vec![0, 1, 2, 3]], true, "a1", Reason::QuorumHolds),
+            // Missing from one, and the other is too thin: still refused by the other.
+            (vec![vec![1, 2, 3], vec![0, 1, 2]], false, "a1", Reason::BelowQuorum),
+            // Out everywhere: may leave, nothing is taken from anyone.
+            (vec![vec![1, 2], vec![2, 3]], true, "a0", Reason::NotServing),
+        ];
+        for (groups, may, name, reason) in cases {
+            let per: Vec<Verdict> = groups
+                .iter()
+                .enumerate()
+                .map(|(i, g)| named(&format!("a{i}"), decide(&snap(4, g, 0, false), &Q75)))
+                .collect();
+            let d = combine(per.clone());
+            assert_eq!(
+                (d.may_leave(), d.overall.attachment.as_str(), d.overall.reason),
+                (may, name, reason),
+                "{groups:?}"
+            );
+            assert_eq!(d.per_attachment, per);
+            assert!(d.overall.summary().starts_with(name));
+        }
+        let wide = named("wide", decide(&snap(8, &[0, 1, 2, 3, 4, 5, 6, 7], 0, false), &Q75));
+        let tight = named("tight", decide(&snap(8, &[0, 1, 2, 3, 4, 5, 6], 0, false), &Q75));
+        let d = combine(vec![wide, tight]);
+        assert!(d.may_leave());
+        assert_eq!(d.overall.attachment, "tight", "least room governs");
+    }
+
+    proptest! {
+        /// Whatever the groups, leaving is allowed exactly when each group allows it on its own.
+        #[test]
+        fn combine_is_all(masks in proptest::collection::vec(any::<u16>(), 1..5), m in 1usize..12, down: bool) {
+            let per: Vec<Verdict> = masks
+                .iter()
+                .enumerate()
+                .map(|(i, mask)| {
+                    let serving: Vec<usize> = (0..16).filter(|b| mask >> b & 1 == 1).collect();
+                    named(&format!("a{i}"), decide(&snap(m, &serving, 0, down), &Q75))
+                })
+                .collect();
+            let d = combine(per.clone());
+            prop_assert_eq!(d.may_leave(), per.iter().all(|v| v.may_leave));
+            if !d.may_leave() {
+                prop_assert_eq!(&d.overall, per.iter().find(|v| !v.may_leave).unwrap());
             }
         }
     }

@@ -7,10 +7,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use elb_quorum::cycle::state_file::{Record, StateFile, Step};
+use elb_quorum::cycle::state_file::{Record, StateFile, Step, Taken};
 use elb_quorum::cycle::{Cycle, CycleError, Outcome, Timing};
 use elb_quorum::fake::{FakeLb, FakeMembers, FakeServices, Fault, Op};
-use elb_quorum::lb::LoadBalancer;
+use elb_quorum::lb::{Kind, LoadBalancer, Target};
 use elb_quorum::quorum::{Reason, Rule};
 use elb_quorum::trigger::{Origin, RestartRequest};
 use tokio::sync::watch;
@@ -33,29 +33,32 @@ fn harness(n: usize, drain: Duration, healthy_after: Duration) -> Harness {
     let all = ids(n);
     let lb = FakeLb::new("web-example-com", &all, drain, healthy_after);
     let mut services = FakeServices::new(S(10), &["web"]);
-    services.lb = Some((lb.clone(), all[0].clone()));
+    services.lbs = vec![(lb.clone(), all[0].clone())];
     let dir = tempfile::tempdir().unwrap();
     let (tx, rx) = watch::channel(false);
-    let cycle = Cycle {
-        lb: lb.clone(),
-        members: FakeMembers(all.iter().cloned().collect::<BTreeSet<_>>()),
-        services: services.clone(),
-        me: all[0].clone(),
-        rule: Rule { quorum_ppm: 750_000, min_in_service: 1 },
-        timing: Timing {
-            check_interval: S(30),
-            max_checks: 10,
-            poll_interval: S(5),
-            drain_timeout: None,
-            health_timeout: None,
-            settle: S(0),
-        },
-        dry_run: false,
-        state: StateFile::new(dir.path()),
-        shutdown: rx,
-        permits: None,
-    };
+    let cycle = Cycle::new(
+        vec![lb.clone()],
+        FakeMembers(all.iter().cloned().collect::<BTreeSet<_>>()),
+        services.clone(),
+        all[0].clone(),
+        StateFile::new(dir.path()),
+        rx,
+    )
+    .with_rule(Rule { quorum_ppm: 750_000, min_in_service: 1 })
+    .with_timing(timing());
     Harness { cycle, lb, services, _dir: dir, _shutdown: tx }
+}
+
+/// Checks every 30 s (at most 10), polls every 5 s, no settle pause.
+fn timing() -> Timing {
+    Timing {
+        check_interval: S(30),
+        max_checks: 10,
+        poll_interval: S(5),
+        drain_timeout: None,
+        health_timeout: None,
+        settle: S(0),
+    }
 }
 
 fn web() -> RestartRequest {
@@ -71,7 +74,12 @@ fn record(step: Step, instance_id: &str) -> Record {
     Record {
         step,
         instance_id: instance_id.into(),
-        lb: "web-example-com".into(),
+        attachments: vec![Taken {
+            kind: Kind::Classic,
+            id: "web-example-com".into(),
+            name: "web-example-com".into(),
+            targets: vec![Target::instance(instance_id)],
+        }],
         programs: vec!["web".into()],
         since: 1,
         pid: 1,
@@ -79,7 +87,7 @@ fn record(step: Step, instance_id: &str) -> Record {
 }
 
 fn ops(h: &Harness) -> Vec<Op> {
-    h.lb.calls().iter().filter(|c| c.op != Op::Registered && c.op != Op::Timings).map(|c| c.op).collect()
+    h.lb.calls().iter().filter(|c| matches!(c.op, Op::Deregister | Op::Register)).map(|c| c.op).collect()
 }
 
 /// Why the fake: moto deregisters at once and never shows draining.
@@ -99,7 +107,7 @@ async fn waits_out_draining_that_still_says_in_service() {
 #[tokio::test(start_paused = true)]
 async fn a_draining_peer_counts_as_out() {
     let h = harness(4, S(300), S(10));
-    h.lb.deregister(&ids(4)[1]).await.unwrap(); // peer 1 is draining: InService + deregistration description
+    h.lb.deregister(&[Target::instance(&ids(4)[1])]).await.unwrap(); // peer 1 is draining: InService + deregistration description
     let mut h = h;
     h.cycle.timing.max_checks = 2;
     match h.cycle.run(&web()).await.unwrap() {
@@ -129,7 +137,7 @@ async fn slow_health_checks_are_waited_for_within_the_bound() {
 #[tokio::test(start_paused = true)]
 async fn throttling_at_the_gate_counts_as_failed_checks_then_succeeds() {
     let h = harness(4, S(0), S(5));
-    h.lb.inject(Op::Registered, Fault::Throttled, 3);
+    h.lb.inject(Op::Targets, Fault::Throttled, 3);
     let Outcome::Done(s) = h.cycle.run(&web()).await.unwrap() else { panic!() };
     assert_eq!(s.checks, 4, "three throttled checks, then one that passed");
     assert!(h.lb.is_serving(&me()));
@@ -139,7 +147,7 @@ async fn throttling_at_the_gate_counts_as_failed_checks_then_succeeds() {
 #[tokio::test(start_paused = true)]
 async fn access_denied_at_the_gate_fails_at_once_changing_nothing() {
     let h = harness(4, S(0), S(5));
-    h.lb.inject(Op::Registered, Fault::Denied, 1);
+    h.lb.inject(Op::Targets, Fault::Denied, 1);
     let start = tokio::time::Instant::now();
     match h.cycle.run(&web()).await {
         Err(CycleError::Lb(e)) => {
@@ -148,7 +156,7 @@ async fn access_denied_at_the_gate_fails_at_once_changing_nothing() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(h.lb.count(Op::Registered, None), 1, "one check, not --max-checks of them");
+    assert_eq!(h.lb.count(Op::Targets, None), 1, "one check, not --max-checks of them");
     assert!(start.elapsed() < S(1), "no wait at the gate: {:?}", start.elapsed());
     assert_eq!(h.lb.count(Op::Deregister, None), 0);
 }
@@ -182,20 +190,40 @@ async fn aws_unreachable_for_the_whole_budget_says_loudly_it_is_still_deregister
     );
 }
 
-/// Why the fake: moto has no availability zones to disable.
+/// Why the fake: moto has no availability zones to disable. A target that can never serve is
+/// refused before leaving: leaving would not come back.
 #[tokio::test(start_paused = true)]
-async fn zone_not_enabled_fails_fast_and_stays_registered() {
+async fn zone_not_enabled_is_refused_before_leaving() {
     let h = harness(4, S(0), S(5));
     h.lb.set_zone_disabled(&me());
-    // The zone problem shows only once registered again: the instance is first InService.
-    // (The fake reports it OutOfService from the start, so it may leave at once.)
+    match h.cycle.run(&web()).await {
+        Err(e @ CycleError::NeverHeals { .. }) => {
+            assert!(e.is_configuration() && e.to_string().contains("Availability Zone"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(ops(&h), Vec::<Op>::new(), "nothing changed");
+    assert_eq!(*h.services.restarts.lock().unwrap(), 0);
+}
+
+/// Why the fake: moto has no availability zones to disable. A zone disabled while the instance
+/// is out fails fast when it comes back, and it stays registered.
+#[tokio::test(start_paused = true)]
+async fn zone_disabled_while_out_fails_fast_and_stays_registered() {
+    let h = harness(4, S(0), S(5));
+    let (lb, id) = (h.lb.clone(), me());
+    tokio::spawn(async move {
+        tokio::time::sleep(S(2)).await; // during the 10 s restart
+        lb.set_zone_disabled(&id);
+    });
     let started = tokio::time::Instant::now();
     match h.cycle.run(&web()).await {
-        Err(CycleError::NotInService { detail, .. }) => assert!(detail.contains("Availability Zone"), "{detail}"),
+        Err(CycleError::NotInService { detail, .. }) => assert!(detail.contains("can never serve"), "{detail}"),
         other => panic!("{other:?}"),
     }
     assert!(started.elapsed() < S(60), "no waiting for a state that never heals: {:?}", started.elapsed());
     assert!(h.lb.is_registered(&me()));
+    assert_eq!(ops(&h), vec![Op::Deregister, Op::Register]);
 }
 
 /// Why the fake: moto cannot make two instances deregister at the same instant.
@@ -409,7 +437,7 @@ mod strict {
     #[tokio::test(start_paused = true)]
     async fn a_strict_cycle_holds_its_permit_from_before_deregistering_until_after_in_service() {
         let mut h = harness(4, S(40), S(10));
-        h.cycle.lb.latency = Duration::from_millis(100);
+        h.cycle.lbs[0].latency = Duration::from_millis(100);
         let store = FakeStore::new();
         strict(&mut h, &store);
         let Outcome::Done(_) = h.cycle.run(&web()).await.unwrap() else { panic!() };
@@ -492,7 +520,7 @@ mod strict {
         // Renewals fail and the load balancer answers slowly: 12 s ± 50 % per call, so reading health
         // (at least 6 s) outlasts the 5 s the permit is trusted without a renewal.
         store.fault_always(StoreOp::Renew, Some(StoreFault::Throttled));
-        h.cycle.lb.latency = S(12);
+        h.cycle.lbs[0].latency = S(12);
         h.cycle.permits = Some(short(&store, &me()));
         match h.cycle.run(&web()).await {
             Err(CycleError::PermitLost { why }) => assert!(why.contains("not renewed in time"), "{why}"),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use elb_quorum::lb::classic::ClassicElb;
 use elb_quorum::lb::members::{Ec2NameMembers, Membership};
-use elb_quorum::lb::{HealthState, LbError, LoadBalancer};
+use elb_quorum::lb::{LbError, LoadBalancer, Target, TargetState};
 use elb_quorum::quorum::Members;
 
 #[tokio::test(flavor = "current_thread")]
@@ -47,27 +47,30 @@ async fn classic_elb_and_ec2_members_through_the_sdk() {
     assert!(ids.contains(&members[3]), "a stopped instance is still a member (counted as not serving)");
 
     let lb = ClassicElb::new(&cfg, &lb_name);
-    let reg = lb.registered().await.unwrap();
+    let reg = lb.targets().await.unwrap();
     assert_eq!(reg.len(), 4);
     assert_eq!(reg.iter().filter(|h| h.serving()).count(), 3, "the stopped member is OutOfService");
-    assert_eq!(reg.iter().find(|h| h.instance_id == members[3]).unwrap().state, HealthState::OutOfService);
+    let stopped = reg.iter().find(|h| h.target.instance_id == members[3]).unwrap();
+    assert_eq!((stopped.state, stopped.target.port), (TargetState::Unhealthy, None));
+    assert!(stopped.raw.starts_with("OutOfService"), "{}", stopped.raw);
 
     let t = lb.timings().await.unwrap();
     assert_eq!(t.drain, None, "moto's default: draining disabled");
     moto.fixture(&["draining", &lb_name, "45"]);
     assert_eq!(lb.timings().await.unwrap().drain, Some(Duration::from_secs(45)));
 
-    lb.deregister(&members[0]).await.unwrap();
+    let first = [Target::instance(&members[0])];
+    lb.deregister(&first).await.unwrap();
     assert!(
-        lb.registered().await.unwrap().iter().all(|h| h.instance_id != members[0]),
+        lb.targets().await.unwrap().iter().all(|h| h.target.instance_id != members[0]),
         "deregistered vanishes from the list"
     );
-    lb.register(&members[0]).await.unwrap();
-    assert!(lb.registered().await.unwrap().iter().any(|h| h.instance_id == members[0] && h.serving()));
+    lb.register(&first).await.unwrap();
+    assert!(lb.targets().await.unwrap().iter().any(|h| h.target == first[0] && h.serving()));
 
-    let e = ClassicElb::new(&cfg, "no-such-lb").registered().await.unwrap_err();
-    assert!(matches!(e, LbError::LoadBalancerNotFound { ref lb } if lb == "no-such-lb"), "{e:?}");
-    assert!(e.to_string().contains("no-such-lb"));
+    let e = ClassicElb::new(&cfg, "no-such-lb").targets().await.unwrap_err();
+    assert!(matches!(e, LbError::NotFound { ref lb, .. } if lb == "load balancer no-such-lb"), "{e:?}");
+    assert!(e.is_configuration() && e.to_string().contains("no-such-lb"), "{e}");
 }
 
 fn identity_args<'a>(ns: &'a str, id: &'a str, host: &'a str) -> Vec<&'a str> {
@@ -86,7 +89,9 @@ fn status_numbers_naming_rule_and_refusal() {
     let out = run_bin(&args, &moto.env());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["lb"], lb.as_str(), "the hostname rule names the load balancer");
+    assert_eq!(v["attachments"][0]["name"], lb.as_str(), "the hostname rule names the load balancer");
+    assert_eq!(v["attachments"][0]["kind"], "classic");
+    assert_eq!(v["attachments"][0]["verdict"]["required"], 3);
     assert_eq!(v["verdict"]["members"], 4);
     assert_eq!(v["verdict"]["serving"], 4);
     assert_eq!(v["verdict"]["serving_after"], 3);
@@ -106,7 +111,10 @@ fn status_numbers_naming_rule_and_refusal() {
     table.extend(identity_args(&ns, &ids[0], &host));
     let out = run_bin(&table, &moto.env());
     let t = text(&out.stdout);
-    assert!(t.contains("may leave now     no (BelowQuorum)") && t.contains(&format!("load balancer     {lb}")), "{t}");
+    assert!(
+        t.contains("may leave now     no (BelowQuorum)") && t.contains(&format!("load balancer     {lb}\n")),
+        "{t}"
+    );
 
     let out = run_bin(
         &["status", "--hostname", &format!("node0.{ns}"), "--domain", "example.org", "--instance-id", &ids[0]],
@@ -119,7 +127,7 @@ fn status_numbers_naming_rule_and_refusal() {
         &["status", "--hostname", "node0.missing.example.com", "--domain", "example.com", "--instance-id", &ids[0]],
         &moto.env(),
     );
-    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(out.status.code(), Some(2), "an unknown load balancer is a configuration error");
     assert!(text(&out.stderr).contains("load balancer missing-example-com not found"), "{}", text(&out.stderr));
 }
 
@@ -169,13 +177,8 @@ fn one_shot_restart_runs_the_whole_cycle() {
     let after = sup.pid("web").expect("web RUNNING again");
     assert_ne!(after, before, "web restarted");
     assert_eq!(moto.health(&lb).get(&ids[0]).map(String::as_str), Some("InService"));
-    for step in [
-        "quorum check: 4 members, 4 serving, 3 after leaving, 3 required",
-        "deregistering",
-        "programs restarted and RUNNING",
-        "registered",
-        "cycle done",
-    ] {
+    let check = format!("quorum check: load balancer {lb}: 4 members, 4 serving, 3 after leaving, 3 required");
+    for step in [check.as_str(), "deregistering", "programs restarted and RUNNING", "registered", "cycle done"] {
         assert!(log.contains(step), "missing {step:?} in:\n{log}");
     }
     assert!(!state.join("state.json").exists(), "state file cleared");
@@ -203,7 +206,9 @@ fn one_shot_restart_refuses_below_quorum_and_changes_nothing() {
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("quorum not reached after 3 checks (4 members, 3 serving, 2 after leaving, 3 required"),
+        err.contains(&format!(
+            "quorum not reached after 3 checks (load balancer {lb}: 4 members, 3 serving, 2 after leaving, 3 required"
+        )),
         "{err}"
     );
     assert_eq!(sup.pid("web"), Some(before), "web untouched");

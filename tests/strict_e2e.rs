@@ -34,16 +34,6 @@ fn strict_node(moto: &Moto, id: &str, hostname: &str) -> Supervisord {
     Supervisord::start(&conf, false, &moto.env())
 }
 
-/// One recorded call.
-#[derive(Debug, serde::Deserialize)]
-struct Call {
-    t: f64,
-    action: String,
-    status: u16,
-    kind: Option<String>,
-    instance: Option<String>,
-}
-
 #[test]
 fn six_strict_listeners_asked_at_once_never_take_the_cluster_below_quorum() {
     let dir = tempfile::tempdir().unwrap();
@@ -69,7 +59,7 @@ fn six_strict_listeners_asked_at_once_never_take_the_cluster_below_quorum() {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             let (mut min, mut samples) = (usize::MAX, 0);
             while !stop.load(Ordering::SeqCst) {
-                let serving = rt.block_on(elb.registered()).unwrap().iter().filter(|h| h.serving()).count();
+                let serving = rt.block_on(elb.targets()).unwrap().iter().filter(|h| h.serving()).count();
                 min = min.min(serving);
                 samples += 1;
                 std::thread::sleep(Duration::from_millis(50));

@@ -1,15 +1,21 @@
-//! The gated restart cycle, shared by `listen` and the one-shot `restart`:
-//! validate programs → gate (quorum) → deregister → recheck → wait drained → restart programs →
-//! register → wait InService. In strict mode the gate takes a permit first (`crate::lease`), holds
-//! it until InService again and skips the recheck, which the permit makes unnecessary. The state file is written before each side effect; `reconcile`
-//! finishes a cycle that a previous process left half done.
+//! The gated restart cycle, shared by `listen` and the one-shot `restart`, over every attachment of
+//! the instance (Classic load balancers and target groups) at once:
+//! validate programs → gate (quorum in every attachment) → deregister from each → recheck → wait
+//! until drained in each → restart programs → register in each → wait until serving in each. The
+//! waits on several attachments run side by side (one poll round reads them all). In strict mode
+//! the gate takes one permit for the cluster first (`crate::lease`), holds it until serving again
+//! and skips the recheck, which the permit makes unnecessary. The state file records every
+//! (attachment, target) pair before the first deregistration; `reconcile` finishes a cycle that a
+//! previous process left half done and puts back exactly those pairs.
 //!
-//! Invariant: whatever fails after deregistering, the instance is registered again before `run`
-//! returns — unless its programs did not come back (`CycleError::ServicesDown`, said loudly) or AWS
-//! stayed unreachable for the whole retry budget (`CycleError::StillDeregistered`, said loudly).
+//! Invariant: whatever fails after the first deregistration, every pair taken out is registered
+//! again before `run` returns — unless the programs did not come back (`CycleError::ServicesDown`,
+//! said loudly) or AWS refused or stayed unreachable for the whole retry budget
+//! (`CycleError::StillDeregistered`, said loudly).
 
 pub mod state_file;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
@@ -19,12 +25,12 @@ use tracing::{error, info, warn};
 
 use crate::config::{DRAIN_MARGIN, HEALTH_MARGIN};
 use crate::lb::members::Membership;
-use crate::lb::{InstanceHealth, LbError, LoadBalancer};
-use crate::lease::{decide_with_holders, Acquired, Kind, LeaseError, Permit, Permits};
-use crate::quorum::{decide, holds_without_me, Members, Reason, Rule, Snapshot, Verdict};
+use crate::lb::{Kind as AttachmentKind, LbError, LbTimings, LoadBalancer, Target, TargetHealth, TargetState};
+use crate::lease::{Acquired, Kind, LeaseError, Permit, Permits};
+use crate::quorum::{combine, decide, holds_without_me, Decision, Members, Reason, Rule, Snapshot, Verdict};
 use crate::supervisor::{Services, SupervisorError};
 use crate::trigger::RestartRequest;
-use state_file::{Record, StateFile, StateFileError, Step};
+use state_file::{Record, StateFile, StateFileError, Step, Taken};
 
 /// How long registering again is retried while AWS is unreachable before giving up loudly.
 pub const REGISTER_RETRY_FOR: Duration = Duration::from_secs(300);
@@ -41,9 +47,25 @@ pub struct Timing {
     pub drain_timeout: Option<Duration>,
     /// Overrides interval × healthy threshold (+ margin) when set.
     pub health_timeout: Option<Duration>,
-    /// Before leaving on a passed check, wait a random 0..settle and check once more, so that
-    /// instances asked at the same moment see each other leave (see README, "Races").
+    /// Before leaving on a passed check, wait for this instance's slot of a `settle` schedule
+    /// and check once more, so that instances asked at the same moment see each other leave
+    /// (see README, "Races").
     pub settle: Duration,
+}
+
+impl Default for Timing {
+    /// The documented defaults (`crate::config`).
+    fn default() -> Self {
+        use crate::config::*;
+        Timing {
+            check_interval: Duration::from_secs_f64(DEFAULT_CHECK_INTERVAL),
+            max_checks: DEFAULT_MAX_CHECKS,
+            poll_interval: Duration::from_secs_f64(DEFAULT_POLL_INTERVAL),
+            drain_timeout: None,
+            health_timeout: None,
+            settle: Duration::from_secs_f64(DEFAULT_SETTLE),
+        }
+    }
 }
 
 /// What a finished cycle measured.
@@ -92,7 +114,7 @@ pub enum CycleError {
     State(#[from] StateFileError),
     #[error(transparent)]
     Lease(#[from] LeaseError),
-    #[error("no permit after {checks} checks (strict mode fails closed; nothing changed): {source}")]
+    #[error("no permit after {checks} checks (strict mode fails closed; nothing changed)")]
     NoPermit {
         checks: u32,
         #[source]
@@ -100,23 +122,31 @@ pub enum CycleError {
     },
     #[error("permit lost before deregistering ({why}); nothing changed")]
     PermitLost { why: String },
-    #[error("INSTANCE {instance} LEFT DEREGISTERED FROM {lb}: its programs did not come back ({source}). Fix them, then run `elb-quorum restart {programs}` (or restart the listener) to register it again")]
+    /// A named target group does not list this instance: the configuration is wrong.
+    #[error("instance {instance} is not registered in {lb}: register it there, or leave the group out of --target-group; nothing changed")]
+    NotRegistered { lb: String, instance: String },
+    /// This instance's target can never serve there (its zone is not enabled, or no load balancer
+    /// uses the group): leaving would not come back.
+    #[error("{lb} can never route to {target} ({raw}): enable its Availability Zone on the load balancer (or attach the group to one); nothing changed")]
+    NeverHeals { lb: String, target: String, raw: String },
+    #[error("INSTANCE {instance} LEFT DEREGISTERED FROM {lb}: its programs did not come back. Fix them, then run `elb-quorum restart {programs}` (or restart the listener) to register it again")]
     ServicesDown {
         lb: String,
         instance: String,
         programs: String,
         #[source]
-        source: SupervisorError,
+        source: Box<SupervisorError>,
     },
-    #[error("INSTANCE {instance} IS STILL DEREGISTERED FROM {lb}: registering again failed for {tried:?} ({source}). Register it by hand: aws elb register-instances-with-load-balancer --load-balancer-name {lb} --instances {instance}")]
+    #[error("INSTANCE {instance} IS STILL DEREGISTERED FROM {lb}: registering again failed after {tried:?}. Register it by hand: {by_hand}")]
     StillDeregistered {
         lb: String,
         instance: String,
         tried: Duration,
+        by_hand: String,
         #[source]
-        source: LbError,
+        source: Box<LbError>,
     },
-    #[error("instance {instance} is registered with {lb} again but not InService: {detail}")]
+    #[error("instance {instance} is registered with {lb} again but not serving: {detail}")]
     NotInService { lb: String, instance: String, detail: String },
 }
 
@@ -125,6 +155,71 @@ impl CycleError {
     pub fn left_out(&self) -> bool {
         matches!(self, CycleError::ServicesDown { .. } | CycleError::StillDeregistered { .. })
     }
+
+    /// The configuration is wrong (unknown attachment, not registered there, a zone that is never
+    /// served); nothing was changed: exit 2.
+    pub fn is_configuration(&self) -> bool {
+        match self {
+            CycleError::Lb(e) => e.is_configuration(),
+            CycleError::NotRegistered { .. } | CycleError::NeverHeals { .. } => true,
+            CycleError::Supervisor(SupervisorError::UnknownProgram { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The command that registers `taken` by hand, for the loud message.
+pub fn register_by_hand(taken: &Taken) -> String {
+    match taken.kind {
+        AttachmentKind::Classic => format!(
+            "aws elb register-instances-with-load-balancer --load-balancer-name {} --instances {}",
+            taken.id,
+            taken.targets.iter().map(|t| t.instance_id.as_str()).collect::<Vec<_>>().join(" ")
+        ),
+        AttachmentKind::TargetGroup => format!(
+            "aws elbv2 register-targets --target-group-arn {} --targets {}",
+            taken.id,
+            taken
+                .targets
+                .iter()
+                .map(|t| match t.port {
+                    Some(p) => format!("Id={},Port={p}", t.instance_id),
+                    None => format!("Id={}", t.instance_id),
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+    }
+}
+
+/// The attachments' labels, for messages: "load balancer a, target group b".
+pub fn labels(taken: &[Taken]) -> String {
+    taken.iter().map(|t| format!("{} {}", t.kind.noun(), t.name)).collect::<Vec<_>>().join(", ")
+}
+
+/// The instances serving in one attachment. A peer counts only when every target it has there is
+/// serving (the cautious count); this instance counts when any of its targets serves (leaving
+/// would take that from the cluster).
+pub fn serving_ids(listed: &[TargetHealth], me: &str) -> BTreeSet<String> {
+    let mut by_instance: BTreeMap<&str, (bool, bool)> = BTreeMap::new();
+    for h in listed.iter().filter(|h| h.state != TargetState::NotRegistered) {
+        let e = by_instance.entry(h.target.instance_id.as_str()).or_insert((true, false));
+        e.0 &= h.serving();
+        e.1 |= h.serving();
+    }
+    by_instance
+        .into_iter()
+        .filter(|(id, (all, any))| if *id == me { *any } else { *all })
+        .map(|(id, _)| id.to_owned())
+        .collect()
+}
+
+/// One read of the cluster: members and every attachment's targets.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    pub members: Members,
+    /// Per attachment, in the cycle's order: every target listed.
+    pub listed: Vec<Vec<TargetHealth>>,
 }
 
 /// ±20 % jitter, so a fleet does not poll in lockstep.
@@ -172,9 +267,10 @@ pub fn held_by(holders: &[String]) -> String {
     }
 }
 
-/// One instance's restart cycle.
+/// One instance's restart cycle over its attachments. Build it with `Cycle::new` and the setters.
 pub struct Cycle<L, M, S> {
-    pub lb: L,
+    /// Every attachment, left and rejoined together.
+    pub lbs: Vec<L>,
     pub members: M,
     pub services: S,
     /// This instance's id.
@@ -190,7 +286,7 @@ pub struct Cycle<L, M, S> {
 }
 
 enum Gate {
-    Allowed { verdict: Verdict, checks: u32, permit: Option<Box<Permit>> },
+    Allowed { decision: Decision, observation: Observation, checks: u32, permit: Option<Box<Permit>> },
     GaveUp { verdict: Verdict, checks: u32 },
     NoPermit { holders: Vec<String>, permits: usize, checks: u32 },
     Aborted,
@@ -198,7 +294,7 @@ enum Gate {
 
 /// One strict check's answer.
 enum StrictCheck {
-    Allowed(Verdict, Box<Permit>),
+    Allowed(Decision, Observation, Box<Permit>),
     /// A permit was free, but quorum does not hold; it is released already.
     Wait(Verdict),
     /// Every slot is held.
@@ -217,13 +313,130 @@ enum Left {
 }
 
 impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
-    /// Members and load-balancer health, as one snapshot.
-    pub async fn snapshot(&self, known_down: bool) -> Result<(Snapshot, Option<InstanceHealth>), CycleError> {
+    /// A cycle with the default rule (quorum 0.75, at least 1 other serving) and timings, not a
+    /// dry run, not strict.
+    pub fn new(
+        lbs: Vec<L>,
+        members: M,
+        services: S,
+        me: impl Into<String>,
+        state: StateFile,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Cycle {
+            lbs,
+            members,
+            services,
+            me: me.into(),
+            rule: Rule { quorum_ppm: 750_000, min_in_service: crate::config::DEFAULT_MIN_IN_SERVICE },
+            timing: Timing::default(),
+            dry_run: false,
+            state,
+            shutdown,
+            permits: None,
+        }
+    }
+
+    pub fn with_rule(mut self, rule: Rule) -> Self {
+        self.rule = rule;
+        self
+    }
+
+    pub fn with_timing(mut self, timing: Timing) -> Self {
+        self.timing = timing;
+        self
+    }
+
+    pub fn with_dry_run(mut self, dry_run: bool) -> Self {
+        self.dry_run = dry_run;
+        self
+    }
+
+    pub fn with_permits(mut self, permits: Option<Permits>) -> Self {
+        self.permits = permits;
+        self
+    }
+
+    /// Every attachment's label, for logs.
+    pub fn attachments(&self) -> String {
+        self.lbs.iter().map(|l| l.label()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Looks every attachment up (a target group's ARN); `NotFound` is a configuration error.
+    pub async fn resolve(&self) -> Result<(), CycleError> {
+        for lb in &self.lbs {
+            lb.resolve().await?;
+        }
+        Ok(())
+    }
+
+    /// Every attachment's targets, in order.
+    async fn read_targets(&self) -> Result<Vec<Vec<TargetHealth>>, CycleError> {
+        let mut listed = Vec::with_capacity(self.lbs.len());
+        for lb in &self.lbs {
+            listed.push(lb.targets().await?);
+        }
+        Ok(listed)
+    }
+
+    /// Members and every attachment's health, as one observation.
+    pub async fn observe(&self) -> Result<Observation, CycleError> {
         let members = self.members.members().await.map_err(CycleError::Members)?;
-        let registered = self.lb.registered().await?;
-        let mine = registered.iter().find(|h| h.instance_id == self.me).cloned();
-        let serving = registered.into_iter().filter(|h| h.serving()).map(|h| h.instance_id).collect();
-        Ok((Snapshot { members, serving, me: self.me.clone(), known_down }, mine))
+        Ok(Observation { members, listed: self.read_targets().await? })
+    }
+
+    /// The quorum decision over every attachment, with `holders` (strict mode's other permit
+    /// holders) counted out of service.
+    pub fn decide(&self, obs: &Observation, known_down: bool, holders: &BTreeSet<String>) -> Decision {
+        combine(self.verdicts(obs, known_down, holders, decide))
+    }
+
+    fn verdicts(
+        &self,
+        obs: &Observation,
+        known_down: bool,
+        holders: &BTreeSet<String>,
+        rule_of: fn(&Snapshot, &Rule) -> Verdict,
+    ) -> Vec<Verdict> {
+        self.lbs
+            .iter()
+            .zip(&obs.listed)
+            .map(|(lb, listed)| {
+                let mut serving = serving_ids(listed, &self.me);
+                serving.retain(|id| !holders.contains(id));
+                let snapshot = Snapshot { members: obs.members.clone(), serving, me: self.me.clone(), known_down };
+                Verdict { attachment: lb.label(), ..rule_of(&snapshot, &self.rule) }
+            })
+            .collect()
+    }
+
+    /// What leaving would take out: this instance's targets in every attachment. Refuses, with
+    /// nothing changed, a target group that does not list this instance and a target that can
+    /// never serve again.
+    pub fn plan(&self, obs: &Observation) -> Result<Vec<Taken>, CycleError> {
+        let mut plan = Vec::with_capacity(self.lbs.len());
+        for (lb, listed) in self.lbs.iter().zip(&obs.listed) {
+            if let Some(h) =
+                listed.iter().find(|h| h.target.instance_id == self.me && h.state == TargetState::NeverHeals)
+            {
+                return Err(CycleError::NeverHeals {
+                    lb: lb.label(),
+                    target: h.target.to_string(),
+                    raw: h.raw.clone(),
+                });
+            }
+            let targets = lb.own_targets(&self.me, listed);
+            if targets.is_empty() {
+                return Err(CycleError::NotRegistered { lb: lb.label(), instance: self.me.clone() });
+            }
+            plan.push(Taken { kind: lb.spec().kind, id: lb.id(), name: lb.spec().name.clone(), targets });
+        }
+        Ok(plan)
+    }
+
+    /// Whether this instance serves in any attachment.
+    fn serving_anywhere(&self, listed: &[Vec<TargetHealth>]) -> bool {
+        listed.iter().flatten().any(|h| h.target.instance_id == self.me && h.serving())
     }
 
     /// Sleeps `d`, or returns false early when shutdown is requested.
@@ -246,21 +459,26 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 check += 1;
             }
             let mut slot = None;
-            let verdict = match self.snapshot(req.serves_nothing()).await {
-                Ok((snap, _)) => {
-                    slot = settle_slot(&snap.members, &self.me);
-                    Some(decide(&snap, &self.rule))
+            let decided = match self.observe().await {
+                Ok(obs) => {
+                    slot = settle_slot(&obs.members, &self.me);
+                    self.plan(&obs)?;
+                    Some((self.decide(&obs, req.serves_nothing(), &BTreeSet::new()), obs))
                 }
                 Err(CycleError::Lb(e)) if e.is_retryable() => {
-                    warn!(lb = self.lb.name(), check, error = %e, "quorum check failed; counts as a failed check");
+                    warn!(attachments = %self.attachments(), check, error = %e, "quorum check failed; counts as a failed check");
                     None
                 }
                 Err(e) => return Err(e),
             };
-            if let Some(v) = &verdict {
-                info!(lb = self.lb.name(), instance_id = %self.me, check, max_checks = self.timing.max_checks, may_leave = v.may_leave, reason = ?v.reason, "quorum check: {}", v.summary());
+            if let Some((d, _)) = &decided {
+                let v = &d.overall;
+                info!(attachments = %self.attachments(), instance_id = %self.me, check, max_checks = self.timing.max_checks, may_leave = v.may_leave, reason = ?v.reason, "quorum check: {}", v.summary());
+            }
+            if let Some((d, obs)) = decided {
+                let v = &d.overall;
                 if v.may_leave && (settled || v.reason != Reason::QuorumHolds || self.timing.settle.is_zero()) {
-                    return Ok(Gate::Allowed { verdict: v.clone(), checks: check, permit: None });
+                    return Ok(Gate::Allowed { decision: d, observation: obs, checks: check, permit: None });
                 }
                 if v.may_leave {
                     settled = true;
@@ -270,20 +488,19 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     }
                     continue;
                 }
-            }
-            settled = false;
-            if check >= self.timing.max_checks {
-                let verdict = match verdict {
-                    Some(v) => v,
-                    None => {
-                        return Err(CycleError::Lb(LbError::Unreachable {
-                            lb: self.lb.name().into(),
-                            action: "quorum check",
-                            detail: format!("no check succeeded in {check}"),
-                        }))
-                    }
-                };
-                return Ok(Gate::GaveUp { verdict, checks: check });
+                settled = false;
+                if check >= self.timing.max_checks {
+                    return Ok(Gate::GaveUp { verdict: d.overall, checks: check });
+                }
+            } else {
+                settled = false;
+                if check >= self.timing.max_checks {
+                    return Err(CycleError::Lb(LbError::Unreachable {
+                        lb: self.attachments(),
+                        action: "quorum check",
+                        detail: format!("no check succeeded in {check}"),
+                    }));
+                }
             }
             if !self.pause(jitter(self.timing.check_interval)).await {
                 return Ok(Gate::Aborted);
@@ -291,23 +508,23 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         }
     }
 
-    /// The strict gate: each check takes a permit first, then reads the load balancer with every
+    /// The strict gate: each check takes a permit first, then reads the attachments with every
     /// other holder counted out. Errors of the permit store fail closed: a failed check.
     async fn strict_gate(&self, permits: &Permits, req: &RestartRequest, first_check: u32) -> Result<Gate, CycleError> {
         let mut check = first_check;
         loop {
             check += 1;
             let last = match self.strict_check(permits, req).await {
-                Ok(StrictCheck::Allowed(verdict, permit)) => {
-                    info!(lb = self.lb.name(), instance_id = %self.me, check, kind = permit.kind().as_str(), holders = permit.others.len(), reason = ?verdict.reason, "quorum check with permit: {}; leaving", verdict.summary());
-                    return Ok(Gate::Allowed { verdict, checks: check, permit: Some(permit) });
+                Ok(StrictCheck::Allowed(decision, observation, permit)) => {
+                    info!(attachments = %self.attachments(), instance_id = %self.me, check, kind = permit.kind().as_str(), holders = permit.others.len(), reason = ?decision.overall.reason, "quorum check with permit: {}; leaving", decision.overall.summary());
+                    return Ok(Gate::Allowed { decision, observation, checks: check, permit: Some(permit) });
                 }
                 Ok(StrictCheck::Wait(verdict)) => {
-                    info!(lb = self.lb.name(), instance_id = %self.me, check, max_checks = self.timing.max_checks, reason = ?verdict.reason, "quorum check with permit: {}; permit released, waiting", verdict.summary());
+                    info!(attachments = %self.attachments(), instance_id = %self.me, check, max_checks = self.timing.max_checks, reason = ?verdict.reason, "quorum check with permit: {}; permit released, waiting", verdict.summary());
                     Ok(Gate::GaveUp { verdict, checks: check })
                 }
                 Ok(StrictCheck::Full { holders, permits }) => {
-                    info!(lb = self.lb.name(), instance_id = %self.me, check, max_checks = self.timing.max_checks, permits, "no free permit: {}", held_by(&holders));
+                    info!(attachments = %self.attachments(), instance_id = %self.me, check, max_checks = self.timing.max_checks, permits, "no free permit: {}", held_by(&holders));
                     Ok(Gate::NoPermit { holders, permits, checks: check })
                 }
                 Err(CycleError::Lease(e)) if e.is_retryable() => {
@@ -315,7 +532,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     Err(CycleError::NoPermit { checks: check, source: e })
                 }
                 Err(CycleError::Lb(e)) if e.is_retryable() => {
-                    warn!(lb = self.lb.name(), check, error = %e, "quorum check failed; counts as a failed check");
+                    warn!(attachments = %self.attachments(), check, error = %e, "quorum check failed; counts as a failed check");
                     Err(CycleError::Lb(e))
                 }
                 Err(e) => return Err(e),
@@ -333,7 +550,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         }
     }
 
-    /// One strict check: members → permit → load balancer → decision. A slot refused to an instance
+    /// One strict check: members → permit → attachments → decision. A slot refused to an instance
     /// that serves nothing already becomes an exempt entry; an exempt instance found serving again
     /// loses the exemption and tries for a slot once.
     async fn strict_check(&self, permits: &Permits, req: &RestartRequest) -> Result<StrictCheck, CycleError> {
@@ -348,46 +565,47 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     if exemption_lost {
                         return Ok(StrictCheck::Full { holders, permits: limit });
                     }
-                    let registered = self.lb.registered().await?;
-                    if registered.iter().any(|h| h.instance_id == self.me && h.serving()) {
+                    if self.serving_anywhere(&self.read_targets().await?) {
                         return Ok(StrictCheck::Full { holders, permits: limit });
                     }
-                    info!(instance_id = %self.me, "no free slot, but the load balancer counts this instance out: taking an exempt entry");
+                    info!(instance_id = %self.me, "no free slot, but every attachment counts this instance out: taking an exempt entry");
                     kind = Kind::Exempt;
                     continue;
                 }
             };
-            let registered = match self.lb.registered().await {
-                Ok(r) => r,
+            // Read after the permit was granted: only this read may let the instance leave.
+            let obs = match self.read_targets().await {
+                Ok(listed) => Observation { members: members.clone(), listed },
                 Err(e) => {
                     permit.release().await;
-                    return Err(e.into());
+                    return Err(e);
                 }
             };
-            let serving = registered.into_iter().filter(|h| h.serving()).map(|h| h.instance_id).collect();
-            let snapshot =
-                Snapshot { members: members.clone(), serving, me: self.me.clone(), known_down: req.serves_nothing() };
-            let verdict = decide_with_holders(snapshot, &permit.others, &self.rule);
-            if permit.kind() == Kind::Exempt && verdict.self_serving && !req.serves_nothing() {
+            if let Err(e) = self.plan(&obs) {
+                permit.release().await;
+                return Err(e);
+            }
+            let decision = self.decide(&obs, req.serves_nothing(), &permit.others);
+            if permit.kind() == Kind::Exempt && self.serving_anywhere(&obs.listed) && !req.serves_nothing() {
                 info!(instance_id = %self.me, "this instance serves again: exemption dropped");
                 permit.release().await;
                 kind = Kind::Slot;
                 exemption_lost = true;
                 continue;
             }
-            if verdict.may_leave {
-                return Ok(StrictCheck::Allowed(verdict, Box::new(permit)));
+            if decision.may_leave() {
+                return Ok(StrictCheck::Allowed(decision, obs, Box::new(permit)));
             }
             permit.release().await;
-            return Ok(StrictCheck::Wait(verdict));
+            return Ok(StrictCheck::Wait(decision.overall));
         }
     }
 
-    fn record(&self, step: Step, programs: &[String], since: u64) -> Record {
+    fn record(&self, step: Step, programs: &[String], taken: &[Taken], since: u64) -> Record {
         Record {
             step,
             instance_id: self.me.clone(),
-            lb: self.lb.name().to_owned(),
+            attachments: taken.to_vec(),
             programs: programs.to_vec(),
             since,
             pid: std::process::id(),
@@ -399,6 +617,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         let programs: Vec<String> = req.programs.iter().cloned().collect();
         let started = Instant::now();
         self.services.validate(&programs).await?;
+        self.resolve().await?;
         let mut summary = Summary { programs: programs.clone(), ..Default::default() };
         let mut checks = 0;
         loop {
@@ -406,17 +625,17 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 Some(permits) => self.strict_gate(permits, req, checks).await?,
                 None => self.gate(req, checks).await?,
             };
-            let (verdict, permit) = match gate {
-                Gate::Allowed { verdict, checks: used, permit } => {
+            let (decision, observation, permit) = match gate {
+                Gate::Allowed { decision, observation, checks: used, permit } => {
                     checks = used;
-                    (verdict, permit)
+                    (decision, observation, permit)
                 }
                 Gate::GaveUp { verdict, checks } => {
-                    warn!(lb = self.lb.name(), instance_id = %self.me, checks, "giving up: quorum not reached after {checks} checks ({}); nothing changed", verdict.summary());
+                    warn!(attachments = %self.attachments(), instance_id = %self.me, checks, "giving up: quorum not reached after {checks} checks ({}); nothing changed", verdict.summary());
                     return Ok(Outcome::GaveUp { verdict, checks });
                 }
                 Gate::NoPermit { holders, permits, checks } => {
-                    warn!(lb = self.lb.name(), instance_id = %self.me, checks, "giving up: no free permit after {checks} checks ({}); nothing changed", held_by(&holders));
+                    warn!(attachments = %self.attachments(), instance_id = %self.me, checks, "giving up: no free permit after {checks} checks ({}); nothing changed", held_by(&holders));
                     return Ok(Outcome::NoPermit { holders, permits, checks });
                 }
                 Gate::Aborted => {
@@ -426,7 +645,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             };
             summary.checks = checks;
             summary.waited_for_quorum = started.elapsed();
-            let left = self.leave(&programs, &verdict, permit.as_deref(), &mut summary).await;
+            let left = self.leave(&programs, &decision, &observation, permit.as_deref(), &mut summary).await;
             if let Some(permit) = permit {
                 permit.release().await;
             }
@@ -434,7 +653,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 Left::Done => {
                     summary.total = started.elapsed();
                     info!(
-                        lb = self.lb.name(),
+                        attachments = %self.attachments(),
                         instance_id = %self.me,
                         programs = %programs.join(" "),
                         waited_s = summary.waited_for_quorum.as_secs_f64(),
@@ -461,214 +680,341 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         }
     }
 
-    /// Past the gate: deregister → (recheck) → drain → restart → register → InService. With a
-    /// permit, a permit found lost before deregistering stops the cycle with nothing changed; one
-    /// lost later is logged loudly and the cycle finishes (the instance must come back).
+    /// Every attachment's timings, in order.
+    async fn timings(&self) -> Result<Vec<LbTimings>, CycleError> {
+        let mut all = Vec::with_capacity(self.lbs.len());
+        for lb in &self.lbs {
+            all.push(lb.timings().await?);
+        }
+        Ok(all)
+    }
+
+    /// The attachment `taken` names, among this cycle's.
+    fn attachment(&self, taken: &Taken) -> Option<&L> {
+        self.lbs.iter().find(|l| l.spec().kind == taken.kind && (l.id() == taken.id || l.spec().name == taken.id))
+    }
+
+    /// Past the gate: deregister from every attachment → (recheck) → drain → restart → register
+    /// in every attachment → serving in each. With a permit, a permit found lost before
+    /// deregistering stops the cycle with nothing changed; one lost later is logged loudly and the
+    /// cycle finishes (the instance must come back).
     async fn leave(
         &self,
         programs: &[String],
-        verdict: &Verdict,
+        decision: &Decision,
+        observation: &Observation,
         permit: Option<&Permit>,
         summary: &mut Summary,
     ) -> Result<Left, CycleError> {
+        let plan = self.plan(observation)?;
         if self.dry_run {
-            info!(lb = self.lb.name(), instance_id = %self.me, "dry run: would deregister, restart {}, register; nothing changed", programs.join(" "));
-            return Ok(Left::DryRun(verdict.clone()));
+            info!(attachments = %labels(&plan), instance_id = %self.me, "dry run: would deregister {}, restart {}, register again; nothing changed", targets_of(&plan), programs.join(" "));
+            return Ok(Left::DryRun(decision.overall.clone()));
         }
         // The gate may have waited minutes: the programs must still exist before we leave.
         self.services.validate(programs).await?;
-        let timings = self.lb.timings().await?;
+        let timings = self.timings().await?;
         if let Some(why) = permit.and_then(Permit::lost) {
-            error!(lb = self.lb.name(), instance_id = %self.me, "permit lost before deregistering ({why}); not leaving");
+            error!(attachments = %labels(&plan), instance_id = %self.me, "permit lost before deregistering ({why}); not leaving");
             return Err(CycleError::PermitLost { why });
         }
         let since = unix_now();
-        self.state.save(&self.record(Step::Deregistering, programs, since))?;
+        self.state.save(&self.record(Step::Deregistering, programs, &plan, since))?;
         let t = Instant::now();
-        info!(lb = self.lb.name(), instance_id = %self.me, "deregistering");
-        if let Err(e) = self.lb.deregister(&self.me).await {
-            error!(lb = self.lb.name(), instance_id = %self.me, error = %e, "deregistering failed; making sure the instance is registered");
-            self.come_back(timings.healthy_after).await?;
-            return Err(e.into());
+        for (i, taken) in plan.iter().enumerate() {
+            let lb = &self.lbs[i];
+            info!(lb = %lb.label(), instance_id = %self.me, targets = %targets_of(std::slice::from_ref(taken)), "deregistering");
+            if let Err(e) = self.deregister_one(lb, taken).await {
+                error!(lb = %lb.label(), instance_id = %self.me, error = %e, "deregistering failed; registering again every target taken out so far");
+                self.come_back(&plan[..=i], &timings).await?;
+                return Err(e);
+            }
         }
-        // Recheck only when this instance was serving: if it served nothing already (out of the
-        // load balancer, or its program down), its leaving took nothing from anyone, and going
+        // Recheck only when this instance was serving: if it served nothing already (out of every
+        // attachment, or its program down), its leaving took nothing from anyone, and going
         // back would only register an instance that does not serve. In strict mode the permit
         // already excludes the race the recheck looks for.
-        if verdict.reason == Reason::QuorumHolds && permit.is_none() {
-            match self.snapshot(false).await {
-                Ok((snap, _)) => {
-                    let v = holds_without_me(&snap, &self.rule);
-                    if !v.may_leave {
+        if decision.overall.reason == Reason::QuorumHolds && permit.is_none() {
+            match self.observe().await {
+                Ok(obs) => {
+                    let recheck = combine(self.verdicts(&obs, false, &BTreeSet::new(), holds_without_me));
+                    if !recheck.may_leave() {
                         summary.races += 1;
-                        warn!(lb = self.lb.name(), instance_id = %self.me, "peers left at the same time ({}); registering again and going back to the gate", v.summary());
-                        self.come_back(timings.healthy_after).await?;
-                        return Ok(Left::Raced(v));
+                        warn!(attachments = %labels(&plan), instance_id = %self.me, "peers left at the same time ({}); registering again and going back to the gate", recheck.overall.summary());
+                        self.come_back(&plan, &timings).await?;
+                        return Ok(Left::Raced(recheck.overall));
                     }
                 }
                 Err(e) => {
                     error!(error = %e, "quorum recheck after deregistering failed; registering again");
-                    self.come_back(timings.healthy_after).await?;
+                    self.come_back(&plan, &timings).await?;
                     return Err(e);
                 }
             }
         }
-        let drain_bound = self.timing.drain_timeout.unwrap_or(timings.drain.unwrap_or(Duration::ZERO) + DRAIN_MARGIN);
-        if let Err(e) = self.wait_out(drain_bound).await {
-            self.come_back(timings.healthy_after).await?;
+        if let Err(e) = self.wait_out(&plan, &timings).await {
+            self.come_back(&plan, &timings).await?;
             return Err(e);
         }
         summary.drain = t.elapsed();
-        info!(lb = self.lb.name(), instance_id = %self.me, drain_s = summary.drain.as_secs_f64(), "out of the load balancer");
+        info!(attachments = %labels(&plan), instance_id = %self.me, drain_s = summary.drain.as_secs_f64(), "out of every attachment");
 
-        self.state.save(&self.record(Step::Restarting, programs, since))?;
+        self.state.save(&self.record(Step::Restarting, programs, &plan, since))?;
         let t = Instant::now();
         if let Err(source) = self.services.restart(programs).await {
             // Healthy after all (the failure came before anything was stopped, or the programs
             // recovered)? Then they must not stay out of the load balancer.
             if matches!(self.services.running(programs).await, Ok(true)) {
                 error!(error = %source, "restarting failed, but the programs are RUNNING: registering again");
-                self.come_back(timings.healthy_after).await?;
+                self.come_back(&plan, &timings).await?;
                 return Err(source.into());
             }
-            self.state.save(&self.record(Step::ServicesDown, programs, since))?;
-            return Err(self.services_down(programs, source));
+            self.state.save(&self.record(Step::ServicesDown, programs, &plan, since))?;
+            return Err(self.services_down(&plan, programs, source));
         }
         summary.restart = t.elapsed();
         info!(programs = %programs.join(" "), restart_s = summary.restart.as_secs_f64(), "programs restarted and RUNNING");
 
         let t = Instant::now();
-        self.state.save(&self.record(Step::Registering, programs, since))?;
-        self.register_and_wait(timings.healthy_after).await?;
+        self.state.save(&self.record(Step::Registering, programs, &plan, since))?;
+        self.register_and_wait(&plan, &timings).await?;
         summary.back_in_service = t.elapsed();
         if let Some(why) = permit.and_then(Permit::lost) {
-            error!(lb = self.lb.name(), instance_id = %self.me, "PERMIT LOST WHILE OUT OF THE LOAD BALANCER ({why}): the cycle finished, but peers may have counted this instance as serving meanwhile");
+            error!(attachments = %labels(&plan), instance_id = %self.me, "PERMIT LOST WHILE OUT OF THE LOAD BALANCER ({why}): the cycle finished, but peers may have counted this instance as serving meanwhile");
         }
         Ok(Left::Done)
     }
 
-    /// Polls until this instance is out of service (absent or not serving), within `bound`.
-    /// Past the bound the load balancer has cut connections anyway: go on, with a warning.
-    async fn wait_out(&self, bound: Duration) -> Result<(), CycleError> {
-        let deadline = Instant::now() + bound;
+    /// Deregisters `taken.targets` from `lb`. A target group that answers `InvalidTarget` counts the
+    /// targets out only if it then lists each of them as not registered (or not at all).
+    async fn deregister_one(&self, lb: &L, taken: &Taken) -> Result<(), CycleError> {
+        match lb.deregister(&taken.targets).await {
+            Ok(()) => Ok(()),
+            Err(e @ LbError::InvalidTarget { .. }) if taken.kind == AttachmentKind::TargetGroup => {
+                let listed = lb.targets().await?;
+                let out = taken.targets.iter().all(|t| {
+                    listed.iter().find(|h| h.target == *t).is_none_or(|h| h.state == TargetState::NotRegistered)
+                });
+                if out {
+                    warn!(lb = %lb.label(), error = %e, "the target group says the targets are not registered: counted as out");
+                    Ok(())
+                } else {
+                    Err(e.into())
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Polls every attachment in the same rounds until this instance's targets are out of each
+    /// (absent, or neither serving nor draining), each within its own bound: the draining timeout
+    /// or deregistration delay + margin (or `--drain-timeout`). Past a bound the load balancer has
+    /// cut connections anyway: go on, with a warning.
+    async fn wait_out(&self, plan: &[Taken], timings: &[LbTimings]) -> Result<(), CycleError> {
+        let start = Instant::now();
+        let bounds: Vec<Duration> = timings
+            .iter()
+            .map(|t| self.timing.drain_timeout.unwrap_or(t.drain.unwrap_or(Duration::ZERO) + DRAIN_MARGIN))
+            .collect();
+        for ((taken, t), bound) in plan.iter().zip(timings).zip(&bounds) {
+            if let (AttachmentKind::TargetGroup, Some(delay)) = (taken.kind, t.drain) {
+                info!(lb = %format!("{} {}", taken.kind.noun(), taken.name), delay_s = delay.as_secs(), bound_s = bound.as_secs(), "waiting for the deregistration delay: the target group shows draining for up to {} s, connections or not", delay.as_secs());
+            }
+        }
+        let mut pending: Vec<usize> = (0..plan.len()).collect();
         loop {
-            match self.lb.registered().await {
-                Ok(reg) => match reg.iter().find(|h| h.instance_id == self.me) {
-                    None => return Ok(()),
-                    Some(h) if !h.serving() && h.description != crate::lb::DEREGISTRATION_IN_PROGRESS => return Ok(()),
-                    Some(h) => info!(state = ?h.state, description = %h.description, "draining"),
-                },
-                Err(e) if e.is_retryable() => warn!(error = %e, "polling deregistration failed; retrying"),
-                Err(e) => return Err(e.into()),
+            let mut still = Vec::new();
+            for &i in &pending {
+                let (lb, taken) = (&self.lbs[i], &plan[i]);
+                match lb.targets().await {
+                    Ok(listed) => {
+                        let left: Vec<&TargetHealth> =
+                            listed.iter().filter(|h| taken.targets.contains(&h.target) && !h.state.is_out()).collect();
+                        match left.first() {
+                            None => continue,
+                            Some(h) => info!(lb = %lb.label(), target = %h.target, state = %h.raw, "draining"),
+                        }
+                    }
+                    Err(e) if e.is_retryable() => {
+                        warn!(lb = %lb.label(), error = %e, "polling deregistration failed; retrying")
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                if start.elapsed() >= bounds[i] {
+                    warn!(lb = %lb.label(), instance_id = %self.me, bound_s = bounds[i].as_secs_f64(), "deregistration not confirmed within the draining bound; going on");
+                    continue;
+                }
+                still.push(i);
             }
-            if Instant::now() >= deadline {
-                warn!(lb = self.lb.name(), instance_id = %self.me, bound_s = bound.as_secs_f64(), "deregistration not confirmed within the draining bound; going on");
-                return Ok(());
-            }
+            pending = still;
+            let Some(next_deadline) = pending.iter().map(|&i| start + bounds[i]).min() else { return Ok(()) };
             tokio::time::sleep(
                 jitter(self.timing.poll_interval)
-                    .min(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10))),
+                    .min(next_deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10))),
             )
             .await;
         }
     }
 
-    /// Registers again, retrying retryable errors for `REGISTER_RETRY_FOR`, then clears the state
-    /// file. Does not wait for InService (see `register_and_wait`).
-    async fn register(&self) -> Result<(), CycleError> {
-        let start = Instant::now();
-        let mut pause = Duration::from_secs(1);
-        loop {
-            match self.lb.register(&self.me).await {
-                Ok(()) => {
-                    info!(lb = self.lb.name(), instance_id = %self.me, "registered");
-                    self.state.clear()?;
-                    return Ok(());
-                }
-                Err(e) if e.is_retryable() && start.elapsed() < REGISTER_RETRY_FOR => {
-                    error!(lb = self.lb.name(), instance_id = %self.me, error = %e, "registering failed; the instance is deregistered; retrying in {pause:?}");
-                    tokio::time::sleep(jitter(pause)).await;
-                    pause = (pause * 2).min(REGISTER_RETRY_MAX_PAUSE);
-                }
-                Err(source) => {
-                    let e = CycleError::StillDeregistered {
-                        lb: self.lb.name().into(),
-                        instance: self.me.clone(),
-                        tried: start.elapsed(),
-                        source,
-                    };
-                    error!("{e}");
-                    return Err(e);
+    /// Registers `taken` in every attachment, each retried while AWS is unreachable or throttles
+    /// for `REGISTER_RETRY_FOR`; every attachment is tried even when an earlier one failed. Clears
+    /// the state file once all are registered. Returns the indexes registered and the first
+    /// failure. Does not wait for serving (see `register_and_wait`).
+    async fn register(&self, plan: &[Taken]) -> (Vec<usize>, Option<CycleError>) {
+        let mut failed = None;
+        let mut registered = Vec::with_capacity(plan.len());
+        for (i, taken) in plan.iter().enumerate() {
+            let Some(lb) = self.attachment(taken) else {
+                let e = self.still_deregistered(
+                    taken,
+                    Duration::ZERO,
+                    LbError::NotFound { lb: labels(std::slice::from_ref(taken)), code: "not configured".into() },
+                );
+                failed.get_or_insert(e);
+                continue;
+            };
+            let start = Instant::now();
+            let mut pause = Duration::from_secs(1);
+            loop {
+                match lb.register(&taken.targets).await {
+                    Ok(()) => {
+                        info!(lb = %lb.label(), instance_id = %self.me, targets = %targets_of(std::slice::from_ref(taken)), "registered");
+                        registered.push(i);
+                        break;
+                    }
+                    Err(e) if e.is_retryable() && start.elapsed() < REGISTER_RETRY_FOR => {
+                        error!(lb = %lb.label(), instance_id = %self.me, error = %e, "registering failed; the instance is deregistered; retrying in {pause:?}");
+                        tokio::time::sleep(jitter(pause)).await;
+                        pause = (pause * 2).min(REGISTER_RETRY_MAX_PAUSE);
+                    }
+                    Err(source) => {
+                        let e = self.still_deregistered(taken, start.elapsed(), source);
+                        failed.get_or_insert(e);
+                        break;
+                    }
                 }
             }
         }
+        if failed.is_none() {
+            if let Err(e) = self.state.clear() {
+                failed = Some(e.into());
+            }
+        }
+        (registered, failed)
     }
 
-    /// Registers and waits until InService, bounded by the health check (× threshold) + margin.
-    async fn register_and_wait(&self, healthy_after: Duration) -> Result<(), CycleError> {
-        self.register().await?;
-        let bound = self.timing.health_timeout.unwrap_or(healthy_after + HEALTH_MARGIN);
-        let deadline = Instant::now() + bound;
+    fn still_deregistered(&self, taken: &Taken, tried: Duration, source: LbError) -> CycleError {
+        let e = CycleError::StillDeregistered {
+            lb: labels(std::slice::from_ref(taken)),
+            instance: self.me.clone(),
+            tried,
+            by_hand: register_by_hand(taken),
+            source: Box::new(source),
+        };
+        error!("{}", chain(&e));
+        e
+    }
+
+    /// Registers in every attachment and waits, in shared poll rounds, until every target taken out
+    /// serves again, each attachment bounded by its health timing + margin (or `--health-timeout`).
+    /// A target that can never serve fails at once. Never deregisters again. When registering
+    /// failed somewhere, the attachments that took it are still waited for, then that failure is
+    /// returned.
+    async fn register_and_wait(&self, plan: &[Taken], timings: &[LbTimings]) -> Result<(), CycleError> {
+        let (mut pending, not_registered) = self.register(plan).await;
+        let start = Instant::now();
+        let bound = |i: usize| {
+            let healthy_after = timings.get(i).map(|t| t.healthy_after).unwrap_or(Duration::from_secs(300));
+            self.timing.health_timeout.unwrap_or(healthy_after + HEALTH_MARGIN)
+        };
+        let mut failed = not_registered;
         loop {
-            match self.lb.registered().await {
-                Ok(reg) => match reg.iter().find(|h| h.instance_id == self.me) {
-                    Some(h) if h.serving() => {
-                        info!(lb = self.lb.name(), instance_id = %self.me, "InService");
-                        return Ok(());
+            let mut still = Vec::new();
+            for &i in &pending {
+                let taken = &plan[i];
+                let Some(lb) = self.attachment(taken) else { continue };
+                let lb_label = lb.label();
+                match lb.targets().await {
+                    Ok(listed) => {
+                        let mine: Vec<&TargetHealth> =
+                            listed.iter().filter(|h| taken.targets.contains(&h.target)).collect();
+                        if mine.len() == taken.targets.len() && mine.iter().all(|h| h.serving()) {
+                            info!(lb = %lb_label, instance_id = %self.me, "serving again");
+                            continue;
+                        }
+                        if let Some(h) = mine.iter().find(|h| h.state == TargetState::NeverHeals) {
+                            failed.get_or_insert(CycleError::NotInService {
+                                lb: lb_label,
+                                instance: self.me.clone(),
+                                detail: format!("{} can never serve there: {}", h.target, h.raw),
+                            });
+                            continue;
+                        }
+                        match mine.iter().find(|h| !h.serving()) {
+                            Some(h) => {
+                                info!(lb = %lb_label, target = %h.target, state = %h.raw, "waiting until serving")
+                            }
+                            None => warn!(lb = %lb_label, "registered but not listed yet"),
+                        }
                     }
-                    Some(h) if h.never_heals() => {
-                        return Err(CycleError::NotInService {
-                            lb: self.lb.name().into(),
-                            instance: self.me.clone(),
-                            detail: h.description.clone(),
-                        });
+                    Err(e) if e.is_retryable() => warn!(lb = %lb_label, error = %e, "polling health failed; retrying"),
+                    Err(e) => {
+                        failed.get_or_insert(e.into());
+                        continue;
                     }
-                    Some(h) => info!(state = ?h.state, description = %h.description, "waiting for InService"),
-                    None => warn!("registered but not listed yet"),
-                },
-                Err(e) if e.is_retryable() => warn!(error = %e, "polling health failed; retrying"),
-                Err(e) => return Err(e.into()),
+                }
+                if start.elapsed() >= bound(i) {
+                    failed.get_or_insert(CycleError::NotInService {
+                        lb: lb_label,
+                        instance: self.me.clone(),
+                        detail: format!(
+                            "not serving within {:?}; it stays registered (check the health check target)",
+                            bound(i)
+                        ),
+                    });
+                    continue;
+                }
+                still.push(i);
             }
-            if Instant::now() >= deadline {
-                return Err(CycleError::NotInService {
-                    lb: self.lb.name().into(),
-                    instance: self.me.clone(),
-                    detail: format!(
-                        "not InService within {bound:?}; it stays registered (check the health check target)"
-                    ),
-                });
+            pending = still;
+            if pending.is_empty() {
+                return match failed {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                };
             }
             tokio::time::sleep(jitter(self.timing.poll_interval)).await;
         }
     }
 
-    /// Best effort after a failure: register again (bounded retries) and wait InService, bounded by
-    /// the load balancer's timings the cycle already read.
-    async fn come_back(&self, healthy_after: Duration) -> Result<(), CycleError> {
-        match self.register_and_wait(healthy_after).await {
+    /// Best effort after a failure: register `plan` again (bounded retries) and wait until serving,
+    /// bounded by the timings the cycle already read.
+    async fn come_back(&self, plan: &[Taken], timings: &[LbTimings]) -> Result<(), CycleError> {
+        match self.register_and_wait(plan, timings).await {
             Ok(()) => Ok(()),
             Err(e @ CycleError::StillDeregistered { .. }) => Err(e),
             Err(e) => {
-                warn!(error = %e, "registered again, but not InService yet");
+                warn!(error = %e, "registered again, but not serving yet");
                 Ok(())
             }
         }
     }
 
     /// The loud error for an instance deliberately left out: its programs are down.
-    fn services_down(&self, programs: &[String], source: SupervisorError) -> CycleError {
+    fn services_down(&self, plan: &[Taken], programs: &[String], source: SupervisorError) -> CycleError {
         let e = CycleError::ServicesDown {
-            lb: self.lb.name().into(),
+            lb: labels(plan),
             instance: self.me.clone(),
             programs: programs.join(" "),
-            source,
+            source: Box::new(source),
         };
-        error!(lb = self.lb.name(), instance_id = %self.me, "{e}");
+        error!(attachments = %labels(plan), instance_id = %self.me, "{}", chain(&e));
         e
     }
 
-    /// Finishes a cycle a previous process left half done (found in the state file). A record of
-    /// another instance or load balancer is set aside, never acted on.
+    /// Finishes a cycle a previous process left half done (found in the state file): puts back
+    /// exactly the recorded (attachment, target) pairs. A record of another instance, or naming an
+    /// attachment this configuration does not have, is set aside, never acted on.
     pub async fn reconcile(&self) -> Result<bool, CycleError> {
         let record = match self.state.load() {
             Ok(Some(r)) => r,
@@ -683,18 +1029,21 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             }
             Err(e) => return Err(e.into()),
         };
-        if record.instance_id != self.me || record.lb != self.lb.name() {
+        self.resolve().await?;
+        let unknown: Vec<&Taken> = record.attachments.iter().filter(|t| self.attachment(t).is_none()).collect();
+        if record.instance_id != self.me || !unknown.is_empty() {
             let moved = self.state.set_aside("foreign")?;
+            let by_hand: Vec<String> = record.attachments.iter().map(register_by_hand).collect();
             error!(
                 recorded_instance = %record.instance_id,
-                recorded_lb = %record.lb,
-                "state file names instance {} on {}, not this one ({} on {}): a copied disk image? Moved to {} and not acted on",
-                record.instance_id, record.lb, self.me, self.lb.name(), moved.display()
+                recorded_attachments = %labels(&record.attachments),
+                "state file names instance {} in {}, not this one ({} in {}): a copied disk image, or changed attachments? Moved to {} and not acted on. If this instance is out of them: {}",
+                record.instance_id, labels(&record.attachments), self.me, self.attachments(), moved.display(), by_hand.join("; ")
             );
             self.forget_old_permit().await?;
             return Ok(false);
         }
-        warn!(step = ?record.step, programs = %record.programs.join(" "), "a previous run stopped mid-cycle; finishing it");
+        warn!(step = ?record.step, programs = %record.programs.join(" "), attachments = %labels(&record.attachments), "a previous run stopped mid-cycle; finishing it");
         let running = self.services.running(&record.programs).await?;
         if !running {
             if record.step == Step::ServicesDown {
@@ -703,18 +1052,25 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     state: "not RUNNING".into(),
                     detail: " (they failed to come back in an earlier cycle)".into(),
                 };
-                return Err(self.services_down(&record.programs, source));
+                return Err(self.services_down(&record.attachments, &record.programs, source));
             }
             // Out of the load balancer already: restarting takes nothing from the cluster.
             self.state.save(&Record { step: Step::Restarting, pid: std::process::id(), ..record.clone() })?;
             if let Err(source) = self.services.restart(&record.programs).await {
                 self.state.save(&Record { step: Step::ServicesDown, pid: std::process::id(), ..record.clone() })?;
-                return Err(self.services_down(&record.programs, source));
+                return Err(self.services_down(&record.attachments, &record.programs, source));
             }
         }
-        let healthy_after = self.lb.timings().await.map(|t| t.healthy_after).unwrap_or(Duration::from_secs(300));
-        self.register_and_wait(healthy_after).await?;
-        info!(lb = self.lb.name(), instance_id = %self.me, "reconciled: registered and InService again");
+        let mut timings = Vec::with_capacity(record.attachments.len());
+        for taken in &record.attachments {
+            let t = match self.attachment(taken) {
+                Some(lb) => lb.timings().await.ok(),
+                None => None,
+            };
+            timings.push(t.unwrap_or(LbTimings { drain: None, healthy_after: Duration::from_secs(300) }));
+        }
+        self.register_and_wait(&record.attachments, &timings).await?;
+        info!(attachments = %labels(&record.attachments), instance_id = %self.me, "reconciled: registered and serving again");
         self.forget_old_permit().await?;
         Ok(true)
     }
@@ -736,6 +1092,23 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         }
         Ok(())
     }
+}
+
+/// Every target of `plan`, for logs: `i-1 i-1:80 i-1:8080`.
+fn targets_of(plan: &[Taken]) -> String {
+    plan.iter().flat_map(|t| &t.targets).map(Target::to_string).collect::<Vec<_>>().join(" ")
+}
+
+/// An error and its causes on one line, each once.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 #[cfg(test)]

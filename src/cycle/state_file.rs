@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::lb::{Kind, Target};
+
 /// Where the cycle stood when the record was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -25,16 +27,66 @@ pub enum Step {
     Registering,
 }
 
+/// One attachment the cycle took this instance out of, and exactly which targets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Taken {
+    pub kind: Kind,
+    /// What finds it again: a Classic load balancer's name, a target group's ARN.
+    pub id: String,
+    /// As configured, for messages.
+    pub name: String,
+    pub targets: Vec<Target>,
+}
+
 /// What the state file holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "OnDisk")]
 pub struct Record {
     pub step: Step,
     pub instance_id: String,
-    pub lb: String,
+    /// Every (attachment, target) pair taken out, written before the first deregistration:
+    /// reconcile and every failure path put back exactly these.
+    pub attachments: Vec<Taken>,
     pub programs: Vec<String>,
     /// Unix seconds when the cycle deregistered.
     pub since: u64,
     pub pid: u32,
+}
+
+/// A record as read: also the older form, which named one Classic load balancer (`lb`).
+#[derive(Deserialize)]
+struct OnDisk {
+    step: Step,
+    instance_id: String,
+    #[serde(default)]
+    attachments: Vec<Taken>,
+    #[serde(default)]
+    lb: Option<String>,
+    programs: Vec<String>,
+    since: u64,
+    pid: u32,
+}
+
+impl From<OnDisk> for Record {
+    fn from(d: OnDisk) -> Self {
+        let mut attachments = d.attachments;
+        if let (true, Some(lb)) = (attachments.is_empty(), d.lb) {
+            attachments.push(Taken {
+                kind: Kind::Classic,
+                id: lb.clone(),
+                name: lb,
+                targets: vec![Target::instance(&d.instance_id)],
+            });
+        }
+        Record {
+            step: d.step,
+            instance_id: d.instance_id,
+            attachments,
+            programs: d.programs,
+            since: d.since,
+            pid: d.pid,
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -168,7 +220,20 @@ mod tests {
         Record {
             step: Step::Restarting,
             instance_id: "i-1".into(),
-            lb: "web".into(),
+            attachments: vec![
+                Taken {
+                    kind: Kind::Classic,
+                    id: "web".into(),
+                    name: "web".into(),
+                    targets: vec![Target::instance("i-1")],
+                },
+                Taken {
+                    kind: Kind::TargetGroup,
+                    id: "arn:aws:elasticloadbalancing:us-east-1:1:targetgroup/tg/1".into(),
+                    name: "tg".into(),
+                    targets: vec![Target::on_port("i-1", 80), Target::on_port("i-1", 8080)],
+                },
+            ],
             programs: vec!["web".into()],
             since: 1,
             pid: 2,
@@ -186,6 +251,21 @@ mod tests {
         sf.clear().unwrap();
         assert_eq!(sf.load().unwrap(), None);
         sf.clear().unwrap();
+    }
+
+    /// A record written before target groups named one Classic load balancer: read as that one.
+    #[test]
+    fn older_record_names_one_classic_load_balancer() {
+        let dir = tempfile::tempdir().unwrap();
+        let sf = StateFile::new(dir.path());
+        fs::write(
+            sf.path(),
+            br#"{"step":"restarting","instance_id":"i-1","lb":"web","programs":["web"],"since":1,"pid":2}"#,
+        )
+        .unwrap();
+        let r = sf.load().unwrap().unwrap();
+        assert_eq!(r.attachments, vec![record().attachments[0].clone()]);
+        assert_eq!((r.step, r.programs), (Step::Restarting, vec!["web".to_string()]));
     }
 
     #[test]

@@ -153,10 +153,48 @@ impl Moto {
             .await
     }
 
+    /// An ALB in two subnets with instance target groups `groups` (health check every 5 s, healthy
+    /// after 2, timeout 2 s), `ids` registered on port 80, and a listener forwarding to the first.
+    /// Returns group name → ARN.
+    pub fn alb(&self, name: &str, groups: &[&str], ids: &[String]) -> std::collections::BTreeMap<String, String> {
+        let v = self.fixture(&["alb", "--name", name, "--groups", &groups.join(","), "--ids", &ids.join(",")]);
+        serde_json::from_value(v["groups"].clone()).unwrap()
+    }
+
+    /// Instance id → "state (reason)" for every target of a target group.
+    pub fn tg_health(&self, arn: &str) -> std::collections::BTreeMap<String, String> {
+        serde_json::from_value(self.fixture(&["tg-health", arn])).unwrap()
+    }
+
     /// Instance id → State, as the load balancer reports registered instances.
     pub fn health(&self, lb: &str) -> std::collections::BTreeMap<String, String> {
         serde_json::from_value(self.fixture(&["health", lb])).unwrap()
     }
+}
+
+/// One call the serialized emulator's recorder logged (`tests/fixtures/moto_locked.py`).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Call {
+    pub t: f64,
+    pub action: String,
+    pub status: u16,
+    pub kind: Option<String>,
+    pub instance: Option<String>,
+    /// The target group ARN the call names.
+    pub group: Option<String>,
+    /// The Classic load balancer the call names.
+    pub lb: Option<String>,
+}
+
+/// Every call the recorder logged to `path`, in applied order.
+pub fn recorded(path: &Path) -> Vec<Call> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("recorder line {l:?}: {e}"))).collect()
+}
+
+/// The calls that change a load balancer: register or deregister, Classic or target group.
+pub fn mutating(calls: &[Call]) -> Vec<&Call> {
+    calls.iter().filter(|c| c.action.starts_with("Register") || c.action.starts_with("Deregister")).collect()
 }
 
 /// A unique load-balancer name and namespace per test (`t<port>-example-com`, `t<port>.example.com`).
