@@ -6,9 +6,10 @@ atomic like the real one) on 127.0.0.1, creates a Classic ELB with N instances n
 nodeI.demo.example.com, starts one real supervisord per simulated instance (a `web` program and the
 elb-quorum listener, identity given by flags), asks every instance to restart `web` at the same
 moment, and shows live how many instances serve and the quorum line while they take turns. It does
-this twice: without strict mode (settle pause and recheck only), then with `--strict` (DynamoDB
-permits), and shows the fewest instances serving in each run side by side. Cleans up. Nothing
-leaves 127.0.0.1.
+this three times: without strict mode (settle pause and recheck only), then with `--strict`
+(DynamoDB permits), then with `--strict` on two attachments per instance, the Classic ELB and an
+ALB's target group (an instance serves when it serves in both), and shows the fewest instances
+serving in each run side by side. Cleans up. Nothing leaves 127.0.0.1.
 
 Run it through scripts/demo (which makes the venv and builds the binary).
 """
@@ -27,6 +28,12 @@ import boto3
 
 NS = "demo.example.com"
 LB = "demo-example-com"
+TG = "demo-web"
+RUNS = {
+    "plain": "Classic ELB, without strict mode",
+    "strict": "Classic ELB, --strict",
+    "alb": "Classic ELB + ALB target group, --strict",
+}
 
 
 def free_port():
@@ -51,25 +58,24 @@ def main():
     ap.add_argument("--instances", type=int, default=6)
     ap.add_argument("--quorum", default="0.75")
     ap.add_argument("--keep", action="store_true", help="keep the work directories")
-    ap.add_argument("--only", choices=["plain", "strict"], help="run only one of the two runs")
+    ap.add_argument("--only", choices=list(RUNS), help="run only one of the runs")
     a = ap.parse_args()
     venv_bin = os.path.dirname(sys.executable)
     results = {}
-    for mode in ("plain", "strict"):
+    for mode, label in RUNS.items():
         if a.only and a.only != mode:
             continue
-        print("=" * 20, "run %d: %s" % (len(results) + 1, "without strict mode" if mode == "plain" else "with --strict"), "=" * 20)
-        results[mode] = one_run(a, venv_bin, mode == "strict")
+        print("=" * 20, "run %d: %s" % (len(results) + 1, label), "=" * 20)
+        results[mode] = one_run(a, venv_bin, mode)
         print()
     print("side by side (%d instances, quorum %s):" % (a.instances, a.quorum))
-    print("  %-22s %-16s %-24s %s" % ("run", "fewest serving", "restarted exactly once", "total"))
+    print("  %-40s %-16s %-24s %s" % ("run", "fewest serving", "restarted exactly once", "total"))
     failed = False
     for mode, (restarted, min_serving, required, total) in results.items():
-        label = "without strict mode" if mode == "plain" else "--strict"
         below = "" if min_serving >= required else "  (below the quorum line %d)" % required
-        print("  %-22s %-16s %-24s %.1f s%s" % (label, "%d/%d" % (min_serving, a.instances),
+        print("  %-40s %-16s %-24s %.1f s%s" % (RUNS[mode], "%d/%d" % (min_serving, a.instances),
                                               "%d/%d" % (restarted, a.instances), total, below))
-        failed |= restarted != a.instances or (mode == "strict" and min_serving < required)
+        failed |= restarted != a.instances or (mode != "plain" and min_serving < required)
     if "plain" in results and results["plain"][1] < results["plain"][2]:
         print("without strict mode, instances that pass the gate at the same moment can race below quorum for a")
         print("moment (the recheck sends them back); --strict closes that window with a conditional write.")
@@ -77,11 +83,11 @@ def main():
         sys.exit(1)
 
 
-def one_run(a, venv_bin, strict):
+def one_run(a, venv_bin, mode):
     work = tempfile.mkdtemp(prefix="elb-quorum-demo-")
     procs = []
     try:
-        return run(a, venv_bin, work, procs, strict)
+        return run(a, venv_bin, work, procs, mode)
     finally:
         for p in reversed(procs):
             if p.poll() is None:
@@ -97,7 +103,8 @@ def one_run(a, venv_bin, strict):
             shutil.rmtree(work, ignore_errors=True)
 
 
-def run(a, venv_bin, work, procs, strict):
+def run(a, venv_bin, work, procs, mode):
+    strict = mode != "plain"
     port = free_port()
     endpoint = "http://127.0.0.1:%d" % port
     env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
@@ -122,6 +129,23 @@ def run(a, venv_bin, work, procs, strict):
         nodes.append({"host": host, "id": r["Instances"][0]["InstanceId"], "dir": os.path.join(work, "node%d" % i)})
     elb.register_instances_with_load_balancer(LoadBalancerName=LB, Instances=[{"InstanceId": n["id"]} for n in nodes])
     print("created Classic ELB %s with %d instances named node0..node%d.%s" % (LB, len(nodes), len(nodes) - 1, NS))
+    tg_arn = None
+    attach = ""
+    if mode == "alb":
+        v2 = boto3.client("elbv2", **kw)
+        subnets = sorted(ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"],
+                         key=lambda s: s["AvailabilityZone"])[:2]
+        alb = v2.create_load_balancer(Name="demo-alb", Subnets=[s["SubnetId"] for s in subnets], Scheme="internal",
+                                      Type="application")["LoadBalancers"][0]["LoadBalancerArn"]
+        tg_arn = v2.create_target_group(Name=TG, Protocol="HTTP", Port=80, VpcId=subnets[0]["VpcId"], TargetType="instance",
+                                        HealthCheckIntervalSeconds=5, HealthyThresholdCount=2)["TargetGroups"][0]["TargetGroupArn"]
+        v2.register_targets(TargetGroupArn=tg_arn, Targets=[{"Id": n["id"], "Port": 80} for n in nodes])
+        v2.create_listener(LoadBalancerArn=alb, Protocol="HTTP", Port=80,
+                           DefaultActions=[{"Type": "forward", "TargetGroupArn": tg_arn}])
+        attach = " --lb %s --target-group %s" % (LB, TG)
+        print("created ALB demo-alb with target group %s (the same instances on port 80); each listener leaves and" % TG)
+        print("rejoins both attachments together. moto keeps one port per instance (the last registered wins), so")
+        print("one instance on two ports is shown by the tests against the in-process fake, not here.")
     if strict:
         boto3.client("dynamodb", **kw).create_table(
             TableName="elb-quorum-permits", KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
@@ -132,8 +156,8 @@ def run(a, venv_bin, work, procs, strict):
         d = n["dir"]
         os.makedirs(d)
         listen = ("%s listen --hostname %s --domain example.com --instance-id %s --quorum %s "
-                  "--check-interval 1 --max-checks 300 --poll-interval 0.3 --settle 1.5 --state-dir %s/state%s"
-                  % (a.bin, n["host"], n["id"], a.quorum, d, " --strict" if strict else ""))
+                  "--check-interval 1 --max-checks 300 --poll-interval 0.3 --settle 1.5 --state-dir %s/state%s%s"
+                  % (a.bin, n["host"], n["id"], a.quorum, d, " --strict" if strict else "", attach))
         with open(os.path.join(d, "supervisord.conf"), "w") as f:
             f.write(f"""[unix_http_server]
 file={d}/supervisor.sock
@@ -193,6 +217,10 @@ environment=SUPERVISOR_USERNAME="demo",SUPERVISOR_PASSWORD="demo-secret"
     while len(done) < len(nodes) and time.time() - t0 < 600:
         states = {s["InstanceId"]: s["State"] for s in elb.describe_instance_health(LoadBalancerName=LB)["InstanceStates"]}
         serving = [i for i, s in states.items() if s == "InService"]
+        if tg_arn:
+            healthy = {d["Target"]["Id"] for d in v2.describe_target_health(TargetGroupArn=tg_arn)["TargetHealthDescriptions"]
+                       if d["TargetHealth"]["State"] == "healthy"}
+            serving = [i for i in serving if i in healthy]
         out = [short[n["id"]] for n in nodes if n["id"] not in serving]
         for n in nodes:
             try:
