@@ -46,5 +46,8 @@ echo "== idle memory under real supervisord"
 echo "== fleet makespan and cycle overhead, plain and strict (fake load balancer and permit store, simulated time)"
 cargo bench --locked --bench fleet
 
+echo "== one cycle over several attachments (fake load balancers, simulated time)"
+cargo bench --locked --bench attachments
+
 echo "== strict mode: acquire latency against the serialized moto (20 contenders, 2 permits)"
 cargo bench --locked --bench lease
