@@ -270,3 +270,29 @@ async fn drain_timeout_overrides_the_delay() {
     assert!(s.drain >= S(20) && s.drain < S(30), "{:?}", s.drain);
     assert_eq!(h.lbs[0].count(Op::Register, Some(&me())), 1);
 }
+
+/// Why the fakes: moto cannot show draining, and its DynamoDB is not atomic under concurrency.
+/// Strict mode with two attachments takes one permit for the cluster, holds it from before the
+/// first deregistration until serving again in both, and releases it once.
+#[tokio::test(start_paused = true)]
+async fn strict_mode_takes_one_permit_for_every_attachment() {
+    use elb_quorum::fake::{fake_permits, FakeStore, StoreOp};
+    let (mut web_lb, mut grpc) = (classic("web", 20, 5), group("grpc", 30, 10));
+    // Calls take time, so that their order shows in their times.
+    web_lb.latency = Duration::from_millis(100);
+    grpc.latency = Duration::from_millis(100);
+    let mut h = harness(vec![web_lb, grpc]);
+    let store = FakeStore::new();
+    h.cycle.permits = Some(fake_permits(&store, "web.example.com", &me()));
+    let Outcome::Done(_) = h.cycle.run(&web()).await.unwrap() else { panic!() };
+    let writes = |result| store.calls().iter().filter(|c| c.op == StoreOp::Acquire && c.result == result).count();
+    assert_eq!(writes("applied"), 1, "one permit for the cluster, not one per attachment");
+    let acquired = store.calls().iter().find(|c| c.op == StoreOp::Acquire && c.result == "applied").unwrap().at;
+    let released = store.calls().iter().find(|c| c.op == StoreOp::Remove && c.result == "applied").unwrap().at;
+    for lb in &h.lbs {
+        let at = |op| lb.calls().iter().find(|c| c.op == op).unwrap().at;
+        assert!(acquired < at(Op::Deregister) && at(Op::Register) < released, "{}", lb.label());
+    }
+    assert!(store.record("web.example.com").is_none_or(|r| r.holders.is_empty()), "released");
+    all_back(&h);
+}

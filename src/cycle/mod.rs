@@ -1115,6 +1115,31 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 mod tests {
     use super::*;
 
+    /// A peer serves only when every target it has is serving; this instance when any is; targets
+    /// not registered are ignored; any other state is out.
+    #[test]
+    fn serving_counts_peers_cautiously_and_this_instance_generously() {
+        let h =
+            |id: &str, port: i32, state| TargetHealth { target: Target::on_port(id, port), state, raw: String::new() };
+        use TargetState::*;
+        let listed = vec![
+            h("me", 80, Serving),
+            h("me", 8080, Unhealthy),
+            h("a", 80, Serving),
+            h("a", 8080, Serving),
+            h("b", 80, Serving),
+            h("b", 8080, Starting),
+            h("c", 80, Serving),
+            h("c", 8080, NotRegistered),
+            h("d", 80, Draining),
+            h("e", 80, NeverHeals),
+            h("f", 80, NotRegistered),
+        ];
+        let want: BTreeSet<String> = ["me", "a", "c"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(serving_ids(&listed, "me"), want);
+        assert_eq!(serving_ids(&listed[1..], "me"), ["a", "c"].iter().map(|s| s.to_string()).collect());
+    }
+
     #[test]
     fn settle_slots_keep_ranks_apart_whatever_the_start() {
         let settle = Duration::from_secs(6);
