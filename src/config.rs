@@ -561,5 +561,16 @@ mod tests {
         assert_eq!((s.lbs, s.target_groups), (vec!["web".to_string()], vec!["tg".to_string()]));
         let e = Settings::resolve(Layer { config: Some(path), lb: vec!["".into()], ..Default::default() }).unwrap_err();
         assert!(e.0.contains("--lb"), "{e}");
+        // The shipped example's commented attachment lines are valid once uncommented.
+        let example =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("supervisor.d/elb-quorum.toml.example"))
+                .unwrap();
+        let lines: String = example
+            .lines()
+            .filter(|l| l.starts_with("# lb =") || l.starts_with("# target-group ="))
+            .map(|l| l.trim_start_matches("# ").to_owned() + "\n")
+            .collect();
+        let layer: Layer = toml::from_str(&lines).unwrap();
+        assert_eq!((layer.lb.len(), layer.target_group.len()), (1, 2), "{lines}");
     }
 }
