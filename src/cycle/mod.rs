@@ -737,7 +737,16 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         if decision.overall.reason == Reason::QuorumHolds && permit.is_none() {
             match self.observe().await {
                 Ok(obs) => {
-                    let recheck = combine(self.verdicts(&obs, false, &BTreeSet::new(), holds_without_me));
+                    // Only where this instance was serving: leaving an attachment where it was
+                    // already out took nothing from it.
+                    let was_serving = decision.per_attachment.iter().map(|v| v.reason == Reason::QuorumHolds);
+                    let rechecked: Vec<Verdict> = self
+                        .verdicts(&obs, false, &BTreeSet::new(), holds_without_me)
+                        .into_iter()
+                        .zip(was_serving)
+                        .filter_map(|(v, serving)| serving.then_some(v))
+                        .collect();
+                    let recheck = combine(rechecked);
                     if !recheck.may_leave() {
                         summary.races += 1;
                         warn!(attachments = %labels(&plan), instance_id = %self.me, "peers left at the same time ({}); registering again and going back to the gate", recheck.overall.summary());
