@@ -263,3 +263,64 @@ fn the_listener_cycles_with_a_target_group() {
     assert_ne!(sup.pid("web"), Some(before), "web restarted");
     assert_eq!(moto.tg_health(&arns[0]).get(&ids[0]).map(String::as_str), Some("healthy"));
 }
+
+/// A one-shot restart killed (-9) after leaving group 1 and before group 2 left this state file;
+/// the next `restart` finishes that cycle first and registers every recorded pair (group 1 by
+/// its ARN, group 2 and the Classic load balancer although they were never left), then runs its
+/// own cycle.
+#[test]
+fn a_cycle_killed_between_two_groups_is_finished_by_the_next_start() {
+    let moto = Moto::start();
+    let (lb, ns, ids, names, arns) = cluster(&moto, &["http", "grpc"]);
+    let sup = Supervisord::start(WEB, false, &[]);
+    eventually(T, "web RUNNING", || sup.pid("web"));
+    let mut env = moto.env();
+    env.extend(sup.client_env());
+    let state = sup.path("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let taken = |kind: &str, id: &str, name: &str, port: Option<u16>| {
+        serde_json::json!({"kind": kind, "id": id, "name": name, "targets": [match port {
+            Some(p) => serde_json::json!({"instance_id": ids[0], "port": p}),
+            None => serde_json::json!({"instance_id": ids[0]}),
+        }]})
+    };
+    let record = serde_json::json!({
+        "step": "deregistering",
+        "instance_id": ids[0],
+        "attachments": [taken("classic", &lb, &lb, None), taken("target-group", &arns[0], &names[0], Some(80)), taken("target-group", &arns[1], &names[1], Some(80))],
+        "programs": ["web"],
+        "since": 1,
+        "pid": 1,
+    });
+    std::fs::write(state.join("state.json"), record.to_string()).unwrap();
+    moto.fixture(&["deregister", &lb, &ids[0]]);
+    moto.fixture(&["tg-deregister", &arns[0], &ids[0]]);
+    let host = format!("node0.{ns}");
+    let out = one_shot(
+        "web",
+        &host,
+        &ids[0],
+        &state,
+        &[
+            "--lb",
+            &lb,
+            "--target-group",
+            &names[0],
+            "--target-group",
+            &names[1],
+            "--poll-interval",
+            "0.2",
+            "--settle",
+            "0",
+        ],
+        &env,
+    );
+    let log = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("a previous run stopped mid-cycle") && log.contains("reconciled"), "{log}");
+    for arn in &arns {
+        assert_eq!(moto.tg_health(arn).get(&ids[0]).map(String::as_str), Some("healthy"), "{log}");
+    }
+    assert_eq!(moto.health(&lb).get(&ids[0]).map(String::as_str), Some("InService"));
+    assert!(!state.join("state.json").exists());
+}

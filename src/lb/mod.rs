@@ -355,6 +355,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn values_read_from_aws_are_clamped_to_their_documented_ranges() {
+        assert_eq!(clamp_read("target group t", "delay", 99_999, 0, 3600), 3600);
+        assert_eq!(clamp_read("target group t", "delay", -5, 0, 3600), 0);
+        assert_eq!(clamp_read("target group t", "interval", 30, 5, 300), 30);
+        assert_eq!(clamp_read("target group t", "threshold", 1, 2, 10), 2);
+    }
+
+    #[test]
     fn naming_rule() {
         let d = vec!["example.com".to_string()];
         assert_eq!(lb_name_from_hostname("i-0abc.web.example.com", &d).unwrap(), "web-example-com");
