@@ -15,14 +15,12 @@
 //! attachment and one members read); 20 seeds. Under `cargo test --all-targets` it runs one quick
 //! configuration of each and checks its own figures.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use elb_quorum::cycle::state_file::StateFile;
-use elb_quorum::cycle::{Cycle, Outcome, Timing};
-use elb_quorum::fake::{FakeLb, FakeMembers, FakeServices, Op};
+use elb_quorum::cycle::{Outcome, Timing};
+use elb_quorum::fake::{fake_cycle, FakeLb, FakeServices, Op};
 use elb_quorum::lb::Kind;
-use elb_quorum::quorum::Rule;
 use elb_quorum::trigger::{Origin, RestartRequest};
 
 const RESTART: Duration = Duration::from_secs(10);
@@ -61,20 +59,10 @@ async fn one_cycle(specs: &[Spec]) -> Run {
             lb
         })
         .collect();
-    let mut services = FakeServices::new(RESTART, &["web"]);
-    services.lbs = lbs.iter().map(|lb| (lb.clone(), ids[0].clone())).collect();
+    let services = FakeServices::new(RESTART, &["web"]);
     let dir = std::env::temp_dir().join(format!("elb-quorum-bench-att-{}-{}", std::process::id(), fastrand::u64(..)));
     let (_tx, rx) = tokio::sync::watch::channel(false);
-    let cycle = Cycle::new(
-        lbs.clone(),
-        FakeMembers(ids.iter().cloned().collect::<BTreeSet<_>>()),
-        services,
-        ids[0].clone(),
-        StateFile::new(&dir),
-        rx,
-    )
-    .with_rule(Rule { quorum_ppm: 750_000, min_in_service: 1 })
-    .with_timing(Timing {
+    let cycle = fake_cycle(lbs.clone(), &ids, &ids[0], &services, StateFile::new(&dir), rx).with_timing(Timing {
         check_interval: Duration::from_secs(30),
         max_checks: 10,
         poll_interval: POLL,

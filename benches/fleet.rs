@@ -163,26 +163,18 @@ fn strict_fleets(rt: &tokio::runtime::Runtime) {
 
 /// One cycle of one instance among `p.k` serving peers: its duration minus the restart time.
 async fn one_cycle(p: &FleetParams) -> f64 {
-    use elb_quorum::cycle::{state_file::StateFile, Cycle, Outcome};
-    use elb_quorum::fake::{FakeLb, FakeMembers, FakeServices};
+    use elb_quorum::cycle::{state_file::StateFile, Outcome};
+    use elb_quorum::fake::{fake_cycle, FakeLb, FakeServices};
     use elb_quorum::trigger::{Origin, RestartRequest};
     let ids: Vec<String> = (0..p.k).map(|i| format!("i-{i}")).collect();
     let mut lb = FakeLb::new("bench", &ids, p.drain, p.healthy_after);
     lb.latency = p.latency;
-    let mut services = FakeServices::new(p.restart, &["web"]);
-    services.lbs = vec![(lb.clone(), ids[0].clone())];
+    let services = FakeServices::new(p.restart, &["web"]);
     let dir = std::env::temp_dir().join(format!("elb-quorum-bench-{}-{}", std::process::id(), fastrand::u64(..)));
     let (_tx, rx) = tokio::sync::watch::channel(false);
-    let cycle = Cycle::new(
-        vec![lb],
-        FakeMembers(ids.iter().cloned().collect()),
-        services,
-        ids[0].clone(),
-        StateFile::new(&dir),
-        rx,
-    )
-    .with_rule(p.rule)
-    .with_timing(p.timing.clone());
+    let cycle = fake_cycle(vec![lb], &ids, &ids[0], &services, StateFile::new(&dir), rx)
+        .with_rule(p.rule)
+        .with_timing(p.timing.clone());
     let start = tokio::time::Instant::now();
     let r = cycle.run(&RestartRequest::new(["web".to_string()], Origin::Cli)).await;
     let _ = std::fs::remove_dir_all(&dir);

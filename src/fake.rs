@@ -715,6 +715,22 @@ impl PermitStore for FakeStore {
     }
 }
 
+/// A cycle for `me` over the fake attachments `lbs`, every instance of `ids` a member, and
+/// `services` making `me` unhealthy in each attachment while it restarts; quorum 0.75, at least one
+/// other serving, default timings (set others with `with_timing`).
+pub fn fake_cycle(
+    lbs: Vec<FakeLb>,
+    ids: &[String],
+    me: &str,
+    services: &FakeServices,
+    state: crate::cycle::state_file::StateFile,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> crate::cycle::Cycle<FakeLb, FakeMembers, FakeServices> {
+    let services = FakeServices { lbs: lbs.iter().map(|lb| (lb.clone(), me.to_owned())).collect(), ..services.clone() };
+    crate::cycle::Cycle::new(lbs, FakeMembers(ids.iter().cloned().collect()), services, me, state, shutdown)
+        .with_rule(crate::quorum::Rule { quorum_ppm: 750_000, min_in_service: 1 })
+}
+
 /// Strict-mode settings for a fake fleet: D 120 s, G 30 s, H 3600 s, no skew.
 pub fn fake_permits(store: &FakeStore, key: &str, me: &str) -> crate::lease::Permits {
     crate::lease::Permits {
@@ -770,7 +786,7 @@ pub struct FleetReport {
 
 /// Runs the fleet on tokio's clock (call inside a runtime with paused time for instant results).
 pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
-    use crate::cycle::{state_file::StateFile, Cycle, Outcome};
+    use crate::cycle::{state_file::StateFile, Outcome};
     use crate::trigger::{Origin, RestartRequest};
 
     let ids: Vec<String> = (0..p.k).map(|i| format!("i-{i:04}")).collect();
@@ -801,19 +817,11 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
     let store = p.strict.map(|latency| FakeStore { latency, ..FakeStore::new() });
     let mut tasks = Vec::new();
     for id in &ids {
-        let mut services = FakeServices::new(p.restart, &["web"]);
-        services.lbs = vec![(lb.clone(), id.clone())];
-        let cycle = Cycle::new(
-            vec![lb.clone()],
-            FakeMembers(ids.iter().cloned().collect()),
-            services.clone(),
-            id.clone(),
-            StateFile::new(base.join(id)),
-            rx.clone(),
-        )
-        .with_rule(p.rule)
-        .with_timing(p.timing.clone())
-        .with_permits(store.as_ref().map(|s| fake_permits(s, "fleet", id)));
+        let services = FakeServices::new(p.restart, &["web"]);
+        let cycle = fake_cycle(vec![lb.clone()], &ids, id, &services, StateFile::new(base.join(id)), rx.clone())
+            .with_rule(p.rule)
+            .with_timing(p.timing.clone())
+            .with_permits(store.as_ref().map(|s| fake_permits(s, "fleet", id)));
         tasks.push(tokio::spawn(async move {
             let r = cycle.run(&RestartRequest::new(["web".to_string()], Origin::Remote)).await;
             let restarts = *services.restarts.lock().unwrap();

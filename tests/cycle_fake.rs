@@ -4,14 +4,13 @@
 //! quorum, and crash recovery from the state file. Time is tokio's paused clock. Every test checks
 //! where the instance ends: registered, unless the programs failed to come back (said loudly).
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use elb_quorum::cycle::state_file::{Record, StateFile, Step, Taken};
 use elb_quorum::cycle::{Cycle, CycleError, Outcome, Timing};
-use elb_quorum::fake::{FakeLb, FakeMembers, FakeServices, Fault, Op};
+use elb_quorum::fake::{fake_cycle, FakeLb, FakeMembers, FakeServices, Fault, Op};
 use elb_quorum::lb::{Kind, LoadBalancer, Target};
-use elb_quorum::quorum::{Reason, Rule};
+use elb_quorum::quorum::Reason;
 use elb_quorum::trigger::{Origin, RestartRequest};
 use tokio::sync::watch;
 
@@ -32,20 +31,11 @@ struct Harness {
 fn harness(n: usize, drain: Duration, healthy_after: Duration) -> Harness {
     let all = ids(n);
     let lb = FakeLb::new("web-example-com", &all, drain, healthy_after);
-    let mut services = FakeServices::new(S(10), &["web"]);
-    services.lbs = vec![(lb.clone(), all[0].clone())];
+    let services = FakeServices::new(S(10), &["web"]);
     let dir = tempfile::tempdir().unwrap();
     let (tx, rx) = watch::channel(false);
-    let cycle = Cycle::new(
-        vec![lb.clone()],
-        FakeMembers(all.iter().cloned().collect::<BTreeSet<_>>()),
-        services.clone(),
-        all[0].clone(),
-        StateFile::new(dir.path()),
-        rx,
-    )
-    .with_rule(Rule { quorum_ppm: 750_000, min_in_service: 1 })
-    .with_timing(timing());
+    let cycle =
+        fake_cycle(vec![lb.clone()], &all, &all[0], &services, StateFile::new(dir.path()), rx).with_timing(timing());
     Harness { cycle, lb, services, _dir: dir, _shutdown: tx }
 }
 

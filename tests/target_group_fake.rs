@@ -5,14 +5,13 @@
 //! `HealthUnavailable`. Each test says which of these it needs. Time is tokio's paused clock. Every
 //! test checks where each (attachment, target) pair ends: registered, unless said loudly.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use elb_quorum::cycle::state_file::{StateFile, Step};
 use elb_quorum::cycle::{Cycle, CycleError, Outcome, Timing};
-use elb_quorum::fake::{FakeLb, FakeMembers, FakeServices, Fault, Op};
+use elb_quorum::fake::{fake_cycle, FakeLb, FakeMembers, FakeServices, Fault, Op};
 use elb_quorum::lb::{Kind, LoadBalancer, Target};
-use elb_quorum::quorum::{Reason, Rule};
+use elb_quorum::quorum::Reason;
 use elb_quorum::trigger::{Origin, RestartRequest};
 use tokio::sync::watch;
 
@@ -37,20 +36,10 @@ struct Harness {
 /// Four members on `lbs` (each holding all four), this instance is the first; restart takes 10 s.
 fn harness(lbs: Vec<FakeLb>) -> Harness {
     let all = ids(4);
-    let mut services = FakeServices::new(S(10), &["web"]);
-    services.lbs = lbs.iter().map(|lb| (lb.clone(), all[0].clone())).collect();
+    let services = FakeServices::new(S(10), &["web"]);
     let dir = tempfile::tempdir().unwrap();
     let (tx, rx) = watch::channel(false);
-    let cycle = Cycle::new(
-        lbs.clone(),
-        FakeMembers(all.iter().cloned().collect::<BTreeSet<_>>()),
-        services.clone(),
-        all[0].clone(),
-        StateFile::new(dir.path()),
-        rx,
-    )
-    .with_rule(Rule { quorum_ppm: 750_000, min_in_service: 1 })
-    .with_timing(Timing {
+    let cycle = fake_cycle(lbs.clone(), &all, &all[0], &services, StateFile::new(dir.path()), rx).with_timing(Timing {
         check_interval: S(30),
         max_checks: 10,
         poll_interval: S(5),

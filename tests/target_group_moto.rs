@@ -31,6 +31,15 @@ fn cluster(moto: &Moto, groups: &[&str]) -> (String, String, Vec<String>, Vec<St
     (lb, ns, ids, names, arns)
 }
 
+/// Flags for the Classic load balancer and both target groups, polling fast, no settle pause.
+fn every_attachment<'a>(lb: &'a str, groups: &'a [String]) -> Vec<&'a str> {
+    let mut args = vec!["--lb", lb, "--poll-interval", "0.2", "--settle", "0"];
+    for g in groups {
+        args.extend(["--target-group", g.as_str()]);
+    }
+    args
+}
+
 fn identity<'a>(host: &'a str, id: &'a str) -> Vec<&'a str> {
     vec!["--hostname", host, "--domain", "example.com", "--instance-id", id]
 }
@@ -140,25 +149,7 @@ fn one_shot_restart_leaves_and_rejoins_every_attachment() {
     env.extend(sup.client_env());
     let host = format!("node0.{ns}");
     std::fs::write(&record, "").unwrap();
-    let out = one_shot(
-        "web",
-        &host,
-        &ids[0],
-        &sup.path("state"),
-        &[
-            "--lb",
-            &lb,
-            "--target-group",
-            &names[0],
-            "--target-group",
-            &names[1],
-            "--poll-interval",
-            "0.2",
-            "--settle",
-            "0",
-        ],
-        &env,
-    );
+    let out = one_shot("web", &host, &ids[0], &sup.path("state"), &every_attachment(&lb, &names), &env);
     let log = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert_ne!(sup.pid("web"), Some(before), "web restarted");
@@ -296,25 +287,7 @@ fn a_cycle_killed_between_two_groups_is_finished_by_the_next_start() {
     moto.fixture(&["deregister", &lb, &ids[0]]);
     moto.fixture(&["tg-deregister", &arns[0], &ids[0]]);
     let host = format!("node0.{ns}");
-    let out = one_shot(
-        "web",
-        &host,
-        &ids[0],
-        &state,
-        &[
-            "--lb",
-            &lb,
-            "--target-group",
-            &names[0],
-            "--target-group",
-            &names[1],
-            "--poll-interval",
-            "0.2",
-            "--settle",
-            "0",
-        ],
-        &env,
-    );
+    let out = one_shot("web", &host, &ids[0], &state, &every_attachment(&lb, &names), &env);
     let log = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(log.contains("a previous run stopped mid-cycle") && log.contains("reconciled"), "{log}");
