@@ -132,6 +132,14 @@ fn status_has_a_row_per_attachment_and_names_the_group_that_blocks() {
     assert!(t.contains(&format!("target group      {}", names[0])), "{t}");
     assert!(t.contains(&format!("this instance   {}:80 healthy", ids[0])), "{t}");
     assert!(t.contains("may leave now     no (BelowQuorum, target group arn:"), "{t}");
+
+    // A stopped peer (`unused`, Target.InvalidState in the groups; OutOfService in the Classic
+    // one) with the grpc group whole again: the first attachment already refuses.
+    moto.fixture(&["tg-register", &arns[1], &ids[2]]);
+    moto.fixture(&["stop", &ids[3]]);
+    let out = run_bin(&args, &moto.env());
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&format!("may leave now     no (BelowQuorum, load balancer {lb})")));
 }
 
 /// One-shot `restart` over two target groups and a Classic load balancer: every pair is taken out
