@@ -94,6 +94,7 @@ mod tests {
             format!("[default: {DEFAULT_LEASE_DURATION}]"),
             format!("[default: {DEFAULT_LEASE_GRACE}]"),
             format!("[default: {DEFAULT_MAX_HOLD}]"),
+            format!("[default: {DEFAULT_LEAVE_VIA}]"),
         ] {
             assert!(help.contains(&want), "--help lacks {want:?}");
         }

@@ -8,11 +8,14 @@ use clap::Args;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::cycle::state_file::LeaveVia;
 use crate::quorum::Rule;
 use crate::secret::Secret;
 
 /// Default quorum: three quarters of the cluster keep serving (the original tool's value).
 pub const DEFAULT_QUORUM: &str = "0.75";
+/// How an instance leaves: deregistering from every attachment.
+pub const DEFAULT_LEAVE_VIA: &str = "deregister";
 /// Never leave unless at least this many other members serve.
 pub const DEFAULT_MIN_IN_SERVICE: usize = 1;
 /// Gate: seconds between quorum checks (±20 % jitter).
@@ -86,9 +89,16 @@ pub struct Layer {
     /// This instance's id [default: from the EC2 metadata service (IMDSv2)]
     #[arg(long, global = true, env = "ELB_QUORUM_INSTANCE_ID", value_name = "ID")]
     pub instance_id: Option<String>,
-    /// Where the cluster size comes from: ec2-name (EC2 instances, not terminated, tagged Name=*.CLUSTER.DOMAIN) or static:N [default: ec2-name]
+    /// Where the cluster size comes from: ec2-name (EC2 instances, not terminated, tagged Name=*.CLUSTER.DOMAIN), asg (this instance's Auto Scaling group; its attachments too unless --lb/--target-group), asg:NAME, or static:N [default: ec2-name]
     #[arg(long, global = true, env = "ELB_QUORUM_MEMBERS", value_name = "SOURCE")]
     pub members: Option<String>,
+    /// How to leave: deregister (from every attachment) or standby (Auto Scaling Standby, with --members asg) [default: deregister]
+    #[arg(long, global = true, env = "ELB_QUORUM_LEAVE_VIA", value_name = "HOW")]
+    pub leave_via: Option<String>,
+    /// Per-zone quorum: the serving members in this instance's Availability Zone, other than itself, must be at least ceil(zone members × FRACTION), besides the cluster-wide rule [default: off]
+    #[arg(long, global = true, env = "ELB_QUORUM_ZONE_QUORUM", value_name = "FRACTION")]
+    #[serde(deserialize_with = "number_or_string")]
+    pub zone_quorum: Option<String>,
     /// Fraction of the members that must keep serving, 0 < q ≤ 1 (0.75 or 75%) [default: 0.75]
     #[arg(long, global = true, env = "ELB_QUORUM_QUORUM", value_name = "FRACTION")]
     #[serde(deserialize_with = "number_or_string")]
@@ -114,10 +124,10 @@ pub struct Layer {
     /// Timeout of one call to supervisord, in seconds [default: 30]
     #[arg(long, global = true, env = "ELB_QUORUM_RPC_TIMEOUT", value_name = "SECS")]
     pub rpc_timeout: Option<f64>,
-    /// Bound on waiting for deregistration, in seconds [default: the load balancer's draining timeout + 15]
+    /// Bound on waiting for deregistration, in seconds [default: each attachment's deregistration delay or draining timeout + 15]
     #[arg(long, global = true, env = "ELB_QUORUM_DRAIN_TIMEOUT", value_name = "SECS")]
     pub drain_timeout: Option<f64>,
-    /// Bound on waiting for InService, in seconds [default: health check interval × healthy threshold + 30]
+    /// Bound on waiting until serving again, in seconds [default: each attachment's (target groups: timeout +) interval × healthy threshold + 30]
     #[arg(long, global = true, env = "ELB_QUORUM_HEALTH_TIMEOUT", value_name = "SECS")]
     pub health_timeout: Option<f64>,
     /// Strict mode: take a permit in a DynamoDB table before leaving, so instances asked at the same moment cannot race below quorum. Needs the same on every member [default: off]
@@ -212,6 +222,8 @@ impl Layer {
 pub enum MembersSource {
     /// EC2 instances, not terminated, whose `Name` tag is `*.<namespace>`.
     Ec2Name,
+    /// An Auto Scaling group: this instance's (`None`) or one named.
+    Asg(Option<String>),
     /// A fixed number of members.
     Static(usize),
 }
@@ -221,13 +233,22 @@ impl MembersSource {
         if s == "ec2-name" {
             return Ok(Self::Ec2Name);
         }
+        if s == "asg" {
+            return Ok(Self::Asg(None));
+        }
+        if let Some(name) = s.strip_prefix("asg:") {
+            return match name.trim() {
+                "" => err(format!("--members {s:?}: asg:NAME needs a group name")),
+                n => Ok(Self::Asg(Some(n.to_owned()))),
+            };
+        }
         if let Some(n) = s.strip_prefix("static:") {
             return match n.parse::<usize>() {
                 Ok(n) if n > 0 => Ok(Self::Static(n)),
                 _ => err(format!("--members {s:?}: static:N needs a whole number N ≥ 1")),
             };
         }
-        err(format!("--members {s:?}: expected `ec2-name` or `static:N`"))
+        err(format!("--members {s:?}: expected `ec2-name`, `asg`, `asg:NAME` or `static:N`"))
     }
 }
 
@@ -268,6 +289,9 @@ pub struct Settings {
     pub instance_id: Option<String>,
     pub members: MembersSource,
     pub rule: Rule,
+    pub leave_via: LeaveVia,
+    /// `--zone-quorum` in parts per million.
+    pub zone_quorum_ppm: Option<u32>,
     pub check_interval: Duration,
     pub max_checks: u32,
     pub poll_interval: Duration,
@@ -353,6 +377,21 @@ impl Settings {
         let quorum = o.quorum.or(file.quorum).unwrap_or_else(|| DEFAULT_QUORUM.to_owned());
         let quorum_ppm = parse_quorum(&quorum)?;
         let members = MembersSource::parse(o.members.as_deref().or(file.members.as_deref()).unwrap_or("ec2-name"))?;
+        let via = o.leave_via.as_deref().or(file.leave_via.as_deref()).unwrap_or(DEFAULT_LEAVE_VIA);
+        let leave_via = LeaveVia::parse(via)
+            .ok_or_else(|| ConfigError(format!("--leave-via {via:?}: expected `deregister` or `standby`")))?;
+        if leave_via == LeaveVia::Standby && !matches!(members, MembersSource::Asg(_)) {
+            return err(
+                "--leave-via standby needs --members asg (or asg:NAME): Standby belongs to an Auto Scaling group",
+            );
+        }
+        let zone_quorum_ppm = match o.zone_quorum.or(file.zone_quorum) {
+            None => None,
+            Some(z) => Some(parse_quorum(&z).map_err(|e| ConfigError(e.0.replace("--quorum", "--zone-quorum")))?),
+        };
+        if zone_quorum_ppm.is_some() && matches!(members, MembersSource::Static(_)) {
+            return err("--zone-quorum needs members with zones (ec2-name or asg): static:N has none");
+        }
         let max_checks = o.max_checks.or(file.max_checks).unwrap_or(DEFAULT_MAX_CHECKS);
         if max_checks == 0 {
             return err("--max-checks 0: at least one check is needed");
@@ -421,6 +460,8 @@ impl Settings {
             hostname: o.hostname.or(file.hostname).filter(|s| !s.is_empty()),
             instance_id: o.instance_id.or(file.instance_id).filter(|s| !s.is_empty()),
             members,
+            leave_via,
+            zone_quorum_ppm,
             rule: Rule {
                 quorum_ppm,
                 min_in_service: o.min_in_service.or(file.min_in_service).unwrap_or(DEFAULT_MIN_IN_SERVICE),
@@ -477,7 +518,9 @@ mod tests {
     fn members_source() {
         assert_eq!(MembersSource::parse("ec2-name").unwrap(), MembersSource::Ec2Name);
         assert_eq!(MembersSource::parse("static:6").unwrap(), MembersSource::Static(6));
-        for bad in ["static:0", "static:x", "asg", ""] {
+        assert_eq!(MembersSource::parse("asg").unwrap(), MembersSource::Asg(None));
+        assert_eq!(MembersSource::parse("asg:web").unwrap(), MembersSource::Asg(Some("web".into())));
+        for bad in ["static:0", "static:x", "asg:", "auto", ""] {
             assert!(MembersSource::parse(bad).is_err(), "{bad}");
         }
     }
@@ -572,5 +615,35 @@ mod tests {
             .collect();
         let layer: Layer = toml::from_str(&lines).unwrap();
         assert_eq!((layer.lb.len(), layer.target_group.len()), (1, 2), "{lines}");
+    }
+
+    /// Standby needs an Auto Scaling group; the zone rule needs zones.
+    #[test]
+    fn leave_via_and_zone_quorum_need_the_right_members() {
+        let ok = Settings::resolve(Layer {
+            members: Some("asg".into()),
+            leave_via: Some("standby".into()),
+            zone_quorum: Some("0.5".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!((ok.leave_via, ok.zone_quorum_ppm), (LeaveVia::Standby, Some(500_000)));
+        let d = Settings::resolve(Layer::default()).unwrap();
+        assert_eq!((d.leave_via, d.zone_quorum_ppm), (LeaveVia::Deregister, None));
+        for (layer, needle) in [
+            (
+                Layer { leave_via: Some("standby".into()), ..Default::default() },
+                "--leave-via standby needs --members asg",
+            ),
+            (Layer { leave_via: Some("sideways".into()), ..Default::default() }, "--leave-via \"sideways\""),
+            (
+                Layer { members: Some("static:4".into()), zone_quorum: Some("0.5".into()), ..Default::default() },
+                "--zone-quorum needs members with zones",
+            ),
+            (Layer { zone_quorum: Some("1.5".into()), ..Default::default() }, "--zone-quorum \"1.5\""),
+        ] {
+            let e = Settings::resolve(layer).unwrap_err();
+            assert!(e.0.contains(needle), "{e}");
+        }
     }
 }

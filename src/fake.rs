@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::lb::members::Membership;
+use crate::lb::members::{GroupInfo, MembersError, Membership, Roster};
 use crate::lb::{AttachmentSpec, Kind, LbError, LbTimings, LoadBalancer, Target, TargetHealth, TargetState};
 use crate::lease::{BoxFuture, LeaseError, PermitStore, Record, Write, Written};
 use crate::quorum::Members;
@@ -433,11 +433,197 @@ impl LoadBalancer for FakeLb {
 pub struct FakeMembers(pub BTreeSet<String>);
 
 impl Membership for FakeMembers {
-    async fn members(&self) -> Result<Members, String> {
-        Ok(Members::Ids(self.0.clone()))
+    async fn members(&self) -> Result<Roster, MembersError> {
+        Ok(Roster::of(Members::Ids(self.0.clone())))
     }
     fn describe(&self) -> String {
         format!("fake:{}", self.0.len())
+    }
+}
+
+/// Which Auto Scaling call a scripted fault applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum GroupOp {
+    /// `members()` and `group()`: DescribeAutoScalingGroups.
+    Describe,
+    EnterStandby,
+    ExitStandby,
+}
+
+#[derive(Debug)]
+struct GroupState {
+    start: Instant,
+    /// Instance id → (zone, lifecycle state).
+    instances: BTreeMap<String, (String, String)>,
+    min: i32,
+    desired: i32,
+    faults: BTreeMap<GroupOp, VecDeque<Fault>>,
+    calls: Vec<(Duration, GroupOp)>,
+    /// Targets an instance had in each attachment (by index) when it entered Standby.
+    parked: BTreeMap<String, Vec<(usize, Vec<Target>)>>,
+}
+
+/// An Auto Scaling group in memory, for what moto cannot show: `EnteringStandby`, Standby taking
+/// the instance out of target groups too (moto keeps it there), throttled or failing
+/// Enter/ExitStandby, the minimum size. Standby deregisters the instance from every attached fake
+/// (so draining shows as on AWS) and `ExitStandby` registers it again.
+#[derive(Clone)]
+pub struct FakeGroup {
+    pub name: String,
+    /// The attachments the group manages.
+    pub lbs: Vec<FakeLb>,
+    state: Arc<Mutex<GroupState>>,
+}
+
+impl FakeGroup {
+    /// `ids` InService, spread over `zones` in turn; desired = `ids.len()`, min 0.
+    pub fn new(name: &str, ids: &[String], zones: &[&str], lbs: Vec<FakeLb>) -> Self {
+        let instances = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.clone(), (zones[i % zones.len()].to_owned(), "InService".to_owned())))
+            .collect();
+        FakeGroup {
+            name: name.into(),
+            lbs,
+            state: Arc::new(Mutex::new(GroupState {
+                start: Instant::now(),
+                instances,
+                min: 0,
+                desired: ids.len() as i32,
+                faults: BTreeMap::new(),
+                calls: vec![],
+                parked: BTreeMap::new(),
+            })),
+        }
+    }
+
+    pub fn set_min(&self, min: i32) {
+        self.state.lock().unwrap().min = min;
+    }
+
+    /// The next `n` calls of `op` fail with `fault`.
+    pub fn inject(&self, op: GroupOp, fault: Fault, n: usize) {
+        self.state.lock().unwrap().faults.entry(op).or_default().extend(std::iter::repeat_n(fault, n));
+    }
+
+    pub fn lifecycle(&self, id: &str) -> Option<String> {
+        self.state.lock().unwrap().instances.get(id).map(|(_, l)| l.clone())
+    }
+
+    /// Sets an instance's lifecycle state directly (an operator's Standby, a scale-in).
+    pub fn set_lifecycle(&self, id: &str, state: &str) {
+        self.state.lock().unwrap().instances.get_mut(id).expect("known instance").1 = state.to_owned();
+    }
+
+    pub fn desired(&self) -> i32 {
+        self.state.lock().unwrap().desired
+    }
+
+    /// Calls in order, with their times.
+    pub fn calls(&self) -> Vec<(Duration, GroupOp)> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    fn enter(&self, op: GroupOp) -> Result<(), MembersError> {
+        let mut s = self.state.lock().unwrap();
+        let at = Instant::now() - s.start;
+        s.calls.push((at, op));
+        let what = format!("{op:?} on Auto Scaling group {} (fake)", self.name);
+        match s.faults.get_mut(&op).and_then(|q| q.pop_front()) {
+            None => Ok(()),
+            Some(Fault::Throttled) => Err(MembersError::Transient(format!("{what}: Throttling: Rate exceeded"))),
+            Some(Fault::ServerError | Fault::HealthUnavailable | Fault::Unreachable) => {
+                Err(MembersError::Transient(format!("{what}: InternalFailure")))
+            }
+            Some(Fault::Denied) => Err(MembersError::Configuration(format!("{what}: AccessDenied"))),
+            Some(_) => Err(MembersError::Failed(format!("{what}: ValidationError"))),
+        }
+    }
+}
+
+impl Membership for FakeGroup {
+    async fn members(&self) -> Result<Roster, MembersError> {
+        self.enter(GroupOp::Describe)?;
+        let s = self.state.lock().unwrap();
+        let mut roster = Roster::of(Members::Ids(BTreeSet::new()));
+        for (id, (zone, state)) in s.instances.iter().filter(|(_, (_, l))| crate::lb::members::counts_as_member(l)) {
+            if let Members::Ids(ids) = &mut roster.members {
+                ids.insert(id.clone());
+            }
+            roster.zones.insert(id.clone(), zone.clone());
+            roster.lifecycle.insert(id.clone(), state.clone());
+        }
+        Ok(roster)
+    }
+
+    fn describe(&self) -> String {
+        format!("asg:{} (fake)", self.name)
+    }
+
+    fn group_name(&self) -> Option<String> {
+        Some(self.name.clone())
+    }
+
+    async fn group(&self) -> Result<GroupInfo, MembersError> {
+        self.enter(GroupOp::Describe)?;
+        let s = self.state.lock().unwrap();
+        let names = |kind| self.lbs.iter().filter(|l| l.spec().kind == kind).map(|l| l.id()).collect();
+        Ok(GroupInfo {
+            name: self.name.clone(),
+            load_balancers: names(Kind::Classic),
+            target_groups: names(Kind::TargetGroup),
+            min_size: s.min,
+            desired: s.desired,
+            health_check_type: "ELB".into(),
+            health_check_grace_s: 300,
+        })
+    }
+
+    async fn enter_standby(&self, me: &str) -> Result<(), MembersError> {
+        self.enter(GroupOp::EnterStandby)?;
+        {
+            let mut s = self.state.lock().unwrap();
+            if s.desired - 1 < s.min {
+                return Err(MembersError::Failed(format!(
+                    "EnterStandby: ValidationError: desired capacity {} would go below the minimum {} (fake)",
+                    s.desired, s.min
+                )));
+            }
+            s.desired -= 1;
+            s.instances.get_mut(me).expect("known instance").1 = "Standby".into();
+            let parked = self.lbs.iter().enumerate().map(|(i, lb)| (i, lb.registered_targets(me))).collect();
+            s.parked.insert(me.to_owned(), parked);
+        }
+        for lb in &self.lbs {
+            let targets = lb.registered_targets(me);
+            if !targets.is_empty() {
+                lb.deregister(&targets).await.map_err(|e| MembersError::Failed(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn exit_standby(&self, me: &str) -> Result<(), MembersError> {
+        self.enter(GroupOp::ExitStandby)?;
+        let parked = {
+            let mut s = self.state.lock().unwrap();
+            let entry = s.instances.get_mut(me).expect("known instance");
+            if entry.1 != "Standby" {
+                return Err(MembersError::Failed(format!(
+                    "ExitStandby: ValidationError: instance {me} is not in Standby (fake)"
+                )));
+            }
+            entry.1 = "InService".into();
+            s.desired += 1;
+            s.parked.remove(me).unwrap_or_default()
+        };
+        for (i, targets) in parked {
+            if !targets.is_empty() {
+                self.lbs[i].register(&targets).await.map_err(|e| MembersError::Failed(e.to_string()))?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -9,7 +9,7 @@ use aws_config::BehaviorVersion;
 use aws_sdk_elasticloadbalancing::config::http::HttpResponse;
 use aws_sdk_elasticloadbalancing::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 
-use crate::config::Settings;
+use crate::config::{MembersSource, Settings};
 use crate::lb::{lb_name_from_hostname, namespace, AttachmentSpec, Kind};
 
 /// This instance and its cluster.
@@ -19,7 +19,8 @@ pub struct Identity {
     pub hostname: String,
     /// `web.example.com` for `i-0abc.web.example.com`.
     pub namespace: String,
-    /// Classic load balancers, then target groups, as configured (or the hostname rule's one).
+    /// Classic load balancers, then target groups, as configured (or the hostname rule's one);
+    /// empty with `--members asg` and none named: the group's own are used.
     pub attachments: Vec<AttachmentSpec>,
 }
 
@@ -98,13 +99,16 @@ pub async fn resolve(settings: &Settings) -> Result<Identity, String> {
         .map(|n| AttachmentSpec { kind: Kind::Classic, name: n.clone() })
         .chain(settings.target_groups.iter().map(|n| AttachmentSpec { kind: Kind::TargetGroup, name: n.clone() }))
         .collect();
-    if attachments.is_empty() {
+    let asg = matches!(settings.members, MembersSource::Asg(_));
+    // With an Auto Scaling group and nothing named, the group's own attachments are used (read
+    // later, from AWS): no hostname rule.
+    if attachments.is_empty() && !asg {
         attachments
             .push(AttachmentSpec { kind: Kind::Classic, name: lb_name_from_hostname(&hostname, &settings.domains)? });
     }
     let ns = match (namespace(&hostname), &settings.members) {
         (Ok(ns), _) => ns,
-        (Err(_), crate::config::MembersSource::Static(_)) => String::new(),
+        (Err(_), MembersSource::Static(_) | MembersSource::Asg(_)) => String::new(),
         (Err(e), _) => return Err(e),
     };
     let instance_id = match &settings.instance_id {

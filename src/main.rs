@@ -11,11 +11,13 @@ use tracing::{error, info, warn};
 
 use elb_quorum::cli::{Cli, Command, LeaseCommand};
 use elb_quorum::config::{ConfigError, MembersSource, Settings};
+use elb_quorum::cycle::state_file::LeaveVia;
 use elb_quorum::cycle::state_file::{StateFile, StateFileError};
 use elb_quorum::cycle::{chain, held_by, Cycle, CycleError, Outcome, Timing};
 use elb_quorum::identity::{self, Identity};
-use elb_quorum::lb::members::{AnyMembers, Ec2NameMembers, Membership, StaticMembers};
+use elb_quorum::lb::members::{AnyMembers, AsgMembers, Ec2NameMembers, GroupInfo, Membership, StaticMembers};
 use elb_quorum::lb::{Attachment, LoadBalancer, TargetState};
+use elb_quorum::lb::{AttachmentSpec, Kind};
 use elb_quorum::lease::dynamo::DynamoStore;
 use elb_quorum::lease::{self, Permits};
 use elb_quorum::listener::{self, End, Signal};
@@ -118,15 +120,36 @@ async fn build_for(
     shutdown: watch::Receiver<bool>,
 ) -> Result<ProdCycle, Failure> {
     let aws = identity::aws_config().await;
-    let members = match settings.members {
-        MembersSource::Static(n) => AnyMembers::Static(StaticMembers(n)),
+    let members = match &settings.members {
+        MembersSource::Static(n) => AnyMembers::Static(StaticMembers(*n)),
         MembersSource::Ec2Name => AnyMembers::Ec2Name(Ec2NameMembers::new(&aws, identity.namespace.clone())),
+        MembersSource::Asg(named) => {
+            AnyMembers::Asg(AsgMembers::new(&aws, named.clone(), identity.instance_id.clone()))
+        }
     };
-    let permits = settings.strict.then(|| permits(settings, identity, &aws));
+    let mut specs = identity.attachments.clone();
+    let mut key = identity.cluster_key().to_owned();
+    if let AnyMembers::Asg(_) = &members {
+        let group = members.group().await.map_err(|e| Failure::from(CycleError::from(e)))?;
+        key = format!("asg:{}", group.name);
+        if specs.is_empty() {
+            specs = group_attachments(&group);
+            if specs.is_empty() {
+                return Err(Failure::usage(format!(
+                    "Auto Scaling group {} has no load balancer or target group attached: give --lb or --target-group",
+                    group.name
+                )));
+            }
+        }
+        if settings.leave_via == LeaveVia::Deregister && group.uses_elb_health() {
+            warn!(group = %group.name, grace_s = group.health_check_grace_s, "Auto Scaling group {} replaces instances that fail the load balancer's health check: a restart longer than its grace period ({} s) can get this instance terminated and replaced; --leave-via standby avoids that", group.name, group.health_check_grace_s);
+        }
+    }
+    let permits = settings.strict.then(|| permits(settings, &key, &identity.instance_id, &aws));
     let client = SupervisorClient::new(&settings.supervisor).map_err(Failure::usage)?;
     let services =
         Supervisord { client, restart_timeout: settings.restart_timeout, poll: std::time::Duration::from_millis(250) };
-    let lbs = identity.attachments.iter().map(|spec| Attachment::new(&aws, spec)).collect();
+    let lbs = specs.iter().map(|spec| Attachment::new(&aws, spec)).collect();
     let cycle =
         Cycle::new(lbs, members, services, identity.instance_id.clone(), StateFile::new(&settings.state_dir), shutdown)
             .with_rule(settings.rule)
@@ -139,17 +162,27 @@ async fn build_for(
                 settle: settings.settle,
             })
             .with_dry_run(settings.dry_run)
-            .with_permits(permits);
-    info!(attachments = %identity.attachment_list(), instance_id = %identity.instance_id, hostname = %identity.hostname, members = %cycle.members.describe(), quorum_ppm = settings.rule.quorum_ppm, dry_run = settings.dry_run, strict = settings.strict, "elb-quorum {}", env!("CARGO_PKG_VERSION"));
+            .with_permits(permits)
+            .with_leave_via(settings.leave_via)
+            .with_zone_quorum(settings.zone_quorum_ppm);
+    info!(attachments = %cycle.attachments(), leave_via = ?settings.leave_via, instance_id = %identity.instance_id, hostname = %identity.hostname, members = %cycle.members.describe(), quorum_ppm = settings.rule.quorum_ppm, dry_run = settings.dry_run, strict = settings.strict, "elb-quorum {}", env!("CARGO_PKG_VERSION"));
     Ok(cycle)
 }
 
-/// Strict mode's permits: the DynamoDB table, keyed by the cluster's namespace.
-fn permits(settings: &Settings, identity: &Identity, aws: &aws_config::SdkConfig) -> Permits {
+/// The attachments of an Auto Scaling group: its Classic load balancers, then its target groups.
+fn group_attachments(group: &GroupInfo) -> Vec<AttachmentSpec> {
+    let classic = group.load_balancers.iter().map(|n| AttachmentSpec { kind: Kind::Classic, name: n.clone() });
+    let groups = group.target_groups.iter().map(|n| AttachmentSpec { kind: Kind::TargetGroup, name: n.clone() });
+    classic.chain(groups).collect()
+}
+
+/// Strict mode's permits: the DynamoDB table, keyed by the cluster (its namespace, or
+/// `asg:GROUP`).
+fn permits(settings: &Settings, key: &str, me: &str, aws: &aws_config::SdkConfig) -> Permits {
     Permits {
         store: std::sync::Arc::new(DynamoStore::new(aws, &settings.lease.table)),
-        key: identity.cluster_key().to_owned(),
-        me: identity.instance_id.clone(),
+        key: key.to_owned(),
+        me: me.to_owned(),
         duration: settings.lease.duration,
         grace: settings.lease.grace,
         max_hold: settings.lease.max_hold,
@@ -410,7 +443,7 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
     let (cycle, identity) = build(&settings, rx).await?;
     cycle.resolve().await?;
     let obs = cycle.observe().await?;
-    let permits = settings.rule.permits(obs.members.len());
+    let permits = settings.rule.permits(obs.roster.members.len());
     // Strict mode: every live holder but this instance counts as out; a slot must be free.
     let strict = match &cycle.permits {
         None => None,
@@ -456,6 +489,7 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
             .collect();
         let mut out = serde_json::json!({
             "attachments": attachments,
+            "attachments_source": attachments_source(&settings, &identity, &cycle),
             "instance_id": identity.instance_id,
             "hostname": identity.hostname,
             "namespace": identity.namespace,
@@ -495,6 +529,7 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
         let v = &decision.overall;
         println!("instance          {} ({})", identity.instance_id, identity.hostname);
         println!("members source    {}", cycle.members.describe());
+        println!("attachments from  {}", attachments_source(&settings, &identity, &cycle));
         println!("members           {}", v.members);
         println!(
             "required          {} (quorum {}, min in service {})",
@@ -515,6 +550,12 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
                 if a.may_leave { "may leave" } else { "may not leave" },
                 a.reason
             );
+            if let Some(z) = &a.zone {
+                println!(
+                    "  zone            {z}: {} members, {} after leaving, {} required",
+                    a.zone_members, a.zone_serving_after, a.zone_required
+                );
+            }
             let me: Vec<String> = mine(i).iter().map(|h| format!("{} {}", h.target, h.raw)).collect();
             println!("  this instance   {}", if me.is_empty() { "not registered".into() } else { me.join("; ") });
         }
@@ -543,11 +584,29 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
     }
 }
 
+/// Where the attachments came from, for `status`.
+fn attachments_source(settings: &Settings, identity: &Identity, cycle: &ProdCycle) -> String {
+    if identity.attachments.is_empty() {
+        format!("Auto Scaling group {}", cycle.members.group_name().unwrap_or_default())
+    } else if settings.lbs.is_empty() && settings.target_groups.is_empty() {
+        "the hostname rule".into()
+    } else {
+        "--lb / --target-group".into()
+    }
+}
+
 /// `lease release --instance ID`: removes a stuck entry, if its token is still the one read.
 async fn lease_release(settings: Settings, instance: String) -> Result<u8, Failure> {
     let identity = identity::resolve(&settings).await.map_err(Failure::usage)?;
     let aws = identity::aws_config().await;
-    let p = permits(&settings, &identity, &aws);
+    let key = match &settings.members {
+        MembersSource::Asg(named) => {
+            let asg = AsgMembers::new(&aws, named.clone(), identity.instance_id.clone());
+            format!("asg:{}", asg.name().await.map_err(|e| Failure::from(CycleError::from(e)))?)
+        }
+        _ => identity.cluster_key().to_owned(),
+    };
+    let p = permits(&settings, &key, &identity.instance_id, &aws);
     let runtime = |e: lease::LeaseError| Failure::runtime(e);
     let record = p.read().await.map_err(runtime)?;
     let Some(h) = record.holders.get(&instance) else {

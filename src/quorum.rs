@@ -60,6 +60,23 @@ impl Members {
     }
 }
 
+/// This instance's Availability Zone, for the per-zone rule (`--zone-quorum`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Zone {
+    pub name: String,
+    /// The members in this zone, this instance included.
+    pub members: BTreeSet<String>,
+    /// The zone's fraction in parts per million.
+    pub quorum_ppm: u32,
+}
+
+impl Zone {
+    /// `ceil(zone members × fraction)`.
+    pub fn required(&self) -> usize {
+        (self.members.len() as u128 * self.quorum_ppm as u128).div_ceil(1_000_000) as usize
+    }
+}
+
 /// What the load balancer and membership source said at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
@@ -70,6 +87,8 @@ pub struct Snapshot {
     pub me: String,
     /// This instance's program is known to be down (a gated crash).
     pub known_down: bool,
+    /// The per-zone rule, when it applies.
+    pub zone: Option<Zone>,
 }
 
 /// Why the verdict is what it is.
@@ -86,6 +105,8 @@ pub enum Reason {
     BelowQuorum,
     /// Fewer others than `min_in_service` would serve.
     BelowMinimum,
+    /// Too few others would serve in this instance's Availability Zone.
+    BelowZoneQuorum,
 }
 
 /// The answer and the numbers behind it.
@@ -106,6 +127,14 @@ pub struct Verdict {
     pub min_in_service: usize,
     pub self_serving: bool,
     pub self_member: bool,
+    /// This instance's zone, when the per-zone rule applies.
+    pub zone: Option<String>,
+    /// Members in the zone, this instance included.
+    pub zone_members: usize,
+    /// Zone members that would serve once this instance is out.
+    pub zone_serving_after: usize,
+    /// `ceil(zone members × zone fraction)`.
+    pub zone_required: usize,
 }
 
 impl Verdict {
@@ -115,6 +144,13 @@ impl Verdict {
             "{} members, {} serving, {} after leaving, {} required (min {})",
             self.members, self.serving, self.serving_after, self.required, self.min_in_service
         );
+        let numbers = match &self.zone {
+            Some(z) => format!(
+                "{numbers}; zone {z}: {} members, {} after leaving, {} required",
+                self.zone_members, self.zone_serving_after, self.zone_required
+            ),
+            None => numbers,
+        };
         if self.attachment.is_empty() {
             numbers
         } else {
@@ -147,6 +183,13 @@ pub fn decide(snapshot: &Snapshot, rule: &Rule) -> Verdict {
     let required = rule.required(members);
     let quorum_ok = others >= required;
     let min_ok = others >= rule.min_in_service;
+    let me = snapshot.me.as_str();
+    let (zone_serving_after, zone_required) = match &snapshot.zone {
+        Some(z) => {
+            (snapshot.serving.iter().filter(|s| s.as_str() != me && z.members.contains(*s)).count(), z.required())
+        }
+        None => (0, 0),
+    };
     let reason = if !self_serving {
         Reason::NotServing
     } else if snapshot.known_down {
@@ -155,6 +198,8 @@ pub fn decide(snapshot: &Snapshot, rule: &Rule) -> Verdict {
         Reason::BelowQuorum
     } else if !min_ok {
         Reason::BelowMinimum
+    } else if zone_serving_after < zone_required {
+        Reason::BelowZoneQuorum
     } else {
         Reason::QuorumHolds
     };
@@ -169,6 +214,10 @@ pub fn decide(snapshot: &Snapshot, rule: &Rule) -> Verdict {
         min_in_service: rule.min_in_service,
         self_serving,
         self_member,
+        zone: snapshot.zone.as_ref().map(|z| z.name.clone()),
+        zone_members: snapshot.zone.as_ref().map_or(0, |z| z.members.len()),
+        zone_serving_after,
+        zone_required,
     }
 }
 
@@ -176,13 +225,16 @@ pub fn decide(snapshot: &Snapshot, rule: &Rule) -> Verdict {
 /// The serve-nothing exemption does not apply.
 pub fn holds_without_me(snapshot: &Snapshot, rule: &Rule) -> Verdict {
     let mut v = decide(&Snapshot { known_down: false, ..snapshot.clone() }, rule);
-    v.may_leave = v.serving_after >= v.required && v.serving_after >= rule.min_in_service;
+    let zone_ok = v.zone_serving_after >= v.zone_required;
+    v.may_leave = v.serving_after >= v.required && v.serving_after >= rule.min_in_service && zone_ok;
     v.reason = if v.may_leave {
         Reason::QuorumHolds
     } else if v.serving_after < v.required {
         Reason::BelowQuorum
-    } else {
+    } else if v.serving_after < rule.min_in_service {
         Reason::BelowMinimum
+    } else {
+        Reason::BelowZoneQuorum
     };
     v
 }
@@ -233,6 +285,7 @@ mod tests {
             serving: serving.iter().map(|i| all[*i].clone()).collect(),
             me: all[me].clone(),
             known_down: down,
+            zone: None,
         }
     }
 
@@ -299,6 +352,7 @@ mod tests {
             serving: ["a", "b", "c", "me"].iter().map(|s| s.to_string()).collect(),
             me: "me".into(),
             known_down: false,
+            zone: None,
         };
         let v = decide(&s, &Q75);
         assert!(v.may_leave);
@@ -419,5 +473,59 @@ mod tests {
                 prop_assert_eq!(&d.overall, per.iter().find(|v| !v.may_leave).unwrap());
             }
         }
+    }
+
+    /// The per-zone rule: zones of unequal size, this instance alone in its zone, strict holders in
+    /// the zone (counted out of `serving` before deciding, as the cycle does).
+    #[test]
+    fn zone_rule_table() {
+        // Members 0..8; zone a = {0, 1, 2, 3, 4}, zone b = {5, 6, 7}; me = 0 unless said.
+        let zone_of = |ids: &[usize], q: u32| Zone {
+            name: "a".into(),
+            members: ids.iter().map(|i| format!("i-{i:04}")).collect(),
+            quorum_ppm: q,
+        };
+        let loose = Rule { quorum_ppm: 500_000, min_in_service: 1 };
+        // (zone members, serving, holders counted out, zone fraction, may leave, reason, zone required, zone after)
+        type Case = (Vec<usize>, Vec<usize>, Vec<usize>, u32, bool, Reason, usize, usize);
+        let cases: Vec<Case> = vec![
+            // Big zone, all serving: 4 others ≥ ceil(5 × 0.6) = 3.
+            (vec![0, 1, 2, 3, 4], (0..8).collect(), vec![], 600_000, true, Reason::QuorumHolds, 3, 4),
+            // Two of the zone's others out: 2 < 3, refused by the zone while the cluster holds.
+            (vec![0, 1, 2, 3, 4], vec![0, 1, 2, 5, 6, 7], vec![], 600_000, false, Reason::BelowZoneQuorum, 3, 2),
+            // The same, one of them a strict holder (serving, but counted out).
+            (vec![0, 1, 2, 3, 4], vec![0, 1, 2, 3, 5, 6, 7], vec![3], 600_000, false, Reason::BelowZoneQuorum, 3, 2),
+            // Alone in its zone: ceil(1 × 0.5) = 1 other needed, there is none: refused.
+            (vec![0], (0..8).collect(), vec![], 500_000, false, Reason::BelowZoneQuorum, 1, 0),
+            // Alone with a fraction that rounds to nothing is impossible (ceil ≥ 1 for q > 0), so a
+            // lone instance can only leave by the serve-nothing exemption.
+            (vec![0], vec![1, 2, 3, 4, 5, 6, 7], vec![], 500_000, true, Reason::NotServing, 1, 0),
+            // Small zone b seen from member 5 (me = 5 below): 2 others ≥ ceil(3 × 0.5) = 2.
+        ];
+        for (zone, serving, holders, q, may, reason, req, after) in cases {
+            let mut s = snap(8, &serving, 0, false);
+            s.zone = Some(zone_of(&zone, q));
+            for h in &holders {
+                s.serving.remove(&format!("i-{h:04}"));
+            }
+            let v = decide(&s, &loose);
+            assert_eq!(
+                (v.may_leave, v.reason, v.zone_required, v.zone_serving_after),
+                (may, reason, req, after),
+                "zone {zone:?} serving {serving:?} holders {holders:?}"
+            );
+        }
+        let mut s = snap(8, &(0..8).collect::<Vec<_>>(), 5, false);
+        s.zone = Some(Zone {
+            name: "b".into(),
+            members: (5..8).map(|i| format!("i-{i:04}")).collect(),
+            quorum_ppm: 500_000,
+        });
+        let v = decide(&s, &loose);
+        assert_eq!((v.may_leave, v.zone_members, v.zone_required, v.zone_serving_after), (true, 3, 2, 2));
+        assert!(v.summary().contains("zone b: 3 members, 2 after leaving, 2 required"), "{}", v.summary());
+        // The recheck applies the zone rule too.
+        s.serving.remove("i-0006");
+        assert_eq!(holds_without_me(&s, &loose).reason, Reason::BelowZoneQuorum);
     }
 }

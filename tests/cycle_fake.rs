@@ -64,6 +64,8 @@ fn record(step: Step, instance_id: &str) -> Record {
     Record {
         step,
         instance_id: instance_id.into(),
+        via: Default::default(),
+        group: None,
         attachments: vec![Taken {
             kind: Kind::Classic,
             id: "web-example-com".into(),

@@ -37,13 +37,14 @@ async fn classic_elb_and_ec2_members_through_the_sdk() {
     let m = Ec2NameMembers::new(&cfg, ns.clone()).members().await.unwrap();
     let mut want: std::collections::BTreeSet<String> = members.iter().cloned().collect();
     want.extend(spare.iter().cloned());
-    assert_eq!(m, Members::Ids(want.clone()), "members in the namespace, strangers of a deeper name left out");
+    assert_eq!(m.members, Members::Ids(want.clone()), "members in the namespace, strangers of a deeper name left out");
+    assert!(want.iter().all(|id| m.zones.get(id).map(String::as_str) == Some("us-east-1a")), "zones from EC2: {m:?}");
     moto.fixture(&["terminate", &spare[0]]);
     let m = Ec2NameMembers::new(&cfg, ns.clone()).members().await.unwrap();
     want.remove(&spare[0]);
-    assert_eq!(m, Members::Ids(want), "terminated instances are not members");
+    assert_eq!(m.members, Members::Ids(want), "terminated instances are not members");
     moto.fixture(&["stop", &members[3]]);
-    let Members::Ids(ids) = Ec2NameMembers::new(&cfg, ns.clone()).members().await.unwrap() else { panic!() };
+    let Members::Ids(ids) = Ec2NameMembers::new(&cfg, ns.clone()).members().await.unwrap().members else { panic!() };
     assert!(ids.contains(&members[3]), "a stopped instance is still a member (counted as not serving)");
 
     let lb = ClassicElb::new(&cfg, &lb_name);

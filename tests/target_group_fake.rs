@@ -237,6 +237,8 @@ async fn reconcile_after_kill_between_two_groups_registers_every_pair() {
         .save(&elb_quorum::cycle::state_file::Record {
             step: Step::Deregistering,
             instance_id: me(),
+            via: Default::default(),
+            group: None,
             attachments: plan,
             programs: vec!["web".into()],
             since: 1,

@@ -24,13 +24,13 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::config::{DRAIN_MARGIN, HEALTH_MARGIN};
-use crate::lb::members::Membership;
+use crate::lb::members::{MembersError, Membership, Roster};
 use crate::lb::{Kind as AttachmentKind, LbError, LbTimings, LoadBalancer, Target, TargetHealth, TargetState};
 use crate::lease::{Acquired, Kind, LeaseError, Permit, Permits};
-use crate::quorum::{combine, decide, holds_without_me, Decision, Members, Reason, Rule, Snapshot, Verdict};
+use crate::quorum::{combine, decide, holds_without_me, Decision, Members, Reason, Rule, Snapshot, Verdict, Zone};
 use crate::supervisor::{Services, SupervisorError};
 use crate::trigger::RestartRequest;
-use state_file::{Record, StateFile, StateFileError, Step, Taken};
+use state_file::{LeaveVia, Record, StateFile, StateFileError, Step, Taken};
 
 /// How long registering again is retried while AWS is unreachable before giving up loudly.
 pub const REGISTER_RETRY_FOR: Duration = Duration::from_secs(300);
@@ -106,8 +106,19 @@ pub enum Outcome {
 pub enum CycleError {
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
-    #[error("cannot count the cluster's members: {0}")]
-    Members(String),
+    #[error(transparent)]
+    Members(#[from] MembersError),
+    /// Standby would take the group below its minimum size.
+    #[error("Auto Scaling group {group} cannot put this instance in Standby: its desired capacity {desired} would drop below its minimum size (MinSize {min}); lower MinSize, or use --leave-via deregister; nothing changed")]
+    StandbyForbidden { group: String, min: i32, desired: i32 },
+    #[error("INSTANCE {instance} IS STILL IN STANDBY IN AUTO SCALING GROUP {group}: leaving Standby failed after {tried:?}. Bring it back by hand: aws autoscaling exit-standby --auto-scaling-group-name {group} --instance-ids {instance}")]
+    StillInStandby {
+        group: String,
+        instance: String,
+        tried: Duration,
+        #[source]
+        source: Box<MembersError>,
+    },
     #[error(transparent)]
     Lb(#[from] LbError),
     #[error(transparent)]
@@ -153,7 +164,10 @@ pub enum CycleError {
 impl CycleError {
     /// True when the instance is (or may be) out of the load balancer after this error.
     pub fn left_out(&self) -> bool {
-        matches!(self, CycleError::ServicesDown { .. } | CycleError::StillDeregistered { .. })
+        matches!(
+            self,
+            CycleError::ServicesDown { .. } | CycleError::StillDeregistered { .. } | CycleError::StillInStandby { .. }
+        )
     }
 
     /// The configuration is wrong (unknown attachment, not registered there, a zone that is never
@@ -161,7 +175,10 @@ impl CycleError {
     pub fn is_configuration(&self) -> bool {
         match self {
             CycleError::Lb(e) => e.is_configuration(),
-            CycleError::NotRegistered { .. } | CycleError::NeverHeals { .. } => true,
+            CycleError::Members(e) => e.is_configuration(),
+            CycleError::NotRegistered { .. } | CycleError::NeverHeals { .. } | CycleError::StandbyForbidden { .. } => {
+                true
+            }
             CycleError::Supervisor(SupervisorError::UnknownProgram { .. }) => true,
             _ => false,
         }
@@ -217,7 +234,7 @@ pub fn serving_ids(listed: &[TargetHealth], me: &str) -> BTreeSet<String> {
 /// One read of the cluster: members and every attachment's targets.
 #[derive(Debug, Clone)]
 pub struct Observation {
-    pub members: Members,
+    pub roster: Roster,
     /// Per attachment, in the cycle's order: every target listed.
     pub listed: Vec<Vec<TargetHealth>>,
 }
@@ -283,17 +300,37 @@ pub struct Cycle<L, M, S> {
     pub shutdown: watch::Receiver<bool>,
     /// Strict mode: a permit is taken before leaving (see `crate::lease`).
     pub permits: Option<Permits>,
+    /// Deregister, or Auto Scaling Standby.
+    pub leave_via: LeaveVia,
+    /// The per-zone rule's fraction in parts per million (`--zone-quorum`), if set.
+    pub zone_quorum_ppm: Option<u32>,
 }
 
 enum Gate {
-    Allowed { decision: Decision, observation: Observation, checks: u32, permit: Option<Box<Permit>> },
-    GaveUp { verdict: Verdict, checks: u32 },
-    NoPermit { holders: Vec<String>, permits: usize, checks: u32 },
+    Allowed {
+        decision: Decision,
+        observation: Observation,
+        checks: u32,
+        permit: Option<Box<Permit>>,
+    },
+    /// This instance is in Standby already (someone else put it there): it serves nothing.
+    InStandby,
+    GaveUp {
+        verdict: Verdict,
+        checks: u32,
+    },
+    NoPermit {
+        holders: Vec<String>,
+        permits: usize,
+        checks: u32,
+    },
     Aborted,
 }
 
 /// One strict check's answer.
 enum StrictCheck {
+    /// This instance is in Standby already: no permit needed.
+    InStandby,
     Allowed(Decision, Observation, Box<Permit>),
     /// A permit was free, but quorum does not hold; it is released already.
     Wait(Verdict),
@@ -334,7 +371,19 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             state,
             shutdown,
             permits: None,
+            leave_via: LeaveVia::Deregister,
+            zone_quorum_ppm: None,
         }
+    }
+
+    pub fn with_leave_via(mut self, via: LeaveVia) -> Self {
+        self.leave_via = via;
+        self
+    }
+
+    pub fn with_zone_quorum(mut self, ppm: Option<u32>) -> Self {
+        self.zone_quorum_ppm = ppm;
+        self
     }
 
     pub fn with_rule(mut self, rule: Rule) -> Self {
@@ -381,8 +430,8 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
 
     /// Members and every attachment's health, as one observation.
     pub async fn observe(&self) -> Result<Observation, CycleError> {
-        let members = self.members.members().await.map_err(CycleError::Members)?;
-        Ok(Observation { members, listed: self.read_targets().await? })
+        let roster = self.members.members().await?;
+        Ok(Observation { roster, listed: self.read_targets().await? })
     }
 
     /// The quorum decision over every attachment, with `holders` (strict mode's other permit
@@ -404,10 +453,26 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             .map(|(lb, listed)| {
                 let mut serving = serving_ids(listed, &self.me);
                 serving.retain(|id| !holders.contains(id));
-                let snapshot = Snapshot { members: obs.members.clone(), serving, me: self.me.clone(), known_down };
+                let snapshot = Snapshot {
+                    members: obs.roster.members.clone(),
+                    serving,
+                    me: self.me.clone(),
+                    known_down,
+                    zone: self.zone(&obs.roster),
+                };
                 Verdict { attachment: lb.label(), ..rule_of(&snapshot, &self.rule) }
             })
             .collect()
+    }
+
+    /// This instance's zone for the per-zone rule, when `--zone-quorum` is set and the membership
+    /// source knows the zone.
+    fn zone(&self, roster: &Roster) -> Option<Zone> {
+        let quorum_ppm = self.zone_quorum_ppm?;
+        let Members::Ids(ids) = &roster.members else { return None };
+        let name = roster.zones.get(&self.me)?;
+        let members = ids.iter().filter(|id| roster.zones.get(*id) == Some(name)).cloned().collect();
+        Some(Zone { name: name.clone(), members, quorum_ppm })
     }
 
     /// What leaving would take out: this instance's targets in every attachment. Refuses, with
@@ -460,13 +525,18 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             }
             let mut slot = None;
             let decided = match self.observe().await {
+                Ok(obs) if obs.roster.in_standby(&self.me) => return Ok(Gate::InStandby),
                 Ok(obs) => {
-                    slot = settle_slot(&obs.members, &self.me);
+                    slot = settle_slot(&obs.roster.members, &self.me);
                     self.plan(&obs)?;
                     Some((self.decide(&obs, req.serves_nothing(), &BTreeSet::new()), obs))
                 }
                 Err(CycleError::Lb(e)) if e.is_retryable() => {
                     warn!(attachments = %self.attachments(), check, error = %e, "quorum check failed; counts as a failed check");
+                    None
+                }
+                Err(CycleError::Members(e)) if e.is_retryable() => {
+                    warn!(members = %self.members.describe(), check, error = %e, "reading the members failed; counts as a failed check");
                     None
                 }
                 Err(e) => return Err(e),
@@ -515,6 +585,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         loop {
             check += 1;
             let last = match self.strict_check(permits, req).await {
+                Ok(StrictCheck::InStandby) => return Ok(Gate::InStandby),
                 Ok(StrictCheck::Allowed(decision, observation, permit)) => {
                     info!(attachments = %self.attachments(), instance_id = %self.me, check, kind = permit.kind().as_str(), holders = permit.others.len(), reason = ?decision.overall.reason, "quorum check with permit: {}; leaving", decision.overall.summary());
                     return Ok(Gate::Allowed { decision, observation, checks: check, permit: Some(permit) });
@@ -535,6 +606,10 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     warn!(attachments = %self.attachments(), check, error = %e, "quorum check failed; counts as a failed check");
                     Err(CycleError::Lb(e))
                 }
+                Err(CycleError::Members(e)) if e.is_retryable() => {
+                    warn!(members = %self.members.describe(), check, error = %e, "reading the members failed; counts as a failed check");
+                    Err(CycleError::Members(e))
+                }
                 Err(e) => return Err(e),
             };
             if check >= self.timing.max_checks {
@@ -554,8 +629,11 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// that serves nothing already becomes an exempt entry; an exempt instance found serving again
     /// loses the exemption and tries for a slot once.
     async fn strict_check(&self, permits: &Permits, req: &RestartRequest) -> Result<StrictCheck, CycleError> {
-        let members = self.members.members().await.map_err(CycleError::Members)?;
-        let limit = self.rule.permits(members.len());
+        let roster = self.members.members().await?;
+        if roster.in_standby(&self.me) {
+            return Ok(StrictCheck::InStandby);
+        }
+        let limit = self.rule.permits(roster.members.len());
         let mut kind = if req.serves_nothing() { Kind::Exempt } else { Kind::Slot };
         let mut exemption_lost = false;
         loop {
@@ -575,7 +653,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             };
             // Read after the permit was granted: only this read may let the instance leave.
             let obs = match self.read_targets().await {
-                Ok(listed) => Observation { members: members.clone(), listed },
+                Ok(listed) => Observation { roster: roster.clone(), listed },
                 Err(e) => {
                     permit.release().await;
                     return Err(e);
@@ -601,10 +679,12 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         }
     }
 
-    fn record(&self, step: Step, programs: &[String], taken: &[Taken], since: u64) -> Record {
+    fn record(&self, step: Step, programs: &[String], taken: &[Taken], since: u64, group: Option<&str>) -> Record {
         Record {
             step,
             instance_id: self.me.clone(),
+            via: self.leave_via,
+            group: group.map(str::to_owned),
             attachments: taken.to_vec(),
             programs: programs.to_vec(),
             since,
@@ -642,6 +722,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     info!("shutdown requested while waiting for quorum; nothing changed");
                     return Ok(Outcome::Aborted);
                 }
+                Gate::InStandby => return self.restart_in_standby(&programs, started, summary).await,
             };
             summary.checks = checks;
             summary.waited_for_quorum = started.elapsed();
@@ -718,16 +799,33 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             error!(attachments = %labels(&plan), instance_id = %self.me, "permit lost before deregistering ({why}); not leaving");
             return Err(CycleError::PermitLost { why });
         }
+        let group = match self.leave_via {
+            LeaveVia::Standby => Some(self.standby_allowed().await?),
+            LeaveVia::Deregister => None,
+        };
+        let group = group.as_deref();
         let since = unix_now();
-        self.state.save(&self.record(Step::Deregistering, programs, &plan, since))?;
+        self.state.save(&self.record(Step::Deregistering, programs, &plan, since, group))?;
         let t = Instant::now();
-        for (i, taken) in plan.iter().enumerate() {
-            let lb = &self.lbs[i];
-            info!(lb = %lb.label(), instance_id = %self.me, targets = %targets_of(std::slice::from_ref(taken)), "deregistering");
-            if let Err(e) = self.deregister_one(lb, taken).await {
-                error!(lb = %lb.label(), instance_id = %self.me, error = %e, "deregistering failed; registering again every target taken out so far");
-                self.come_back(&plan[..=i], &timings).await?;
-                return Err(e);
+        match self.leave_via {
+            LeaveVia::Deregister => {
+                for (i, taken) in plan.iter().enumerate() {
+                    let lb = &self.lbs[i];
+                    info!(lb = %lb.label(), instance_id = %self.me, targets = %targets_of(std::slice::from_ref(taken)), "deregistering");
+                    if let Err(e) = self.deregister_one(lb, taken).await {
+                        error!(lb = %lb.label(), instance_id = %self.me, error = %e, "deregistering failed; registering again every target taken out so far");
+                        self.come_back(&plan[..=i], &timings).await?;
+                        return Err(e);
+                    }
+                }
+            }
+            LeaveVia::Standby => {
+                info!(group = ?group, instance_id = %self.me, "entering Standby (desired capacity −1)");
+                if let Err(e) = self.enter_standby().await {
+                    error!(group = ?group, instance_id = %self.me, error = %e, "entering Standby failed; making sure the instance is back");
+                    self.come_back(&plan, &timings).await?;
+                    return Err(e);
+                }
             }
         }
         // Recheck only when this instance was serving: if it served nothing already (out of every
@@ -765,10 +863,16 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             self.come_back(&plan, &timings).await?;
             return Err(e);
         }
+        if self.leave_via == LeaveVia::Standby {
+            if let Err(e) = self.wait_lifecycle(true, &timings).await {
+                self.come_back(&plan, &timings).await?;
+                return Err(e);
+            }
+        }
         summary.drain = t.elapsed();
         info!(attachments = %labels(&plan), instance_id = %self.me, drain_s = summary.drain.as_secs_f64(), "out of every attachment");
 
-        self.state.save(&self.record(Step::Restarting, programs, &plan, since))?;
+        self.state.save(&self.record(Step::Restarting, programs, &plan, since, group))?;
         let t = Instant::now();
         if let Err(source) = self.services.restart(programs).await {
             // Healthy after all (the failure came before anything was stopped, or the programs
@@ -778,15 +882,15 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 self.come_back(&plan, &timings).await?;
                 return Err(source.into());
             }
-            self.state.save(&self.record(Step::ServicesDown, programs, &plan, since))?;
+            self.state.save(&self.record(Step::ServicesDown, programs, &plan, since, group))?;
             return Err(self.services_down(&plan, programs, source));
         }
         summary.restart = t.elapsed();
         info!(programs = %programs.join(" "), restart_s = summary.restart.as_secs_f64(), "programs restarted and RUNNING");
 
         let t = Instant::now();
-        self.state.save(&self.record(Step::Registering, programs, &plan, since))?;
-        self.register_and_wait(&plan, &timings).await?;
+        self.state.save(&self.record(Step::Registering, programs, &plan, since, group))?;
+        self.rejoin(self.leave_via, &plan, &timings).await?;
         summary.back_in_service = t.elapsed();
         if let Some(why) = permit.and_then(Permit::lost) {
             error!(attachments = %labels(&plan), instance_id = %self.me, "PERMIT LOST WHILE OUT OF THE LOAD BALANCER ({why}): the cycle finished, but peers may have counted this instance as serving meanwhile");
@@ -924,13 +1028,32 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         e
     }
 
-    /// Registers in every attachment and waits, in shared poll rounds, until every target taken out
-    /// serves again, each attachment bounded by its health timing + margin (or `--health-timeout`).
+    /// Comes back the way the instance left (registering in every attachment, or leaving Standby)
+    /// and waits, in shared poll rounds, until every target taken out serves again, each attachment bounded by its health timing + margin (or `--health-timeout`).
     /// A target that can never serve fails at once. Never deregisters again. When registering
     /// failed somewhere, the attachments that took it are still waited for, then that failure is
     /// returned.
-    async fn register_and_wait(&self, plan: &[Taken], timings: &[LbTimings]) -> Result<(), CycleError> {
-        let (mut pending, not_registered) = self.register(plan).await;
+    async fn rejoin(&self, via: LeaveVia, plan: &[Taken], timings: &[LbTimings]) -> Result<(), CycleError> {
+        let (pending, failed) = match via {
+            LeaveVia::Deregister => self.register(plan).await,
+            LeaveVia::Standby => {
+                self.exit_standby().await?;
+                self.wait_lifecycle(false, timings).await?;
+                self.state.clear()?;
+                ((0..plan.len()).collect(), None)
+            }
+        };
+        self.wait_serving(plan, timings, pending, failed).await
+    }
+
+    /// Waits in shared poll rounds until every target of `plan[pending]` serves; see `rejoin`.
+    async fn wait_serving(
+        &self,
+        plan: &[Taken],
+        timings: &[LbTimings],
+        mut pending: Vec<usize>,
+        not_registered: Option<CycleError>,
+    ) -> Result<(), CycleError> {
         let start = Instant::now();
         let bound = |i: usize| {
             let healthy_after = timings.get(i).map(|t| t.healthy_after).unwrap_or(Duration::from_secs(300));
@@ -947,7 +1070,10 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     Ok(listed) => {
                         let mine: Vec<&TargetHealth> =
                             listed.iter().filter(|h| taken.targets.contains(&h.target)).collect();
-                        if mine.len() == taken.targets.len() && mine.iter().all(|h| h.serving()) {
+                        // Every target listed and serving (a target listed twice, as moto lists an
+                        // instance registered twice, counts once).
+                        let serves = |t: &Target| mine.iter().any(|h| h.target == *t && h.serving());
+                        if taken.targets.iter().all(serves) {
                             info!(lb = %lb_label, instance_id = %self.me, "serving again");
                             continue;
                         }
@@ -959,7 +1085,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                             });
                             continue;
                         }
-                        match mine.iter().find(|h| !h.serving()) {
+                        match mine.iter().find(|h| !serves(&h.target)) {
                             Some(h) => {
                                 info!(lb = %lb_label, target = %h.target, state = %h.raw, "waiting until serving")
                             }
@@ -999,14 +1125,129 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// Best effort after a failure: register `plan` again (bounded retries) and wait until serving,
     /// bounded by the timings the cycle already read.
     async fn come_back(&self, plan: &[Taken], timings: &[LbTimings]) -> Result<(), CycleError> {
-        match self.register_and_wait(plan, timings).await {
+        match self.rejoin(self.leave_via, plan, timings).await {
             Ok(()) => Ok(()),
-            Err(e @ CycleError::StillDeregistered { .. }) => Err(e),
+            Err(e) if e.left_out() => Err(e),
             Err(e) => {
                 warn!(error = %e, "registered again, but not serving yet");
                 Ok(())
             }
         }
+    }
+
+    /// The group's name if Standby may take this instance out: refused (nothing changed) when the
+    /// desired capacity would drop below the group's minimum size.
+    async fn standby_allowed(&self) -> Result<String, CycleError> {
+        let g = self.members.group().await?;
+        if g.desired - 1 < g.min_size {
+            return Err(CycleError::StandbyForbidden { group: g.name, min: g.min_size, desired: g.desired });
+        }
+        Ok(g.name)
+    }
+
+    fn group_label(&self) -> String {
+        self.members.group_name().unwrap_or_else(|| self.members.describe())
+    }
+
+    /// `EnterStandby`, retried while AWS throttles or fails on its side. A call whose answer is lost
+    /// may have taken effect: the caller comes back either way.
+    async fn enter_standby(&self) -> Result<(), CycleError> {
+        let start = Instant::now();
+        let mut pause = Duration::from_secs(1);
+        loop {
+            match self.members.enter_standby(&self.me).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_retryable() && start.elapsed() < REGISTER_RETRY_FOR => {
+                    warn!(instance_id = %self.me, error = %e, "entering Standby failed; retrying in {pause:?}");
+                    tokio::time::sleep(jitter(pause)).await;
+                    pause = (pause * 2).min(REGISTER_RETRY_MAX_PAUSE);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// `ExitStandby`, retried like registering. An instance the group no longer shows in Standby is
+    /// back already (an earlier call went through, or someone brought it back).
+    async fn exit_standby(&self) -> Result<(), CycleError> {
+        let start = Instant::now();
+        let mut pause = Duration::from_secs(1);
+        loop {
+            let failure = match self.members.exit_standby(&self.me).await {
+                Ok(()) => {
+                    info!(group = %self.group_label(), instance_id = %self.me, "left Standby (desired capacity +1)");
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            if !failure.is_retryable() || start.elapsed() >= REGISTER_RETRY_FOR {
+                if let Ok(roster) = self.members.members().await {
+                    if roster.members_contains(&self.me) && !roster.in_standby(&self.me) {
+                        warn!(instance_id = %self.me, error = %failure, "ExitStandby refused, but the group no longer shows this instance in Standby");
+                        return Ok(());
+                    }
+                }
+                let e = CycleError::StillInStandby {
+                    group: self.group_label(),
+                    instance: self.me.clone(),
+                    tried: start.elapsed(),
+                    source: Box::new(failure),
+                };
+                error!("{}", chain(&e));
+                return Err(e);
+            }
+            error!(instance_id = %self.me, error = %failure, "leaving Standby failed; the instance is in Standby; retrying in {pause:?}");
+            tokio::time::sleep(jitter(pause)).await;
+            pause = (pause * 2).min(REGISTER_RETRY_MAX_PAUSE);
+        }
+    }
+
+    /// Polls the group until this instance is in Standby (`standby`) or back in service, bounded
+    /// like the waits on the attachments.
+    async fn wait_lifecycle(&self, standby: bool, timings: &[LbTimings]) -> Result<(), CycleError> {
+        let bound = timings.iter().map(|t| t.healthy_after).max().unwrap_or(Duration::ZERO) + HEALTH_MARGIN;
+        let deadline = Instant::now() + bound;
+        loop {
+            match self.members.members().await {
+                Ok(r) => {
+                    let state = r.lifecycle.get(&self.me).cloned().unwrap_or_default();
+                    let done = if standby { state == "Standby" } else { state == "InService" };
+                    if done {
+                        return Ok(());
+                    }
+                    info!(instance_id = %self.me, lifecycle = %state, "waiting for the group to show {}", if standby { "Standby" } else { "InService" });
+                }
+                Err(e) if e.is_retryable() => warn!(error = %e, "reading the group failed; retrying"),
+                Err(e) => return Err(e.into()),
+            }
+            if Instant::now() >= deadline {
+                let what = if standby { "Standby" } else { "InService" };
+                warn!(instance_id = %self.me, bound_s = bound.as_secs_f64(), "the group does not show this instance {what} within the bound; going on");
+                return Ok(());
+            }
+            tokio::time::sleep(jitter(self.timing.poll_interval)).await;
+        }
+    }
+
+    /// The instance was in Standby before the request (someone else put it there): it serves
+    /// nothing, so the programs restart at once, and it stays in Standby: bringing it into service
+    /// behind the operator's back is not this tool's call.
+    async fn restart_in_standby(
+        &self,
+        programs: &[String],
+        started: Instant,
+        mut summary: Summary,
+    ) -> Result<Outcome, CycleError> {
+        warn!(instance_id = %self.me, group = %self.group_label(), "this instance is in Standby already: restarting {} in place and leaving it in Standby", programs.join(" "));
+        if self.dry_run {
+            return Ok(Outcome::Done(summary));
+        }
+        let t = Instant::now();
+        self.services.restart(programs).await?;
+        summary.restart = t.elapsed();
+        summary.total = started.elapsed();
+        info!(programs = %programs.join(" "), "cycle done: {} restarted in Standby (left in Standby)", programs.join(" "));
+        Ok(Outcome::Done(summary))
     }
 
     /// The loud error for an instance deliberately left out: its programs are down.
@@ -1078,8 +1319,8 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             };
             timings.push(t.unwrap_or(LbTimings { drain: None, healthy_after: Duration::from_secs(300) }));
         }
-        self.register_and_wait(&record.attachments, &timings).await?;
-        info!(attachments = %labels(&record.attachments), instance_id = %self.me, "reconciled: registered and serving again");
+        self.rejoin(record.via, &record.attachments, &timings).await?;
+        info!(attachments = %labels(&record.attachments), instance_id = %self.me, via = ?record.via, "reconciled: registered and serving again");
         self.forget_old_permit().await?;
         Ok(true)
     }

@@ -38,12 +38,38 @@ pub struct Taken {
     pub targets: Vec<Target>,
 }
 
+/// How the instance leaves its attachments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LeaveVia {
+    /// Deregister from every attachment, register again after.
+    #[default]
+    Deregister,
+    /// Auto Scaling Standby (`EnterStandby`, decrementing the desired capacity), `ExitStandby` after:
+    /// the group takes the instance out of its load balancers and stops health-checking it.
+    Standby,
+}
+
+impl LeaveVia {
+    pub fn parse(s: &str) -> Option<LeaveVia> {
+        match s {
+            "deregister" => Some(LeaveVia::Deregister),
+            "standby" => Some(LeaveVia::Standby),
+            _ => None,
+        }
+    }
+}
+
 /// What the state file holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "OnDisk")]
 pub struct Record {
     pub step: Step,
     pub instance_id: String,
+    /// How the instance left: reconcile comes back the same way.
+    pub via: LeaveVia,
+    /// The Auto Scaling group, with `via: standby`.
+    pub group: Option<String>,
     /// Every (attachment, target) pair taken out, written before the first deregistration:
     /// reconcile and every failure path put back exactly these.
     pub attachments: Vec<Taken>,
@@ -58,6 +84,10 @@ pub struct Record {
 struct OnDisk {
     step: Step,
     instance_id: String,
+    #[serde(default)]
+    via: LeaveVia,
+    #[serde(default)]
+    group: Option<String>,
     #[serde(default)]
     attachments: Vec<Taken>,
     #[serde(default)]
@@ -81,6 +111,8 @@ impl From<OnDisk> for Record {
         Record {
             step: d.step,
             instance_id: d.instance_id,
+            via: d.via,
+            group: d.group,
             attachments,
             programs: d.programs,
             since: d.since,
@@ -220,6 +252,8 @@ mod tests {
         Record {
             step: Step::Restarting,
             instance_id: "i-1".into(),
+            via: LeaveVia::Standby,
+            group: Some("web-asg".into()),
             attachments: vec![
                 Taken {
                     kind: Kind::Classic,
@@ -265,6 +299,7 @@ mod tests {
         .unwrap();
         let r = sf.load().unwrap().unwrap();
         assert_eq!(r.attachments, vec![record().attachments[0].clone()]);
+        assert_eq!((r.via, r.group), (LeaveVia::Deregister, None), "older records deregistered");
         assert_eq!((r.step, r.programs), (Step::Restarting, vec!["web".to_string()]));
     }
 

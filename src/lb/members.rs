@@ -1,12 +1,14 @@
-//! Who is in the cluster: the denominator of the quorum fraction. Never the load balancer's own list
-//! (deregistered instances vanish from it, so the fraction would look better every time one leaves).
+//! Who is in the cluster: the denominator of the quorum fraction, each member's Availability Zone
+//! where the source knows it, and (Auto Scaling) each member's lifecycle state. Never the load
+//! balancer's own list (deregistered instances vanish from it, so the fraction would look better
+//! every time one leaves). The Auto Scaling source also knows its group: the attachments, the sizes,
+//! and Standby, through which an instance can leave instead of deregistering.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 
-use aws_sdk_ec2::config::http::HttpResponse;
-use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::Filter;
+use thiserror::Error;
 
 use crate::identity::AwsFailure;
 use crate::quorum::Members;
@@ -14,11 +16,129 @@ use crate::quorum::Members;
 /// Instance states that still belong to the cluster (terminated and shutting-down do not).
 pub const MEMBER_STATES: [&str; 4] = ["pending", "running", "stopping", "stopped"];
 
-/// A source of cluster membership (an Auto Scaling group source can be added behind it later).
+/// What the membership source said at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Roster {
+    pub members: Members,
+    /// Instance id → Availability Zone, for every member whose zone the source knows.
+    pub zones: BTreeMap<String, String>,
+    /// Instance id → Auto Scaling lifecycle state (`InService`, `Standby`, ...); empty elsewhere.
+    pub lifecycle: BTreeMap<String, String>,
+}
+
+impl Roster {
+    /// Members only, no zones or lifecycle.
+    pub fn of(members: Members) -> Self {
+        Roster { members, zones: BTreeMap::new(), lifecycle: BTreeMap::new() }
+    }
+
+    /// Whether `id` is a member.
+    pub fn members_contains(&self, id: &str) -> bool {
+        match &self.members {
+            Members::Ids(ids) => ids.contains(id),
+            Members::Count(_) => true,
+        }
+    }
+
+    /// Whether `id` is in Standby (or entering it): a member that serves nothing.
+    pub fn in_standby(&self, id: &str) -> bool {
+        matches!(self.lifecycle.get(id).map(String::as_str), Some("Standby" | "EnteringStandby"))
+    }
+}
+
+/// What asking the membership source can fail with.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum MembersError {
+    /// The configuration is wrong (unknown group, instance in no group, access denied): exit 2.
+    #[error("{0}")]
+    Configuration(String),
+    /// Throttling, 5xx, AWS unreachable: worth another check.
+    #[error("{0}")]
+    Transient(String),
+    /// A refusal that waiting does not heal (validation, a state that forbids the call).
+    #[error("{0}")]
+    Failed(String),
+    /// The source cannot do this (Standby needs an Auto Scaling group).
+    #[error("{0} needs --members asg (an Auto Scaling group)")]
+    Unsupported(&'static str),
+}
+
+impl MembersError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, MembersError::Transient(_))
+    }
+
+    pub fn is_configuration(&self) -> bool {
+        matches!(self, MembersError::Configuration(_) | MembersError::Unsupported(_))
+    }
+
+    /// Reads an AWS failure of `what`: throttling, 5xx and no answer are transient; a missing
+    /// credential or AccessDenied is configuration; anything else failed.
+    pub fn from_aws(what: &str, failure: AwsFailure) -> Self {
+        match failure {
+            AwsFailure::Service { code, message, server_error } => {
+                let text = format!("{what} failed: {code}: {message}");
+                match code.as_str() {
+                    "Throttling" | "ThrottlingException" | "RequestLimitExceeded" => MembersError::Transient(text),
+                    "AccessDenied" | "AccessDeniedException" | "UnauthorizedOperation" => {
+                        MembersError::Configuration(format!("{text} (see the IAM policy in the README)"))
+                    }
+                    _ if server_error => MembersError::Transient(text),
+                    _ => MembersError::Failed(text),
+                }
+            }
+            AwsFailure::Credentials(detail) => {
+                MembersError::Configuration(format!("{what}: no usable AWS credentials ({detail})"))
+            }
+            AwsFailure::Unreachable(detail) => MembersError::Transient(format!("{what} could not reach AWS: {detail}")),
+        }
+    }
+}
+
+/// What an Auto Scaling group says about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct GroupInfo {
+    pub name: String,
+    /// Classic load balancers attached to the group.
+    pub load_balancers: Vec<String>,
+    /// Target groups attached to the group (ARNs).
+    pub target_groups: Vec<String>,
+    pub min_size: i32,
+    pub desired: i32,
+    /// `EC2`, `ELB`, or several comma-separated.
+    pub health_check_type: String,
+    pub health_check_grace_s: i32,
+}
+
+impl GroupInfo {
+    /// The group replaces instances that fail the load balancer's health check.
+    pub fn uses_elb_health(&self) -> bool {
+        self.health_check_type.split(',').any(|t| t.trim() == "ELB")
+    }
+}
+
+/// A source of cluster membership. Standby and the group's own settings exist only for Auto
+/// Scaling; the other sources answer `Unsupported`.
 pub trait Membership: Send + Sync {
-    fn members(&self) -> impl Future<Output = Result<Members, String>> + Send;
+    fn members(&self) -> impl Future<Output = Result<Roster, MembersError>> + Send;
     /// What it counts, for logs and `status`.
     fn describe(&self) -> String;
+    /// The Auto Scaling group's name, once known.
+    fn group_name(&self) -> Option<String> {
+        None
+    }
+    /// The group's settings and attachments.
+    fn group(&self) -> impl Future<Output = Result<GroupInfo, MembersError>> + Send {
+        async { Err(MembersError::Unsupported("reading the Auto Scaling group")) }
+    }
+    /// Puts `me` in Standby, decrementing the desired capacity (so no replacement is launched).
+    fn enter_standby(&self, _me: &str) -> impl Future<Output = Result<(), MembersError>> + Send {
+        async { Err(MembersError::Unsupported("--leave-via standby")) }
+    }
+    /// Brings `me` back from Standby (the desired capacity goes up again).
+    fn exit_standby(&self, _me: &str) -> impl Future<Output = Result<(), MembersError>> + Send {
+        async { Err(MembersError::Unsupported("--leave-via standby")) }
+    }
 }
 
 /// A fixed count (`--members static:N`).
@@ -26,8 +146,8 @@ pub trait Membership: Send + Sync {
 pub struct StaticMembers(pub usize);
 
 impl Membership for StaticMembers {
-    async fn members(&self) -> Result<Members, String> {
-        Ok(Members::Count(self.0))
+    async fn members(&self) -> Result<Roster, MembersError> {
+        Ok(Roster::of(Members::Count(self.0)))
     }
     fn describe(&self) -> String {
         format!("static:{}", self.0)
@@ -35,7 +155,7 @@ impl Membership for StaticMembers {
 }
 
 /// EC2 instances, not terminated, whose `Name` tag is `<node>.<namespace>` (the original tool's rule,
-/// the same namespace as the hostname).
+/// the same namespace as the hostname), with their zones.
 #[derive(Debug, Clone)]
 pub struct Ec2NameMembers {
     client: aws_sdk_ec2::Client,
@@ -55,9 +175,11 @@ pub fn in_namespace(name: &str, namespace: &str) -> bool {
 }
 
 impl Membership for Ec2NameMembers {
-    async fn members(&self) -> Result<Members, String> {
+    async fn members(&self) -> Result<Roster, MembersError> {
         let mut ids = BTreeSet::new();
+        let mut zones = BTreeMap::new();
         let mut token: Option<String> = None;
+        let what = format!("EC2 DescribeInstances for members *.{}", self.namespace);
         loop {
             let out = self
                 .client
@@ -72,12 +194,15 @@ impl Membership for Ec2NameMembers {
                 .set_next_token(token.take())
                 .send()
                 .await
-                .map_err(|e| ec2_error(&self.namespace, e))?;
+                .map_err(|e| MembersError::from_aws(&what, crate::identity::aws_failure(&e)))?;
             for inst in out.reservations().iter().flat_map(|r| r.instances()) {
                 let name =
                     inst.tags().iter().find(|t| t.key() == Some("Name")).and_then(|t| t.value()).unwrap_or_default();
                 if let (Some(id), true) = (inst.instance_id(), in_namespace(name, &self.namespace)) {
                     ids.insert(id.to_owned());
+                    if let Some(zone) = inst.placement().and_then(|p| p.availability_zone()) {
+                        zones.insert(id.to_owned(), zone.to_owned());
+                    }
                 }
             }
             match out.next_token() {
@@ -85,7 +210,7 @@ impl Membership for Ec2NameMembers {
                 _ => break,
             }
         }
-        Ok(Members::Ids(ids))
+        Ok(Roster { members: Members::Ids(ids), zones, lifecycle: BTreeMap::new() })
     }
 
     fn describe(&self) -> String {
@@ -93,55 +218,256 @@ impl Membership for Ec2NameMembers {
     }
 }
 
-fn ec2_error<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
-    ns: &str,
-    e: SdkError<E, HttpResponse>,
-) -> String {
-    match crate::identity::aws_failure(&e) {
-        AwsFailure::Service { code, message, .. } => {
-            format!("EC2 DescribeInstances for members *.{ns} failed: {code}: {message}")
+/// Lifecycle states of instances leaving the group, or parked in its warm pool: not members.
+pub fn counts_as_member(lifecycle: &str) -> bool {
+    !(lifecycle.starts_with("Terminat")
+        || lifecycle.starts_with("Detach")
+        || lifecycle.starts_with("Warmed")
+        || lifecycle == "Quarantined")
+}
+
+/// The Auto Scaling group this instance belongs to (`--members asg`), or one named
+/// (`--members asg:NAME`).
+#[derive(Debug, Clone)]
+pub struct AsgMembers {
+    client: aws_sdk_autoscaling::Client,
+    /// The group, once known.
+    name: std::sync::Arc<tokio::sync::OnceCell<String>>,
+    named: Option<String>,
+    me: String,
+}
+
+impl AsgMembers {
+    pub fn new(config: &aws_config::SdkConfig, named: Option<String>, me: impl Into<String>) -> Self {
+        Self { client: aws_sdk_autoscaling::Client::new(config), name: std::sync::Arc::default(), named, me: me.into() }
+    }
+
+    /// The group's name: this instance's own group (`DescribeAutoScalingInstances`), checked
+    /// against the one named. A named group this instance is not in is looked up by name instead.
+    pub async fn name(&self) -> Result<&str, MembersError> {
+        self.name.get_or_try_init(|| self.find()).await.map(String::as_str)
+    }
+
+    async fn find(&self) -> Result<String, MembersError> {
+        let what = format!("Auto Scaling DescribeAutoScalingInstances for {}", self.me);
+        let out = self
+            .client
+            .describe_auto_scaling_instances()
+            .instance_ids(&self.me)
+            .send()
+            .await
+            .map_err(|e| MembersError::from_aws(&what, crate::identity::aws_failure(&e)))?;
+        let mine = out.auto_scaling_instances().first().and_then(|i| i.auto_scaling_group_name()).map(str::to_owned);
+        match (&self.named, mine) {
+            (None, Some(g)) => Ok(g),
+            (None, None) => Err(MembersError::Configuration(format!(
+                "instance {} is not in any Auto Scaling group: use --members asg:NAME, ec2-name or static:N",
+                self.me
+            ))),
+            (Some(n), Some(g)) if *n == g => Ok(g),
+            (Some(n), mine) => {
+                // Not this instance's group: it must at least exist.
+                self.describe_group(n).await?;
+                tracing::warn!(group = %n, own_group = ?mine, instance_id = %self.me, "this instance is not in the Auto Scaling group it counts ({n}); it counts as a member only while it serves");
+                Ok(n.clone())
+            }
         }
-        AwsFailure::Credentials(detail) => {
-            format!("EC2 DescribeInstances for members *.{ns}: no usable AWS credentials ({detail})")
+    }
+
+    async fn describe_group(&self, name: &str) -> Result<aws_sdk_autoscaling::types::AutoScalingGroup, MembersError> {
+        let what = format!("Auto Scaling DescribeAutoScalingGroups for {name}");
+        let out =
+            self.client.describe_auto_scaling_groups().auto_scaling_group_names(name).send().await.map_err(|e| {
+                match crate::identity::aws_failure(&e) {
+                    // An unknown name answers an empty list on AWS; moto answers HTTP 500 with an HTML
+                    // page (no error code). Said plainly either way.
+                    AwsFailure::Service { code, server_error: true, .. } if code == "Unknown" => {
+                        MembersError::Configuration(format!(
+                            "{what} failed without an error code (HTTP 5xx): is there an Auto Scaling group {name}?"
+                        ))
+                    }
+                    f => MembersError::from_aws(&what, f),
+                }
+            })?;
+        out.auto_scaling_groups()
+            .iter()
+            .find(|g| g.auto_scaling_group_name() == Some(name))
+            .cloned()
+            .ok_or_else(|| MembersError::Configuration(format!("there is no Auto Scaling group {name}")))
+    }
+
+    fn call_error(&self, action: &str, e: AwsFailure) -> MembersError {
+        MembersError::from_aws(&format!("Auto Scaling {action} for {}", self.me), e)
+    }
+}
+
+impl Membership for AsgMembers {
+    async fn members(&self) -> Result<Roster, MembersError> {
+        let name = self.name().await?.to_owned();
+        let group = self.describe_group(&name).await?;
+        let mut roster = Roster::of(Members::Ids(BTreeSet::new()));
+        let Members::Ids(ids) = &mut roster.members else { unreachable!() };
+        for inst in group.instances() {
+            let (Some(id), Some(state)) = (inst.instance_id(), inst.lifecycle_state()) else { continue };
+            if !counts_as_member(state.as_str()) {
+                continue;
+            }
+            ids.insert(id.to_owned());
+            roster.lifecycle.insert(id.to_owned(), state.as_str().to_owned());
+            if let Some(zone) = inst.availability_zone() {
+                roster.zones.insert(id.to_owned(), zone.to_owned());
+            }
         }
-        AwsFailure::Unreachable(detail) => {
-            format!("EC2 DescribeInstances for members *.{ns} could not reach AWS: {detail}")
+        Ok(roster)
+    }
+
+    fn group_name(&self) -> Option<String> {
+        self.name.get().or(self.named.as_ref()).cloned()
+    }
+
+    fn describe(&self) -> String {
+        match (self.name.get(), &self.named) {
+            (Some(n), _) => format!("asg:{n}"),
+            (None, Some(n)) => format!("asg:{n}"),
+            (None, None) => "asg (this instance's group)".into(),
         }
+    }
+
+    async fn group(&self) -> Result<GroupInfo, MembersError> {
+        let name = self.name().await?.to_owned();
+        let g = self.describe_group(&name).await?;
+        Ok(GroupInfo {
+            name,
+            load_balancers: g.load_balancer_names().to_vec(),
+            target_groups: g.target_group_arns().to_vec(),
+            min_size: g.min_size().unwrap_or(0),
+            desired: g.desired_capacity().unwrap_or(0),
+            health_check_type: g.health_check_type().unwrap_or("EC2").to_owned(),
+            health_check_grace_s: g.health_check_grace_period().unwrap_or(0),
+        })
+    }
+
+    async fn enter_standby(&self, me: &str) -> Result<(), MembersError> {
+        let name = self.name().await?.to_owned();
+        self.client
+            .enter_standby()
+            .auto_scaling_group_name(name)
+            .instance_ids(me)
+            .should_decrement_desired_capacity(true)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.call_error("EnterStandby", crate::identity::aws_failure(&e)))
+    }
+
+    async fn exit_standby(&self, me: &str) -> Result<(), MembersError> {
+        let name = self.name().await?.to_owned();
+        self.client
+            .exit_standby()
+            .auto_scaling_group_name(name)
+            .instance_ids(me)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.call_error("ExitStandby", crate::identity::aws_failure(&e)))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn namespace_match() {
         let ns = "web.example.com";
-        assert!(super::in_namespace("i-1.web.example.com", ns));
-        assert!(super::in_namespace("I-1.Web.Example.com.", ns));
-        assert!(!super::in_namespace("x.i-1.web.example.com", ns));
-        assert!(!super::in_namespace("web.example.com", ns));
-        assert!(!super::in_namespace("i-1.api.example.com", ns));
-        assert!(!super::in_namespace("", ns));
+        assert!(in_namespace("i-1.web.example.com", ns));
+        assert!(in_namespace("I-1.Web.Example.com.", ns));
+        assert!(!in_namespace("x.i-1.web.example.com", ns));
+        assert!(!in_namespace("web.example.com", ns));
+        assert!(!in_namespace("i-1.api.example.com", ns));
+        assert!(!in_namespace("", ns));
+    }
+
+    #[test]
+    fn lifecycle_states_that_count() {
+        for s in ["Pending", "Pending:Wait", "Pending:Proceed", "InService", "EnteringStandby", "Standby"] {
+            assert!(counts_as_member(s), "{s}");
+        }
+        for s in [
+            "Terminating",
+            "Terminating:Wait",
+            "Terminating:Proceed",
+            "Terminated",
+            "Detaching",
+            "Detached",
+            "Warmed:Pending",
+            "Warmed:Running",
+            "Warmed:Stopped",
+            "Quarantined",
+        ] {
+            assert!(!counts_as_member(s), "{s}");
+        }
+    }
+
+    #[test]
+    fn aws_failures_are_sorted() {
+        let svc =
+            |code: &str, server_error| AwsFailure::Service { code: code.into(), message: "m".into(), server_error };
+        assert!(MembersError::from_aws("x", svc("Throttling", false)).is_retryable());
+        assert!(MembersError::from_aws("x", svc("InternalFailure", true)).is_retryable());
+        assert!(MembersError::from_aws("x", AwsFailure::Unreachable("t".into())).is_retryable());
+        assert!(MembersError::from_aws("x", svc("AccessDenied", false)).is_configuration());
+        assert!(MembersError::from_aws("x", AwsFailure::Credentials("none".into())).is_configuration());
+        let v = MembersError::from_aws("x", svc("ValidationError", false));
+        assert!(!v.is_retryable() && !v.is_configuration());
     }
 }
 
-/// Either source, chosen by `--members`.
+/// Any source, chosen by `--members`.
 #[derive(Debug, Clone)]
 pub enum AnyMembers {
     Static(StaticMembers),
     Ec2Name(Ec2NameMembers),
+    Asg(AsgMembers),
 }
 
 impl Membership for AnyMembers {
-    async fn members(&self) -> Result<Members, String> {
+    async fn members(&self) -> Result<Roster, MembersError> {
         match self {
             AnyMembers::Static(s) => s.members().await,
             AnyMembers::Ec2Name(e) => e.members().await,
+            AnyMembers::Asg(a) => a.members().await,
         }
     }
     fn describe(&self) -> String {
         match self {
             AnyMembers::Static(s) => s.describe(),
             AnyMembers::Ec2Name(e) => e.describe(),
+            AnyMembers::Asg(a) => a.describe(),
+        }
+    }
+    fn group_name(&self) -> Option<String> {
+        match self {
+            AnyMembers::Asg(a) => a.group_name(),
+            _ => None,
+        }
+    }
+    async fn group(&self) -> Result<GroupInfo, MembersError> {
+        match self {
+            AnyMembers::Asg(a) => a.group().await,
+            _ => Err(MembersError::Unsupported("reading the Auto Scaling group")),
+        }
+    }
+    async fn enter_standby(&self, me: &str) -> Result<(), MembersError> {
+        match self {
+            AnyMembers::Asg(a) => a.enter_standby(me).await,
+            _ => Err(MembersError::Unsupported("--leave-via standby")),
+        }
+    }
+    async fn exit_standby(&self, me: &str) -> Result<(), MembersError> {
+        match self {
+            AnyMembers::Asg(a) => a.exit_standby(me).await,
+            _ => Err(MembersError::Unsupported("--leave-via standby")),
         }
     }
 }

@@ -513,8 +513,13 @@ mod tests {
     fn holders_count_out_even_in_service_and_never_grow_the_cluster() {
         let q75 = Rule { quorum_ppm: 750_000, min_in_service: 1 };
         // 6 members, all InService; i-1 holds a permit: i-0 leaving would leave 4 < 5.
-        let snap =
-            Snapshot { members: Members::Ids(ids(0..6)), serving: ids(0..6), me: "i-0".into(), known_down: false };
+        let snap = Snapshot {
+            members: Members::Ids(ids(0..6)),
+            serving: ids(0..6),
+            me: "i-0".into(),
+            known_down: false,
+            zone: None,
+        };
         assert!(decide(&snap, &q75).may_leave, "without holders, quorum holds");
         let v = decide_with_holders(snap.clone(), &ids(1..2), &q75);
         assert_eq!(
@@ -545,6 +550,7 @@ mod tests {
                 serving: serving.iter().map(name).collect(),
                 me: "i-0".into(),
                 known_down: false,
+                zone: None,
             };
             let others: BTreeSet<String> = holders.iter().filter(|i| **i != 0).map(name).collect();
             let plain = decide(&snap, &rule);

@@ -166,6 +166,29 @@ impl Moto {
         serde_json::from_value(self.fixture(&["tg-health", arn])).unwrap()
     }
 
+    /// An Auto Scaling group of `count` (health checks from the load balancer, grace 120 s) with the
+    /// Classic load balancer `lb` attached, and its minimum size; returns the instance ids.
+    pub fn asg(&self, name: &str, count: usize, lb: &str, min: usize) -> Vec<String> {
+        let v = self.fixture(&[
+            "asg",
+            "--name",
+            name,
+            "--count",
+            &count.to_string(),
+            "--lb",
+            lb,
+            "--min",
+            &min.to_string(),
+        ]);
+        serde_json::from_value(v["ids"].clone()).unwrap()
+    }
+
+    /// The group's lifecycle states by instance, and its desired capacity.
+    pub fn asg_state(&self, name: &str) -> (std::collections::BTreeMap<String, String>, u64) {
+        let v = self.fixture(&["asg-state", name]);
+        (serde_json::from_value(v["lifecycle"].clone()).unwrap(), v["desired"].as_u64().unwrap())
+    }
+
     /// Instance id → State, as the load balancer reports registered instances.
     pub fn health(&self, lb: &str) -> std::collections::BTreeMap<String, String> {
         serde_json::from_value(self.fixture(&["health", lb])).unwrap()

@@ -1,0 +1,173 @@
+//! Auto Scaling groups against the moto emulator (server mode on 127.0.0.1): membership and
+//! attachments found from the group (`--members asg`), Standby as the way out
+//! (`--leave-via standby`, every call recorded by `tests/fixtures/moto_locked.py`), the minimum-size
+//! refusal, and the listener under a real supervisord. moto puts instances in Standby and back at
+//! once and never shows `EnteringStandby`, and keeps a Standby instance in target groups: what it
+//! cannot show is in `tests/asg_fake.rs`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(60);
+const WEB: &str = "[program:web]\ncommand=sleep 100000\nstartsecs=1\n";
+
+/// A unique group name and its Classic load balancer's name.
+fn names() -> (String, String) {
+    let n = free_port();
+    (format!("g{n}"), format!("g{n}-lb"))
+}
+
+#[test]
+fn status_counts_the_group_and_finds_its_load_balancer() {
+    let moto = Moto::start();
+    let (group, lb) = names();
+    let ids = moto.asg(&group, 4, &lb, 0);
+    let run = |members: &str, id: &str| {
+        run_bin(&["status", "--json", "--members", members, "--instance-id", id, "--hostname", "host"], &moto.env())
+    };
+    let out = run("asg", &ids[0]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["members_source"], format!("asg:{group}"));
+    assert_eq!(v["attachments_source"], format!("Auto Scaling group {group}"));
+    assert_eq!(
+        (v["attachments"][0]["kind"].as_str(), v["attachments"][0]["name"].as_str()),
+        (Some("classic"), Some(lb.as_str()))
+    );
+    assert_eq!((v["verdict"]["members"].as_u64(), v["verdict"]["required"].as_u64()), (Some(4), Some(3)));
+    assert!(text(&out.stderr).contains("can get this instance terminated and replaced"), "ELB health checks: warned");
+
+    // asg:NAME names the same group.
+    let out = run(&format!("asg:{group}"), &ids[1]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    // A peer stopped: OutOfService in the load balancer, still a member: refused.
+    moto.fixture(&["stop", &ids[3]]);
+    let out = run("asg", &ids[0]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["verdict"]["members"].as_u64(), v["verdict"]["reason"].as_str()), (Some(4), Some("below-quorum")));
+
+    // Configuration errors: exit 2, clear words.
+    let out = run("asg:no-such-group", &ids[0]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("no-such-group"), "{}", text(&out.stderr));
+    let out = run("asg", "i-00000000000000000");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("is not in any Auto Scaling group"), "{}", text(&out.stderr));
+}
+
+/// `--leave-via standby` with the Classic load balancer: EnterStandby before the restart and
+/// ExitStandby after, in the recorder's applied order, and no deregistration by the tool itself;
+/// the instance ends InService in the group and in the load balancer, the desired capacity as it was.
+#[test]
+fn a_restart_through_standby() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("calls.jsonl");
+    let moto = Moto::start_locked(Some(&record));
+    let (group, lb) = names();
+    let ids = moto.asg(&group, 4, &lb, 0);
+    let sup = Supervisord::start(WEB, false, &[]);
+    let before = eventually(T, "web RUNNING", || sup.pid("web"));
+    let mut env = moto.env();
+    env.extend(sup.client_env());
+    std::fs::write(&record, "").unwrap();
+    let out = run_bin(
+        &[
+            "restart",
+            "web",
+            "--members",
+            "asg",
+            "--leave-via",
+            "standby",
+            "--instance-id",
+            &ids[0],
+            "--hostname",
+            "host",
+            "--state-dir",
+            sup.path("state").to_str().unwrap(),
+            "--poll-interval",
+            "0.2",
+            "--settle",
+            "0",
+        ],
+        &env,
+    );
+    let log = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert_ne!(sup.pid("web"), Some(before), "web restarted");
+    let calls = recorded(&record);
+    let actions: Vec<&str> = calls.iter().map(|c| c.action.as_str()).collect();
+    let enter = actions.iter().position(|a| *a == "EnterStandby").expect("EnterStandby");
+    let exit = actions.iter().position(|a| *a == "ExitStandby").expect("ExitStandby");
+    assert!(enter < exit, "{actions:?}");
+    assert!(mutating(&calls).is_empty(), "the group takes the instance out, not the tool: {actions:?}");
+    let (entering, restarted, left) = (
+        log.find("entering Standby").unwrap(),
+        log.find("programs restarted").unwrap(),
+        log.find("left Standby").unwrap(),
+    );
+    assert!(entering < restarted && restarted < left, "{log}");
+    let (lifecycle, desired) = moto.asg_state(&group);
+    assert_eq!((lifecycle[&ids[0]].as_str(), desired), ("InService", 4));
+    assert_eq!(moto.health(&lb).get(&ids[0]).map(String::as_str), Some("InService"));
+    assert!(!sup.path("state/state.json").exists());
+}
+
+/// A group at its minimum size cannot take an instance into Standby: refused before any change.
+#[test]
+fn standby_below_the_minimum_size_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("calls.jsonl");
+    let moto = Moto::start_locked(Some(&record));
+    let (group, lb) = names();
+    let ids = moto.asg(&group, 4, &lb, 4);
+    let sup = Supervisord::start(WEB, false, &[]);
+    let before = eventually(T, "web RUNNING", || sup.pid("web"));
+    let mut env = moto.env();
+    env.extend(sup.client_env());
+    std::fs::write(&record, "").unwrap();
+    let out = run_bin(
+        &["restart", "web", "--members", "asg", "--leave-via", "standby", "--instance-id", &ids[0], "--hostname", "h"],
+        &env,
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("MinSize 4"), "{err}");
+    let calls = recorded(&record);
+    assert!(calls.iter().all(|c| !c.action.contains("Standby")) && mutating(&calls).is_empty(), "{calls:?}");
+    assert_eq!(sup.pid("web"), Some(before));
+}
+
+/// The listener under a real supervisord, with its group for members and attachments, restarts on
+/// request by deregistering and ends InService. (moto keeps a group's instance listed in the
+/// group's Classic load balancer after deregistering it, so this cycle waits out its drain bound,
+/// 15 s, instead of seeing the instance leave.)
+#[test]
+fn the_listener_cycles_in_an_auto_scaling_group() {
+    let moto = Moto::start();
+    let (group, lb) = names();
+    let ids = moto.asg(&group, 4, &lb, 0);
+    let conf = format!(
+        "{WEB}\n[eventlistener:elb-quorum]\ncommand={bin} listen --members asg --instance-id {id} --hostname host --check-interval 0.3 --max-checks 5 --poll-interval 0.2 --settle 0.2 --state-dir {{here}}/state\n\
+         events=PROCESS_STATE,REMOTE_COMMUNICATION\nbuffer_size=50\n\
+         stderr_logfile={{here}}/listener.log\nenvironment=SUPERVISOR_USERNAME=\"{USER}\",SUPERVISOR_PASSWORD=\"{PASSWORD}\",ELB_QUORUM_LOG_TARGET=\"stderr\"\n",
+        bin = bin().display(),
+        id = ids[0],
+    );
+    let sup = Supervisord::start(&conf, false, &moto.env());
+    let before = eventually(T, "web RUNNING", || sup.pid("web"));
+    eventually(T, "listener RUNNING", || sup.status("elb-quorum").contains("RUNNING").then_some(()));
+    let mut env = sup.client_env();
+    env.extend(moto.env());
+    let out = run_bin(&["request", "web"], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    eventually(T, "a finished cycle", || (count(&sup.read("listener.log"), "cycle done") >= 1).then_some(()));
+    let log = sup.read("listener.log");
+    assert!(log.contains(&format!("load balancer {lb}")) && log.contains("4 members"), "{log}");
+    assert_ne!(sup.pid("web"), Some(before), "web restarted");
+    assert_eq!(moto.health(&lb).get(&ids[0]).map(String::as_str), Some("InService"));
+}
