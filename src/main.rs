@@ -490,6 +490,8 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
         let mut out = serde_json::json!({
             "attachments": attachments,
             "attachments_source": attachments_source(&settings, &identity, &cycle),
+            "zone": zone_view(&obs.roster, &identity.instance_id),
+            "lifecycle": obs.roster.lifecycle.get(&identity.instance_id),
             "instance_id": identity.instance_id,
             "hostname": identity.hostname,
             "namespace": identity.namespace,
@@ -530,6 +532,16 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
         println!("instance          {} ({})", identity.instance_id, identity.hostname);
         println!("members source    {}", cycle.members.describe());
         println!("attachments from  {}", attachments_source(&settings, &identity, &cycle));
+        if let Some(state) = obs.roster.lifecycle.get(&identity.instance_id) {
+            println!("lifecycle         {state} (Auto Scaling)");
+        }
+        if let Some(z) = zone_view(&obs.roster, &identity.instance_id) {
+            let rule = match settings.zone_quorum_ppm {
+                Some(ppm) => format!("--zone-quorum {}", ppm as f64 / 1e6),
+                None => "no zone rule (--zone-quorum)".into(),
+            };
+            println!("zone              {} ({} members; {rule})", z["name"].as_str().unwrap_or_default(), z["members"]);
+        }
         println!("members           {}", v.members);
         println!(
             "required          {} (quorum {}, min in service {})",
@@ -582,6 +594,13 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
         Some(e) => Err(e.into()),
         None => Ok(if may_leave { OK } else { NO_QUORUM }),
     }
+}
+
+/// This instance's zone and how many members share it, when the membership source knows zones.
+fn zone_view(roster: &elb_quorum::lb::members::Roster, me: &str) -> Option<serde_json::Value> {
+    let zone = roster.zones.get(me)?;
+    let members = roster.zones.values().filter(|z| *z == zone).count();
+    Some(serde_json::json!({ "name": zone, "members": members }))
 }
 
 /// Where the attachments came from, for `status`.

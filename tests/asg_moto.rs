@@ -39,6 +39,8 @@ fn status_counts_the_group_and_finds_its_load_balancer() {
     );
     assert_eq!((v["verdict"]["members"].as_u64(), v["verdict"]["required"].as_u64()), (Some(4), Some(3)));
     assert!(text(&out.stderr).contains("can get this instance terminated and replaced"), "ELB health checks: warned");
+    assert_eq!(v["lifecycle"], "InService");
+    assert_eq!((v["zone"]["name"].as_str(), v["zone"]["members"].as_u64()), (Some("us-east-1a"), Some(4)));
 
     // asg:NAME names the same group.
     let out = run(&format!("asg:{group}"), &ids[1]);
