@@ -74,6 +74,7 @@ fn main() {
                         grace: Duration::from_secs(30),
                         max_hold: Duration::from_secs(3600),
                         skew_ms: 0,
+                        clock: Default::default(),
                     };
                     tokio::spawn(async move {
                         let t = Instant::now();

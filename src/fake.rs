@@ -915,6 +915,7 @@ pub fn fake_cycle(
     let services = FakeServices { lbs: lbs.iter().map(|lb| (lb.clone(), me.to_owned())).collect(), ..services.clone() };
     crate::cycle::Cycle::new(lbs, FakeMembers(ids.iter().cloned().collect()), services, me, state, shutdown)
         .with_rule(crate::quorum::Rule { quorum_ppm: 750_000, min_in_service: 1 })
+        .with_clock(crate::clock::WallClock::tokio())
 }
 
 /// Strict-mode settings for a fake fleet: D 120 s, G 30 s, H 3600 s, no skew.
@@ -927,6 +928,7 @@ pub fn fake_permits(store: &FakeStore, key: &str, me: &str) -> crate::lease::Per
         grace: Duration::from_secs(30),
         max_hold: Duration::from_secs(3600),
         skew_ms: 0,
+        clock: crate::clock::WallClock::tokio(),
     }
 }
 
@@ -1001,13 +1003,16 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
         })
     };
     let store = p.strict.map(|latency| FakeStore { latency, ..FakeStore::new() });
+    // One wall clock for the whole simulated fleet, as NTP gives real ones.
+    let clock = crate::clock::WallClock::tokio();
     let mut tasks = Vec::new();
     for id in &ids {
         let services = FakeServices::new(p.restart, &["web"]);
         let cycle = fake_cycle(vec![lb.clone()], &ids, id, &services, StateFile::new(base.join(id)), rx.clone())
+            .with_clock(clock)
             .with_rule(p.rule)
             .with_timing(p.timing.clone())
-            .with_permits(store.as_ref().map(|s| fake_permits(s, "fleet", id)));
+            .with_permits(store.as_ref().map(|s| crate::lease::Permits { clock, ..fake_permits(s, "fleet", id) }));
         tasks.push(tokio::spawn(async move {
             let r = cycle.run(&RestartRequest::new(["web".to_string()], Origin::Remote)).await;
             let restarts = *services.restarts.lock().unwrap();

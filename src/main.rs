@@ -187,6 +187,7 @@ fn permits(settings: &Settings, key: &str, me: &str, aws: &aws_config::SdkConfig
         grace: settings.lease.grace,
         max_hold: settings.lease.max_hold,
         skew_ms: 0,
+        clock: Default::default(),
     }
 }
 

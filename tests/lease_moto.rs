@@ -34,6 +34,7 @@ fn permits(store: &Arc<DynamoStore>, key: &str, me: &str) -> Permits {
         grace: Duration::from_secs(3),
         max_hold: Duration::from_secs(3600),
         skew_ms: 0,
+        clock: Default::default(),
     }
 }
 

@@ -304,6 +304,8 @@ pub struct Cycle<L, M, S> {
     pub leave_via: LeaveVia,
     /// The per-zone rule's fraction in parts per million (`--zone-quorum`), if set.
     pub zone_quorum_ppm: Option<u32>,
+    /// The wall clock of the settle schedule: the system clock in production.
+    pub clock: crate::clock::WallClock,
 }
 
 enum Gate {
@@ -373,7 +375,13 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             permits: None,
             leave_via: LeaveVia::Deregister,
             zone_quorum_ppm: None,
+            clock: crate::clock::WallClock::System,
         }
+    }
+
+    pub fn with_clock(mut self, clock: crate::clock::WallClock) -> Self {
+        self.clock = clock;
+        self
     }
 
     pub fn with_leave_via(mut self, via: LeaveVia) -> Self {
@@ -552,7 +560,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 }
                 if v.may_leave {
                     settled = true;
-                    let wait = settle_wait(self.timing.settle, slot, crate::clock::wall_now());
+                    let wait = settle_wait(self.timing.settle, slot, self.clock.now());
                     if !self.pause(wait).await {
                         return Ok(Gate::Aborted);
                     }

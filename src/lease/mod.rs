@@ -222,6 +222,8 @@ pub struct Permits {
     pub max_hold: Duration,
     /// Added to this machine's clock, in ms (tests model a skewed clock with it).
     pub skew_ms: i64,
+    /// The wall clock expiry times are computed on: the system clock in production.
+    pub clock: crate::clock::WallClock,
 }
 
 /// The answer to an acquire.
@@ -233,7 +235,7 @@ pub enum Acquired {
 impl Permits {
     /// This instance's clock, Unix ms.
     pub fn now(&self) -> u64 {
-        crate::clock::wall_ms().saturating_add_signed(self.skew_ms)
+        self.clock.ms().saturating_add_signed(self.skew_ms)
     }
 
     fn ms(d: Duration) -> u64 {
