@@ -30,6 +30,9 @@ pub enum End {
     Fatal(ProtocolError),
     /// Reading stdin or writing stdout failed.
     Io(io::Error),
+    /// The restart worker ended without being asked to (a panicking cycle): the listener must
+    /// not go on acknowledging requests that nothing will act on.
+    WorkerDied(String),
 }
 
 /// Stdin and stdout as plain files (duplicates of fds 0 and 1): one `read` and one `write` system

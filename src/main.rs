@@ -266,6 +266,11 @@ impl Handler for ListenHandler {
     }
 
     async fn handle(&self, request: RestartRequest) {
+        // Fault injection for the tests, in debug builds only: a cycle that panics.
+        #[cfg(debug_assertions)]
+        if std::env::var_os("ELB_QUORUM_TEST_PANIC_IN_CYCLE").is_some() {
+            panic!("injected by ELB_QUORUM_TEST_PANIC_IN_CYCLE");
+        }
         let Some(_lock) = self.lock().await else { return };
         let Some(cycle) = self.cycle().await else { return };
         let result = cycle.run(&request).await;
@@ -314,11 +319,26 @@ async fn wait_for_end(
     mut end: tokio::sync::oneshot::Receiver<End>,
     mut signals: mpsc::Receiver<Signal>,
     worker: &worker::WorkerHandle,
+    join: &mut tokio::task::JoinHandle<()>,
     hup_programs: &[String],
 ) -> End {
     loop {
         tokio::select! {
             e = &mut end => return e.unwrap_or(End::Eof),
+            // The worker only ends on request: anything else is a panic (or a bug).
+            r = &mut *join => return End::WorkerDied(match r {
+                Err(e) if e.is_panic() => {
+                    let payload = e.into_panic();
+                    let text = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into());
+                    format!("it panicked: {text}")
+                }
+                Err(e) => format!("it was cancelled: {e}"),
+                Ok(()) => "it returned".into(),
+            }),
             Some(sig) = signals.recv() => match sig {
                 Signal::Hup => listener::on_hup(worker, hup_programs),
                 Signal::Term => {
@@ -345,7 +365,7 @@ async fn listen(settings: Settings) -> Result<u8, Failure> {
         shutdown: shutdown_rx,
         cycle: tokio::sync::OnceCell::new(),
     };
-    let (worker, join) = worker::spawn(handler);
+    let (worker, mut join) = worker::spawn(handler);
     // The protocol loop runs on its own thread with blocking I/O; this runtime keeps the worker and
     // the signals. A thread blocked reading stdin does not hold the process: returning from main
     // ends it.
@@ -358,7 +378,13 @@ async fn listen(settings: Settings) -> Result<u8, Failure> {
             let _ = end_tx.send(listener::run(input, output, &triggers, &protocol_worker));
         })
         .map_err(|e| Failure::runtime(format!("starting the protocol thread: {e}")))?;
-    let end = wait_for_end(end_rx, signals, &worker, &settings.programs).await;
+    let end = wait_for_end(end_rx, signals, &worker, &mut join, &settings.programs).await;
+    if let End::WorkerDied(why) = end {
+        // supervisord restarts the listener; its start finishes a half-done cycle from the state file.
+        return Err(Failure::runtime(format!(
+            "the restart worker stopped ({why}); exiting so that supervisord restarts the listener and the state file finishes any cycle in progress"
+        )));
+    }
     // At the gate: give up; past it: the cycle finishes coming back before we exit.
     let _ = shutdown_tx.send(true);
     worker.shutdown();
@@ -367,6 +393,7 @@ async fn listen(settings: Settings) -> Result<u8, Failure> {
         End::Eof | End::Signal => OK,
         End::Fatal(_) => USAGE,
         End::Io(e) => return Err(Failure::runtime(format!("listener I/O failed: {e}"))),
+        End::WorkerDied(_) => unreachable!("returned above"),
     })
 }
 

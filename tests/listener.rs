@@ -158,3 +158,46 @@ fn under_real_supervisord_stays_running_and_recognises_requests() {
     let health = moto.health(&lb);
     assert_eq!(health.get(&ids[0]).map(String::as_str), Some("InService"), "dry run changed nothing");
 }
+
+/// A restart cycle that panics must not leave a listener that acknowledges requests and acts on
+/// none: the listener exits non-zero (supervisord restarts it, and its start reconciles from the
+/// state file). The panic is injected by a debug-build-only switch.
+#[test]
+fn a_panicking_cycle_ends_the_listener_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd_child = {
+        let mut c = Command::new(bin());
+        c.args(["listen", "--lb", "web-example-com", "--instance-id", "i-0001", "--hostname", "node0.web.example.com"])
+            .args(["--members", "static:3", "--state-dir"])
+            .arg(dir.path())
+            .env_remove("AWS_PROFILE")
+            .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("SUPERVISOR_SERVER_URL", format!("unix://{}/missing.sock", dir.path().display()))
+            .env("ELB_QUORUM_LOG_TARGET", "stderr")
+            .env("ELB_QUORUM_TEST_PANIC_IN_CYCLE", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c.spawn().expect("spawning elb-quorum listen")
+    };
+    let out = drain(cmd_child.stdout.take().unwrap());
+    let err = drain(cmd_child.stderr.take().unwrap());
+    let mut stdin = cmd_child.stdin.take().unwrap();
+    let payload = "type:elb-quorum\nrestart web";
+    write!(
+        stdin,
+        "ver:3.0 server:supervisor serial:1 pool:elb-quorum poolserial:1 eventname:REMOTE_COMMUNICATION len:{}\n{payload}",
+        payload.len()
+    )
+    .unwrap();
+    stdin.flush().unwrap();
+    // stdin stays open: only the dead worker can end the listener.
+    let status = eventually(Duration::from_secs(30), "the listener to exit", || cmd_child.try_wait().unwrap());
+    drop(stdin);
+    let err = text(&err.join().unwrap());
+    assert_eq!(status.code(), Some(3), "{err}");
+    assert!(err.contains("the restart worker stopped (it panicked: injected"), "{err}");
+    assert_eq!(out.join().unwrap(), expected_stdout(1), "the request was acknowledged, then nothing more");
+}
