@@ -40,7 +40,7 @@ fn permits(store: &Arc<DynamoStore>, key: &str, me: &str) -> Permits {
 
 fn granted(a: Acquired) -> elb_quorum::lease::Permit {
     match a {
-        Acquired::Granted(p) => p,
+        Acquired::Granted(p) => *p,
         Acquired::Refused { holders } => panic!("refused; held by {holders:?}"),
     }
 }

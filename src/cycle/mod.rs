@@ -680,7 +680,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 continue;
             }
             if decision.may_leave() {
-                return Ok(StrictCheck::Allowed(decision, obs, Box::new(permit)));
+                return Ok(StrictCheck::Allowed(decision, obs, permit));
             }
             permit.release().await;
             return Ok(StrictCheck::Wait(decision.overall));

@@ -228,7 +228,7 @@ pub struct Permits {
 
 /// The answer to an acquire.
 pub enum Acquired {
-    Granted(Permit),
+    Granted(Box<Permit>),
     Refused { holders: Vec<String> },
 }
 
@@ -266,7 +266,7 @@ impl Permits {
             match self.store.write(&self.key, write).await {
                 Ok(Written::Applied) => {
                     let others = record.map(|r| others(&r, &self.me, now, self.grace)).unwrap_or_default();
-                    return Ok(Acquired::Granted(self.granted(holder, others, conflicts)));
+                    return Ok(Acquired::Granted(Box::new(self.granted(holder, others, conflicts))));
                 }
                 Ok(Written::Conflict(old)) => {
                     conflicts += 1;
@@ -286,7 +286,7 @@ impl Permits {
                         Ok(Some(r)) if r.holders.get(&self.me).is_some_and(|h| h.tok == tok) => {
                             warn!(error = %e, "the permit write's reply was lost, but the write was applied");
                             let others = others(&r, &self.me, self.now(), self.grace);
-                            Ok(Acquired::Granted(self.granted(holder, others, conflicts)))
+                            Ok(Acquired::Granted(Box::new(self.granted(holder, others, conflicts))))
                         }
                         _ => Err(e),
                     };
