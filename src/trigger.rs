@@ -91,7 +91,7 @@ pub struct Triggers {
 
 /// Checks a program name as supervisord takes it: `prog`, `group:prog` or `group:*`.
 pub fn valid_program_name(name: &str) -> Result<(), String> {
-    let bad = |why: &str| Err(format!("invalid program name {name:?}: {why}"));
+    let bad = |why: &str| Err(format!("invalid program name {}: {why}", quote(name.as_bytes(), QUOTED)));
     if name.is_empty() {
         return bad("empty");
     }
@@ -152,6 +152,10 @@ impl Triggers {
                 }
             }
             EventBody::ProcessCommunication { channel: crate::protocol::Channel::Stdout, source, data } => {
+                // Programs talk to other listeners too: only text that starts with our verb is for us.
+                if data.split_whitespace().next() != Some("restart") {
+                    return Action::Ignore(Cow::Borrowed("program output not addressed to elb-quorum"));
+                }
                 let sender = source.namespec();
                 match parse_command(data, Some(&sender)) {
                     Ok(programs) => Action::Restart(RestartRequest::new(programs, Origin::Program(sender))),
@@ -310,12 +314,26 @@ mod tests {
 
     #[test]
     fn a_long_rejected_request_is_quoted_short() {
-        let talk = format!("processname:chatty groupname:chatty pid:1\nhello {}", "x".repeat(10_000));
+        let talk = format!("processname:chatty groupname:chatty pid:1\nrestart a:b:{}", "x".repeat(10_000));
         let Action::Reject(why) = triggers().classify(&event("PROCESS_COMMUNICATION_STDOUT", &talk), |_| false) else {
             panic!("not a rejection")
         };
-        assert!(why.starts_with("request from program chatty \"hello xxx"), "{why}");
-        assert!(why.len() < 200 && why.contains("(+9926 bytes)"), "{}: {why}", why.len());
+        assert!(why.starts_with("request from program chatty \"restart a:b:xxx"), "{why}");
+        assert!(why.len() < 300 && why.contains("bytes)"), "{}: {why}", why.len());
+    }
+
+    /// Output a program sends to other listeners is not a warning of ours: only a request that
+    /// starts with `restart` and cannot be used is.
+    #[test]
+    fn program_output_not_addressed_to_us_is_ignored_quietly() {
+        let t = triggers();
+        for text in ["hello listener", "", "   ", "restarting soon", "metrics 1 2 3"] {
+            let talk = format!("processname:chatty groupname:chatty pid:1\n{text}");
+            let action = t.classify(&event("PROCESS_COMMUNICATION_STDOUT", &talk), |_| false);
+            assert!(matches!(action, Action::Ignore(_)), "{text:?}: {action:?}");
+        }
+        let talk = "processname:chatty groupname:chatty pid:1\nrestart a:b:c";
+        assert!(matches!(t.classify(&event("PROCESS_COMMUNICATION_STDOUT", talk), |_| false), Action::Reject(_)));
     }
 
     #[test]
