@@ -305,7 +305,7 @@ impl ListenHandler {
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 }
                 Err(e) => {
-                    error!("cannot take the lock: {e}; request dropped");
+                    error!("cannot take the lock: {}; request dropped", chain(&e));
                     return None;
                 }
             }
@@ -404,7 +404,7 @@ async fn restart(settings: Settings, programs: Vec<String>) -> Result<u8, Failur
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let _signals = signals(shutdown_tx)?;
     let (cycle, _identity) = build(&settings, shutdown_rx).await?;
-    let _lock = cycle.state.try_lock().map_err(Failure::runtime)?;
+    let _lock = cycle.state.try_lock().map_err(|e| Failure::runtime(chain(&e)))?;
     match cycle.reconcile().await {
         // The instance is out with its programs down: this restart is what brings it back.
         Err(e @ CycleError::ServicesDown { .. }) => warn!("{}; restarting them now", chain(&e)),
@@ -446,13 +446,10 @@ async fn request(settings: Settings, programs: Vec<String>) -> Result<u8, Failur
     match client.resolve(&programs).await {
         Ok(_) => {}
         Err(e @ SupervisorError::UnknownProgram { .. }) => return Err(Failure::usage(e)),
-        Err(e) => return Err(Failure::runtime(format!("{e:#}"))),
+        Err(e) => return Err(Failure::runtime(chain(&e))),
     }
     let data = format!("restart {}", programs.join(" "));
-    client
-        .send_remote_comm_event(REMOTE_TYPE, &data)
-        .await
-        .map_err(|e| Failure::runtime(format!("{:#}", anyhow::Error::from(e))))?;
+    client.send_remote_comm_event(REMOTE_TYPE, &data).await.map_err(|e| Failure::runtime(chain(&e)))?;
     info!(url = client.url(), "sent {data:?}; the elb-quorum listener will run the restart cycle (see its log)");
     Ok(OK)
 }

@@ -123,17 +123,17 @@ impl From<OnDisk> for Record {
 
 #[derive(Debug, Error)]
 pub enum StateFileError {
-    #[error("cannot create state directory {path}: {source}")]
+    #[error("cannot create state directory {path}")]
     CreateDir { path: PathBuf, source: std::io::Error },
-    #[error("cannot write state file {path}: {source}")]
+    #[error("cannot write state file {path}")]
     Write { path: PathBuf, source: std::io::Error },
-    #[error("cannot read state file {path}: {source}")]
+    #[error("cannot read state file {path}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("state file {path} is corrupt ({detail}); it was moved to {moved} and ignored")]
     Corrupt { path: PathBuf, detail: String, moved: PathBuf },
     #[error("another elb-quorum restart holds the lock {path} (pid {holder}); not running two cycles at once")]
     Locked { path: PathBuf, holder: String },
-    #[error("cannot open lock file {path}: {source}")]
+    #[error("cannot open lock file {path}")]
     Lock { path: PathBuf, source: std::io::Error },
 }
 
@@ -310,6 +310,21 @@ mod tests {
         fs::write(sf.path(), b"{not json").unwrap();
         assert!(matches!(sf.load(), Err(StateFileError::Corrupt { .. })));
         assert_eq!(sf.load().unwrap(), None, "moved aside");
+    }
+
+    /// Each cause is printed once in the chained message (it used to be in the message and the
+    /// source both).
+    #[test]
+    fn a_cause_appears_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        fs::write(&file, b"").unwrap();
+        let sf = StateFile::new(file.join("sub")); // a directory below a file
+        let e = sf.save(&record()).unwrap_err();
+        let chained = crate::cycle::chain(&e);
+        assert!(chained.starts_with("cannot create state directory"), "{chained}");
+        let cause = std::error::Error::source(&e).expect("a cause").to_string();
+        assert_eq!(chained.matches(&cause).count(), 1, "{chained}");
     }
 
     #[test]
