@@ -85,13 +85,26 @@ where
     AwsFailure::Unreachable(DisplayErrorContext(err).to_string())
 }
 
+/// Why the identity cannot be resolved; all of them are configuration errors (exit 2).
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("the machine's hostname is not UTF-8: give --hostname")]
+    HostnameNotUtf8,
+    /// The hostname rule cannot name the cluster or its load balancer.
+    #[error("{0}")]
+    HostnameRule(String),
+    #[error("cannot read the instance id from the EC2 metadata service (IMDSv2); off EC2, give --instance-id")]
+    InstanceId {
+        #[source]
+        source: Box<aws_config::imds::client::error::ImdsError>,
+    },
+}
+
 /// Resolves the identity from settings, asking IMDS only for what no flag gave.
-pub async fn resolve(settings: &Settings) -> Result<Identity, String> {
+pub async fn resolve(settings: &Settings) -> Result<Identity, IdentityError> {
     let hostname = match &settings.hostname {
         Some(h) => h.clone(),
-        None => gethostname::gethostname()
-            .into_string()
-            .map_err(|_| "the machine's hostname is not UTF-8: give --hostname".to_owned())?,
+        None => gethostname::gethostname().into_string().map_err(|_| IdentityError::HostnameNotUtf8)?,
     };
     let mut attachments: Vec<AttachmentSpec> = settings
         .lbs
@@ -103,13 +116,13 @@ pub async fn resolve(settings: &Settings) -> Result<Identity, String> {
     // With an Auto Scaling group and nothing named, the group's own attachments are used (read
     // later, from AWS): no hostname rule.
     if attachments.is_empty() && !asg {
-        attachments
-            .push(AttachmentSpec { kind: Kind::Classic, name: lb_name_from_hostname(&hostname, &settings.domains)? });
+        let name = lb_name_from_hostname(&hostname, &settings.domains).map_err(IdentityError::HostnameRule)?;
+        attachments.push(AttachmentSpec { kind: Kind::Classic, name });
     }
     let ns = match (namespace(&hostname), &settings.members) {
         (Ok(ns), _) => ns,
         (Err(_), MembersSource::Static(_) | MembersSource::Asg(_)) => String::new(),
-        (Err(e), _) => return Err(e),
+        (Err(e), _) => return Err(IdentityError::HostnameRule(e)),
     };
     let instance_id = match &settings.instance_id {
         Some(id) => id.clone(),
@@ -118,13 +131,15 @@ pub async fn resolve(settings: &Settings) -> Result<Identity, String> {
     Ok(Identity { instance_id, hostname, namespace: ns, attachments })
 }
 
-async fn imds_instance_id() -> Result<String, String> {
+async fn imds_instance_id() -> Result<String, IdentityError> {
     let client = aws_config::imds::Client::builder()
         .connect_timeout(Duration::from_secs(2))
         .read_timeout(Duration::from_secs(2))
         .max_attempts(2)
         .build();
-    client.get("/latest/meta-data/instance-id").await.map(|s| s.as_ref().trim().to_owned()).map_err(|e| {
-        format!("cannot read the instance id from the EC2 metadata service (IMDSv2): {e}; off EC2, give --instance-id")
-    })
+    client
+        .get("/latest/meta-data/instance-id")
+        .await
+        .map(|s| s.as_ref().trim().to_owned())
+        .map_err(|source| IdentityError::InstanceId { source: Box::new(source) })
 }

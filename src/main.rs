@@ -108,7 +108,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
 type ProdCycle = Cycle<Attachment, AnyMembers, Supervisord>;
 
 async fn build(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result<(ProdCycle, Identity), Failure> {
-    let identity = identity::resolve(settings).await.map_err(Failure::usage)?;
+    let identity = identity::resolve(settings).await.map_err(|e| Failure::usage(chain(&e)))?;
     let cycle = build_for(settings, &identity, shutdown).await?;
     Ok((cycle, identity))
 }
@@ -354,7 +354,7 @@ async fn listen(settings: Settings) -> Result<u8, Failure> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let signals = signals(shutdown_tx.clone())?;
     // Configuration errors (the hostname rule, a missing instance id) stop the listener at once.
-    let identity = identity::resolve(&settings).await.map_err(Failure::usage)?;
+    let identity = identity::resolve(&settings).await.map_err(|e| Failure::usage(chain(&e)))?;
     SupervisorClient::new(&settings.supervisor).map_err(Failure::usage)?;
     info!(attachments = %identity.attachment_list(), instance_id = %identity.instance_id, hostname = %identity.hostname, "elb-quorum {} listening", env!("CARGO_PKG_VERSION"));
     let triggers = Triggers { gated: settings.gates.iter().cloned().collect() };
@@ -641,7 +641,7 @@ fn attachments_source(settings: &Settings, identity: &Identity, cycle: &ProdCycl
 
 /// `lease release --instance ID`: removes a stuck entry, if its token is still the one read.
 async fn lease_release(settings: Settings, instance: String) -> Result<u8, Failure> {
-    let identity = identity::resolve(&settings).await.map_err(Failure::usage)?;
+    let identity = identity::resolve(&settings).await.map_err(|e| Failure::usage(chain(&e)))?;
     let aws = identity::aws_config().await;
     let key = match &settings.members {
         MembersSource::Asg(named) => {

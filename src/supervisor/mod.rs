@@ -75,6 +75,9 @@ pub enum SupervisorError {
     SocketMissing { path: String },
     #[error("permission denied on supervisord's socket {path}: run as the user that owns it (see `chown`/`chmod` in [unix_http_server])")]
     PermissionDenied { path: String },
+    /// `--supervisor-url` is not a URL we can use (a configuration error).
+    #[error("{why}")]
+    BadUrl { why: String },
     #[error("cannot connect to supervisord at {url}")]
     Connect {
         url: String,
@@ -166,7 +169,8 @@ fn s(v: &str) -> Value {
 }
 
 impl SupervisorClient {
-    pub fn new(settings: &SupervisorSettings) -> Result<Self, String> {
+    /// Fails only on a URL it cannot use (`BadUrl`); nothing is contacted yet.
+    pub fn new(settings: &SupervisorSettings) -> Result<Self, SupervisorError> {
         Ok(Self {
             transport: Transport::new(
                 &settings.url,

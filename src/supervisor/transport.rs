@@ -57,8 +57,8 @@ impl Transport {
         username: Option<&str>,
         password: Option<&Secret>,
         timeout: Duration,
-    ) -> Result<Self, String> {
-        let endpoint = Endpoint::parse(url)?;
+    ) -> Result<Self, SupervisorError> {
+        let endpoint = Endpoint::parse(url).map_err(|why| SupervisorError::BadUrl { why })?;
         let authorization = match (username, password) {
             (None, None) => None,
             (u, p) => {
