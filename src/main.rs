@@ -216,11 +216,16 @@ fn signals(shutdown: watch::Sender<bool>) -> Result<mpsc::Receiver<Signal>, Fail
     Ok(rx)
 }
 
+/// The end of a cycle, with its `outcome` as a structured field (done, dry-run, aborted, gave-up,
+/// no-permit, left-out, failed).
 fn log_outcome(result: &Result<Outcome, CycleError>) {
     match result {
-        Ok(Outcome::Done(_)) | Ok(Outcome::DryRun(_)) | Ok(Outcome::Aborted) => {}
+        Ok(Outcome::Done(_)) => info!(outcome = "done", "restart request done"),
+        Ok(Outcome::DryRun(_)) => info!(outcome = "dry-run", "restart request done (dry run)"),
+        Ok(Outcome::Aborted) => info!(outcome = "aborted", "restart request aborted at the gate"),
         Ok(Outcome::GaveUp { verdict, checks }) => {
             warn!(
+                outcome = "gave-up",
                 checks,
                 "restart request given up: quorum not reached after {checks} checks ({}); nothing changed",
                 verdict.summary()
@@ -228,14 +233,15 @@ fn log_outcome(result: &Result<Outcome, CycleError>) {
         }
         Ok(Outcome::NoPermit { holders, permits, checks }) => {
             warn!(
+                outcome = "no-permit",
                 checks,
                 permits,
                 "restart request given up: no free permit after {checks} checks ({}); nothing changed",
                 held_by(holders)
             )
         }
-        Err(e) if e.left_out() => error!("{}", chain(e)),
-        Err(e) => error!("restart cycle failed: {}; the instance is registered", chain(e)),
+        Err(e) if e.left_out() => error!(outcome = "left-out", "{}", chain(e)),
+        Err(e) => error!(outcome = "failed", "restart cycle failed: {}; the instance is registered", chain(e)),
     }
 }
 
