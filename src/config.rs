@@ -167,6 +167,9 @@ pub struct Layer {
     /// Program (autorestart=false) whose unexpected exit or FATAL triggers a gated restart; repeatable [default: none]
     #[arg(long, global = true, env = "ELB_QUORUM_GATE", value_delimiter = ',', value_name = "PROGRAM")]
     pub gate: Vec<String>,
+    /// Prometheus text file for node_exporter's textfile collector, rewritten atomically after every check and cycle [default: none]
+    #[arg(long, global = true, env = "ELB_QUORUM_METRICS_FILE", value_name = "PATH")]
+    pub metrics_file: Option<PathBuf>,
     /// Directory for the crash-safety state file and the lock [default: /var/lib/elb-quorum]
     #[arg(long, global = true, env = "ELB_QUORUM_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -306,6 +309,8 @@ pub struct Settings {
     pub programs: Vec<String>,
     pub gates: Vec<String>,
     pub state_dir: PathBuf,
+    /// `--metrics-file`, checked writable.
+    pub metrics_file: Option<PathBuf>,
     pub log_format: LogFormat,
     pub log_level: Option<String>,
     pub log_target: Option<String>,
@@ -391,6 +396,10 @@ impl Settings {
         };
         if zone_quorum_ppm.is_some() && matches!(members, MembersSource::Static(_)) {
             return err("--zone-quorum needs members with zones (ec2-name or asg): static:N has none");
+        }
+        let metrics_file = o.metrics_file.or(file.metrics_file);
+        if let Some(path) = &metrics_file {
+            crate::metrics::Metrics::check_writable(path).map_err(ConfigError)?;
         }
         let max_checks = o.max_checks.or(file.max_checks).unwrap_or(DEFAULT_MAX_CHECKS);
         if max_checks == 0 {
@@ -485,6 +494,7 @@ impl Settings {
             programs,
             gates,
             state_dir: o.state_dir.or(file.state_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            metrics_file,
             log_format,
             log_level: o.log_level.or(file.log_level),
             log_target: o.log_target.or(file.log_target),

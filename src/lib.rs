@@ -11,6 +11,7 @@ pub mod lb;
 pub mod lease;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod protocol;
 pub mod quorum;
 pub mod secret;

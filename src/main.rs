@@ -21,6 +21,7 @@ use elb_quorum::lb::{AttachmentSpec, Kind};
 use elb_quorum::lease::dynamo::DynamoStore;
 use elb_quorum::lease::{self, Permits};
 use elb_quorum::listener::{self, End, Signal};
+use elb_quorum::metrics::Metrics;
 use elb_quorum::quorum::Reason;
 use elb_quorum::secret::Secret;
 use elb_quorum::supervisor::{SupervisorClient, SupervisorError, Supervisord};
@@ -164,7 +165,8 @@ async fn build_for(
             .with_dry_run(settings.dry_run)
             .with_permits(permits)
             .with_leave_via(settings.leave_via)
-            .with_zone_quorum(settings.zone_quorum_ppm);
+            .with_zone_quorum(settings.zone_quorum_ppm)
+            .with_metrics(settings.metrics_file.as_ref().map(|p| std::sync::Arc::new(Metrics::open(p))));
     info!(attachments = %cycle.attachments(), leave_via = ?settings.leave_via, instance_id = %identity.instance_id, hostname = %identity.hostname, members = %cycle.members.describe(), quorum_ppm = settings.rule.quorum_ppm, dry_run = settings.dry_run, strict = settings.strict, "elb-quorum {}", env!("CARGO_PKG_VERSION"));
     Ok(cycle)
 }

@@ -109,6 +109,20 @@ pub enum Reason {
     BelowZoneQuorum,
 }
 
+impl Reason {
+    /// Kebab-case, as in JSON and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::QuorumHolds => "quorum-holds",
+            Reason::NotServing => "not-serving",
+            Reason::ProgramDown => "program-down",
+            Reason::BelowQuorum => "below-quorum",
+            Reason::BelowMinimum => "below-minimum",
+            Reason::BelowZoneQuorum => "below-zone-quorum",
+        }
+    }
+}
+
 /// The answer and the numbers behind it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Verdict {

@@ -306,6 +306,8 @@ pub struct Cycle<L, M, S> {
     pub zone_quorum_ppm: Option<u32>,
     /// The wall clock of the settle schedule: the system clock in production.
     pub clock: crate::clock::WallClock,
+    /// `--metrics-file`.
+    pub metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 enum Gate {
@@ -376,7 +378,23 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             leave_via: LeaveVia::Deregister,
             zone_quorum_ppm: None,
             clock: crate::clock::WallClock::System,
+            metrics: None,
         }
+    }
+
+    pub fn with_metrics(mut self, metrics: Option<std::sync::Arc<crate::metrics::Metrics>>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Records one quorum check: its refusal, and whether this instance served everywhere.
+    fn count_check(&self, decision: Option<&Decision>, listed: Option<&[Vec<TargetHealth>]>) {
+        let Some(m) = &self.metrics else { return };
+        let refused = decision.filter(|d| !d.may_leave()).map(|d| d.overall.reason.as_str());
+        let in_service = listed.map(|l| {
+            l.iter().all(|attachment| attachment.iter().any(|h| h.target.instance_id == self.me && h.serving()))
+        });
+        m.check(refused, in_service);
     }
 
     pub fn with_clock(mut self, clock: crate::clock::WallClock) -> Self {
@@ -540,6 +558,9 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     Some((self.decide(&obs, req.serves_nothing(), &BTreeSet::new()), obs))
                 }
                 Err(CycleError::Lb(e)) if e.is_retryable() => {
+                    if let (Some(m), LbError::Throttled { .. }) = (&self.metrics, &e) {
+                        m.throttled();
+                    }
                     warn!(attachments = %self.attachments(), check, error = %e, "quorum check failed; counts as a failed check");
                     None
                 }
@@ -549,6 +570,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 }
                 Err(e) => return Err(e),
             };
+            self.count_check(decided.as_ref().map(|(d, _)| d), decided.as_ref().map(|(_, o)| o.listed.as_slice()));
             if let Some((d, _)) = &decided {
                 let v = &d.overall;
                 info!(attachments = %self.attachments(), instance_id = %self.me, check, max_checks = self.timing.max_checks, may_leave = v.may_leave, reason = ?v.reason, "quorum check: {}", v.summary());
@@ -595,14 +617,24 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             let last = match self.strict_check(permits, req).await {
                 Ok(StrictCheck::InStandby) => return Ok(Gate::InStandby),
                 Ok(StrictCheck::Allowed(decision, observation, permit)) => {
+                    self.count_check(Some(&decision), Some(&observation.listed));
+                    if let Some(m) = &self.metrics {
+                        m.permit(true);
+                    }
                     info!(attachments = %self.attachments(), instance_id = %self.me, check, kind = permit.kind().as_str(), holders = permit.others.len(), reason = ?decision.overall.reason, "quorum check with permit: {}; leaving", decision.overall.summary());
                     return Ok(Gate::Allowed { decision, observation, checks: check, permit: Some(permit) });
                 }
                 Ok(StrictCheck::Wait(verdict)) => {
+                    if let Some(m) = &self.metrics {
+                        m.check(Some(verdict.reason.as_str()), None);
+                    }
                     info!(attachments = %self.attachments(), instance_id = %self.me, check, max_checks = self.timing.max_checks, reason = ?verdict.reason, "quorum check with permit: {}; permit released, waiting", verdict.summary());
                     Ok(Gate::GaveUp { verdict, checks: check })
                 }
                 Ok(StrictCheck::Full { holders, permits }) => {
+                    if let Some(m) = &self.metrics {
+                        m.check(Some("no-permit"), None);
+                    }
                     info!(attachments = %self.attachments(), instance_id = %self.me, check, max_checks = self.timing.max_checks, permits, "no free permit: {}", held_by(&holders));
                     Ok(Gate::NoPermit { holders, permits, checks: check })
                 }
@@ -611,6 +643,9 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     Err(CycleError::NoPermit { checks: check, source: e })
                 }
                 Err(CycleError::Lb(e)) if e.is_retryable() => {
+                    if let (Some(m), LbError::Throttled { .. }) = (&self.metrics, &e) {
+                        m.throttled();
+                    }
                     warn!(attachments = %self.attachments(), check, error = %e, "quorum check failed; counts as a failed check");
                     Err(CycleError::Lb(e))
                 }
@@ -700,8 +735,25 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         }
     }
 
-    /// Runs one gated restart of `req.programs`.
+    /// Runs one gated restart of `req.programs`, and records how it ended in the metrics.
     pub async fn run(&self, req: &RestartRequest) -> Result<Outcome, CycleError> {
+        let result = self.run_cycle(req).await;
+        if let Some(m) = &self.metrics {
+            let (outcome, summary, in_service) = match &result {
+                Ok(Outcome::Done(s)) => ("done", Some(s), Some(true)),
+                Ok(Outcome::DryRun(_)) => ("dry-run", None, None),
+                Ok(Outcome::GaveUp { .. }) => ("gave-up", None, None),
+                Ok(Outcome::NoPermit { .. }) => ("no-permit", None, None),
+                Ok(Outcome::Aborted) => ("aborted", None, None),
+                Err(e) if e.left_out() => ("left-out", None, Some(false)),
+                Err(_) => ("failed", None, None),
+            };
+            m.cycle_end(outcome, summary, in_service);
+        }
+        result
+    }
+
+    async fn run_cycle(&self, req: &RestartRequest) -> Result<Outcome, CycleError> {
         let programs: Vec<String> = req.programs.iter().cloned().collect();
         let started = Instant::now();
         self.services.validate(&programs).await?;
