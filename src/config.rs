@@ -14,6 +14,10 @@ use crate::secret::Secret;
 
 /// Default quorum: three quarters of the cluster keep serving (the original tool's value).
 pub const DEFAULT_QUORUM: &str = "0.75";
+/// Longest one run of a hook may take, in seconds, before its process group is killed.
+pub const DEFAULT_HOOK_TIMEOUT: f64 = 60.0;
+/// How long `--ready-check` is retried, in seconds (as long as the programs may take to restart).
+pub const DEFAULT_READY_TIMEOUT: f64 = 120.0;
 /// How an instance leaves: deregistering from every attachment.
 pub const DEFAULT_LEAVE_VIA: &str = "deregister";
 /// Never leave unless at least this many other members serve.
@@ -167,6 +171,21 @@ pub struct Layer {
     /// Program (autorestart=false) whose unexpected exit or FATAL triggers a gated restart; repeatable [default: none]
     #[arg(long, global = true, env = "ELB_QUORUM_GATE", value_delimiter = ',', value_name = "PROGRAM")]
     pub gate: Vec<String>,
+    /// Command run (sh -c) after the quorum check passes and before leaving; a failure aborts the cycle with nothing changed [default: none]
+    #[arg(long, global = true, env = "ELB_QUORUM_BEFORE_LEAVE", value_name = "CMD")]
+    pub before_leave: Option<String>,
+    /// Command run (sh -c) after the programs are RUNNING and before rejoining, retried every poll interval until it exits 0; failing past --ready-timeout leaves the instance out (exit 3) [default: none]
+    #[arg(long, global = true, env = "ELB_QUORUM_READY_CHECK", value_name = "CMD")]
+    pub ready_check: Option<String>,
+    /// Command run (sh -c) once the instance serves again; a failure is logged [default: none]
+    #[arg(long, global = true, env = "ELB_QUORUM_AFTER_RETURN", value_name = "CMD")]
+    pub after_return: Option<String>,
+    /// Seconds one run of a hook may take before its process group is killed (a failure) [default: 60]
+    #[arg(long, global = true, env = "ELB_QUORUM_HOOK_TIMEOUT", value_name = "SECS")]
+    pub hook_timeout: Option<f64>,
+    /// Seconds --ready-check is retried for [default: 120]
+    #[arg(long, global = true, env = "ELB_QUORUM_READY_TIMEOUT", value_name = "SECS")]
+    pub ready_timeout: Option<f64>,
     /// Prometheus text file for node_exporter's textfile collector, rewritten atomically after every check and cycle [default: none]
     #[arg(long, global = true, env = "ELB_QUORUM_METRICS_FILE", value_name = "PATH")]
     pub metrics_file: Option<PathBuf>,
@@ -311,6 +330,8 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// `--metrics-file`, checked writable.
     pub metrics_file: Option<PathBuf>,
+    /// `--before-leave`, `--ready-check`, `--after-return`, checked at start.
+    pub hooks: crate::hooks::Hooks,
     pub log_format: LogFormat,
     pub log_level: Option<String>,
     pub log_target: Option<String>,
@@ -396,6 +417,23 @@ impl Settings {
         };
         if zone_quorum_ppm.is_some() && matches!(members, MembersSource::Static(_)) {
             return err("--zone-quorum needs members with zones (ec2-name or asg): static:N has none");
+        }
+        let hooks = crate::hooks::Hooks {
+            before_leave: o.before_leave.or(file.before_leave).filter(|c| !c.trim().is_empty()),
+            ready_check: o.ready_check.or(file.ready_check).filter(|c| !c.trim().is_empty()),
+            after_return: o.after_return.or(file.after_return).filter(|c| !c.trim().is_empty()),
+            timeout: seconds("hook-timeout", o.hook_timeout.or(file.hook_timeout).unwrap_or(DEFAULT_HOOK_TIMEOUT))?,
+            ready_timeout: seconds(
+                "ready-timeout",
+                o.ready_timeout.or(file.ready_timeout).unwrap_or(DEFAULT_READY_TIMEOUT),
+            )?,
+        };
+        for phase in
+            [crate::hooks::Phase::BeforeLeave, crate::hooks::Phase::ReadyCheck, crate::hooks::Phase::AfterReturn]
+        {
+            if let Some(cmd) = hooks.get(phase) {
+                crate::hooks::check_command(phase.option(), cmd).map_err(ConfigError)?;
+            }
         }
         let metrics_file = o.metrics_file.or(file.metrics_file);
         if let Some(path) = &metrics_file {
@@ -495,6 +533,7 @@ impl Settings {
             gates,
             state_dir: o.state_dir.or(file.state_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             metrics_file,
+            hooks,
             log_format,
             log_level: o.log_level.or(file.log_level),
             log_target: o.log_target.or(file.log_target),

@@ -6,6 +6,7 @@ pub mod clock;
 pub mod config;
 pub mod cycle;
 pub mod fake;
+pub mod hooks;
 pub mod identity;
 pub mod lb;
 pub mod lease;

@@ -166,7 +166,8 @@ async fn build_for(
             .with_permits(permits)
             .with_leave_via(settings.leave_via)
             .with_zone_quorum(settings.zone_quorum_ppm)
-            .with_metrics(settings.metrics_file.as_ref().map(|p| std::sync::Arc::new(Metrics::open(p))));
+            .with_metrics(settings.metrics_file.as_ref().map(|p| std::sync::Arc::new(Metrics::open(p))))
+            .with_hooks(settings.hooks.clone());
     info!(attachments = %cycle.attachments(), leave_via = ?settings.leave_via, instance_id = %identity.instance_id, hostname = %identity.hostname, members = %cycle.members.describe(), quorum_ppm = settings.rule.quorum_ppm, dry_run = settings.dry_run, strict = settings.strict, "elb-quorum {}", env!("CARGO_PKG_VERSION"));
     Ok(cycle)
 }

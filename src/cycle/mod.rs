@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::config::{DRAIN_MARGIN, HEALTH_MARGIN};
+use crate::hooks::{self, Context as HookContext, HookError, Hooks, Phase};
 use crate::lb::members::{MembersError, Membership, Roster};
 use crate::lb::{Kind as AttachmentKind, LbError, LbTimings, LoadBalancer, Target, TargetHealth, TargetState};
 use crate::lease::{Acquired, Kind, LeaseError, Permit, Permits};
@@ -131,6 +132,20 @@ pub enum CycleError {
         #[source]
         source: LeaseError,
     },
+    #[error("--before-leave failed; nothing changed")]
+    BeforeLeave {
+        #[source]
+        source: HookError,
+    },
+    #[error("INSTANCE {instance} LEFT OUT OF {lb}: its programs run but --ready-check did not pass within {after:?}. Fix them, then run `elb-quorum restart {programs}` (or restart the listener) to bring it back")]
+    NotReady {
+        lb: String,
+        instance: String,
+        programs: String,
+        after: Duration,
+        #[source]
+        source: Box<HookError>,
+    },
     #[error("permit lost before deregistering ({why}); nothing changed")]
     PermitLost { why: String },
     /// A named target group does not list this instance: the configuration is wrong.
@@ -166,7 +181,10 @@ impl CycleError {
     pub fn left_out(&self) -> bool {
         matches!(
             self,
-            CycleError::ServicesDown { .. } | CycleError::StillDeregistered { .. } | CycleError::StillInStandby { .. }
+            CycleError::ServicesDown { .. }
+                | CycleError::StillDeregistered { .. }
+                | CycleError::StillInStandby { .. }
+                | CycleError::NotReady { .. }
         )
     }
 
@@ -308,6 +326,8 @@ pub struct Cycle<L, M, S> {
     pub clock: crate::clock::WallClock,
     /// `--metrics-file`.
     pub metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    /// `--before-leave`, `--ready-check`, `--after-return`.
+    pub hooks: Hooks,
 }
 
 enum Gate {
@@ -379,6 +399,54 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             zone_quorum_ppm: None,
             clock: crate::clock::WallClock::System,
             metrics: None,
+            hooks: Hooks::default(),
+        }
+    }
+
+    pub fn with_hooks(mut self, hooks: Hooks) -> Self {
+        self.hooks = hooks;
+        self
+    }
+
+    fn hook_context(&self, programs: &[String]) -> HookContext {
+        HookContext { instance_id: self.me.clone(), programs: programs.to_vec(), attachments: self.attachments() }
+    }
+
+    /// `--ready-check`, retried every poll interval until it passes or `--ready-timeout`; on
+    /// failure the instance stays out, loudly (the state file says so for the next start).
+    async fn ready_check(&self, record: &Record) -> Result<(), CycleError> {
+        if self.hooks.ready_check.is_none() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let ctx = self.hook_context(&record.programs);
+        loop {
+            match hooks::run(&self.hooks, Phase::ReadyCheck, &ctx).await {
+                Ok(()) => return Ok(()),
+                Err(e) if started.elapsed() + self.timing.poll_interval < self.hooks.ready_timeout => {
+                    warn!(error = %e, "--ready-check did not pass yet; trying again");
+                    tokio::time::sleep(self.timing.poll_interval).await;
+                }
+                Err(source) => {
+                    self.state.save(&Record { step: Step::ServicesDown, pid: std::process::id(), ..record.clone() })?;
+                    let e = CycleError::NotReady {
+                        lb: labels(&record.attachments),
+                        instance: self.me.clone(),
+                        programs: record.programs.join(" "),
+                        after: started.elapsed(),
+                        source: Box::new(source),
+                    };
+                    error!("{}", chain(&e));
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// `--after-return`: a failure is logged, the cycle is done either way.
+    async fn after_return(&self, programs: &[String]) {
+        if let Err(e) = hooks::run(&self.hooks, Phase::AfterReturn, &self.hook_context(programs)).await {
+            warn!(error = %chain(&e), "--after-return failed (the instance is back in service)");
         }
     }
 
@@ -849,7 +917,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     ) -> Result<Left, CycleError> {
         let plan = self.plan(observation)?;
         if self.dry_run {
-            info!(attachments = %labels(&plan), instance_id = %self.me, "dry run: would deregister {}, restart {}, register again; nothing changed", targets_of(&plan), programs.join(" "));
+            info!(attachments = %labels(&plan), instance_id = %self.me, "dry run: would deregister {}, restart {}, register again ({}); nothing changed", targets_of(&plan), programs.join(" "), self.hooks.describe());
             return Ok(Left::DryRun(decision.overall.clone()));
         }
         // The gate may have waited minutes: the programs must still exist before we leave.
@@ -863,6 +931,10 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             LeaveVia::Standby => Some(self.standby_allowed().await?),
             LeaveVia::Deregister => None,
         };
+        if let Err(source) = hooks::run(&self.hooks, Phase::BeforeLeave, &self.hook_context(programs)).await {
+            error!(error = %chain(&source), "--before-leave failed; not leaving");
+            return Err(CycleError::BeforeLeave { source });
+        }
         let group = group.as_deref();
         let since = unix_now();
         self.state.save(&self.record(Step::Deregistering, programs, &plan, since, group))?;
@@ -948,9 +1020,11 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         summary.restart = t.elapsed();
         info!(programs = %programs.join(" "), restart_s = summary.restart.as_secs_f64(), "programs restarted and RUNNING");
 
+        self.ready_check(&self.record(Step::Restarting, programs, &plan, since, group)).await?;
         let t = Instant::now();
         self.state.save(&self.record(Step::Registering, programs, &plan, since, group))?;
         self.rejoin(self.leave_via, &plan, &timings).await?;
+        self.after_return(programs).await;
         summary.back_in_service = t.elapsed();
         if let Some(why) = permit.and_then(Permit::lost) {
             error!(attachments = %labels(&plan), instance_id = %self.me, "PERMIT LOST WHILE OUT OF THE LOAD BALANCER ({why}): the cycle finished, but peers may have counted this instance as serving meanwhile");
@@ -1371,6 +1445,10 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 return Err(self.services_down(&record.attachments, &record.programs, source));
             }
         }
+        // The ready check passed already only once the record says Registering.
+        if record.step != Step::Registering {
+            self.ready_check(&record).await?;
+        }
         let mut timings = Vec::with_capacity(record.attachments.len());
         for taken in &record.attachments {
             let t = match self.attachment(taken) {
@@ -1381,6 +1459,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         }
         self.rejoin(record.via, &record.attachments, &timings).await?;
         info!(attachments = %labels(&record.attachments), instance_id = %self.me, via = ?record.via, "reconciled: registered and serving again");
+        self.after_return(&record.programs).await;
         self.forget_old_permit().await?;
         Ok(true)
     }
