@@ -498,8 +498,10 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
     }
     // A target group that does not list this instance, or a target that can never serve: leaving
     // is refused whatever the numbers say.
-    let refusal = cycle.plan(&obs).err();
-    let may_leave = decision.may_leave() && refusal.is_none();
+    // In Standby already (someone put it there): it serves nothing; a restart happens in place.
+    let in_standby = obs.roster.in_standby(&identity.instance_id);
+    let refusal = if in_standby { None } else { cycle.plan(&obs).err() };
+    let may_leave = in_standby || (decision.may_leave() && refusal.is_none());
     let mine = |i: usize| -> Vec<&elb_quorum::lb::TargetHealth> {
         obs.listed[i]
             .iter()
@@ -614,6 +616,7 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
             }
         }
         match &refusal {
+            _ if in_standby => println!("may leave now     yes (in Standby: a restart happens in place, and it stays in Standby)"),
             Some(e) => println!("may leave now     no: {}", chain(e)),
             None if cycle.lbs.len() > 1 => println!(
                 "may leave now     {} ({:?}, {})",

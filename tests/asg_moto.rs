@@ -53,6 +53,13 @@ fn status_counts_the_group_and_finds_its_load_balancer() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((v["verdict"]["members"].as_u64(), v["verdict"]["reason"].as_str()), (Some(4), Some("below-quorum")));
 
+    // In Standby (an operator put it there): it serves nothing, may restart at once, in place.
+    moto.fixture(&["asg-standby", &group, &ids[1]]);
+    let out = run_bin(&["status", "--members", "asg", "--instance-id", &ids[1], "--hostname", "host"], &moto.env());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let t = text(&out.stdout);
+    assert!(t.contains("lifecycle         Standby") && t.contains("may leave now     yes (in Standby"), "{t}");
+
     // Configuration errors: exit 2, clear words.
     let out = run("asg:no-such-group", &ids[0]);
     assert_eq!(out.status.code(), Some(2));
