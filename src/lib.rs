@@ -5,6 +5,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod cycle;
+#[cfg(feature = "testing")]
 pub mod fake;
 pub mod hooks;
 pub mod identity;

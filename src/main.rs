@@ -616,7 +616,9 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
             }
         }
         match &refusal {
-            _ if in_standby => println!("may leave now     yes (in Standby: a restart happens in place, and it stays in Standby)"),
+            _ if in_standby => {
+                println!("may leave now     yes (in Standby: a restart happens in place, and it stays in Standby)")
+            }
             Some(e) => println!("may leave now     no: {}", chain(e)),
             None if cycle.lbs.len() > 1 => println!(
                 "may leave now     {} ({:?}, {})",
