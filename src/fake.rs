@@ -901,6 +901,18 @@ impl PermitStore for FakeStore {
     }
 }
 
+/// The fake tests' timings: checks every 30 s (at most 10), polls every 5 s, no settle pause.
+pub fn test_timing() -> crate::cycle::Timing {
+    crate::cycle::Timing {
+        check_interval: Duration::from_secs(30),
+        max_checks: 10,
+        poll_interval: Duration::from_secs(5),
+        drain_timeout: None,
+        health_timeout: None,
+        settle: Duration::ZERO,
+    }
+}
+
 /// A cycle for `me` over the fake attachments `lbs`, every instance of `ids` a member, and
 /// `services` making `me` unhealthy in each attachment while it restarts; quorum 0.75, at least one
 /// other serving, default timings (set others with `with_timing`).

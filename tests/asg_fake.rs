@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use elb_quorum::cycle::state_file::{LeaveVia, Record, StateFile, Step};
-use elb_quorum::cycle::{Cycle, CycleError, Outcome, Timing};
-use elb_quorum::fake::{FakeGroup, FakeLb, FakeServices, Fault, GroupOp, Op};
+use elb_quorum::cycle::{Cycle, CycleError, Outcome};
+use elb_quorum::fake::{test_timing, FakeGroup, FakeLb, FakeServices, Fault, GroupOp, Op};
 use elb_quorum::lb::LoadBalancer;
 use elb_quorum::quorum::{Reason, Rule};
 use elb_quorum::trigger::{Origin, RestartRequest};
@@ -48,14 +48,7 @@ fn harness(n: usize, via: LeaveVia) -> Harness {
     let (tx, rx) = watch::channel(false);
     let cycle = Cycle::new(lbs, group.clone(), services.clone(), all[0].clone(), StateFile::new(dir.path()), rx)
         .with_rule(Rule { quorum_ppm: 750_000, min_in_service: 1 })
-        .with_timing(Timing {
-            check_interval: S(30),
-            max_checks: 10,
-            poll_interval: S(5),
-            drain_timeout: None,
-            health_timeout: None,
-            settle: S(0),
-        })
+        .with_timing(test_timing())
         .with_leave_via(via);
     Harness { cycle, group, services, _dir: dir, _shutdown: tx }
 }

@@ -69,21 +69,42 @@ fn status_counts_the_group_and_finds_its_load_balancer() {
     assert!(text(&out.stderr).contains("is not in any Auto Scaling group"), "{}", text(&out.stderr));
 }
 
-/// `--leave-via standby` with the Classic load balancer: EnterStandby before the restart and
-/// ExitStandby after, in the recorder's applied order, and no deregistration by the tool itself;
-/// the instance ends InService in the group and in the load balancer, the desired capacity as it was.
-#[test]
-fn a_restart_through_standby() {
+/// The serialized emulator recording every call (the record emptied after the set-up), a group of
+/// 4 with its Classic load balancer and MinSize `min`, and a supervisord running `web`.
+struct Recorded {
+    _dir: tempfile::TempDir,
+    record: std::path::PathBuf,
+    moto: Moto,
+    group: String,
+    lb: String,
+    ids: Vec<String>,
+    sup: Supervisord,
+    before: u32,
+    env: Vec<(String, String)>,
+}
+
+fn recorded_group(min: usize) -> Recorded {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("calls.jsonl");
     let moto = Moto::start_locked(Some(&record));
     let (group, lb) = names();
-    let ids = moto.asg(&group, 4, &lb, 0);
+    let ids = moto.asg(&group, 4, &lb, min);
     let sup = Supervisord::start(WEB, false, &[]);
     let before = eventually(T, "web RUNNING", || sup.pid("web"));
     let mut env = moto.env();
     env.extend(sup.client_env());
     std::fs::write(&record, "").unwrap();
+    Recorded { _dir: dir, record, moto, group, lb, ids, sup, before, env }
+}
+
+/// `--leave-via standby` with the Classic load balancer: EnterStandby before the restart and
+/// ExitStandby after, in the recorder's applied order, and no deregistration by the tool itself;
+/// the instance ends InService in the group and in the load balancer, the desired capacity as it was.
+#[test]
+fn a_restart_through_standby() {
+    let r = recorded_group(0);
+    let (record, moto, group, lb, ids, sup, before, env) =
+        (&r.record, &r.moto, &r.group, &r.lb, &r.ids, &r.sup, r.before, &r.env);
     let out = run_bin(
         &[
             "restart",
@@ -103,12 +124,12 @@ fn a_restart_through_standby() {
             "--settle",
             "0",
         ],
-        &env,
+        env,
     );
     let log = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert_ne!(sup.pid("web"), Some(before), "web restarted");
-    let calls = recorded(&record);
+    let calls = recorded(record);
     let actions: Vec<&str> = calls.iter().map(|c| c.action.as_str()).collect();
     let enter = actions.iter().position(|a| *a == "EnterStandby").expect("EnterStandby");
     let exit = actions.iter().position(|a| *a == "ExitStandby").expect("ExitStandby");
@@ -120,33 +141,25 @@ fn a_restart_through_standby() {
         log.find("left Standby").unwrap(),
     );
     assert!(entering < restarted && restarted < left, "{log}");
-    let (lifecycle, desired) = moto.asg_state(&group);
+    let (lifecycle, desired) = moto.asg_state(group);
     assert_eq!((lifecycle[&ids[0]].as_str(), desired), ("InService", 4));
-    assert_eq!(moto.health(&lb).get(&ids[0]).map(String::as_str), Some("InService"));
+    assert_eq!(moto.health(lb).get(&ids[0]).map(String::as_str), Some("InService"));
     assert!(!sup.path("state/state.json").exists());
 }
 
 /// A group at its minimum size cannot take an instance into Standby: refused before any change.
 #[test]
 fn standby_below_the_minimum_size_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let record = dir.path().join("calls.jsonl");
-    let moto = Moto::start_locked(Some(&record));
-    let (group, lb) = names();
-    let ids = moto.asg(&group, 4, &lb, 4);
-    let sup = Supervisord::start(WEB, false, &[]);
-    let before = eventually(T, "web RUNNING", || sup.pid("web"));
-    let mut env = moto.env();
-    env.extend(sup.client_env());
-    std::fs::write(&record, "").unwrap();
+    let r = recorded_group(4);
+    let (record, ids, sup, before, env) = (&r.record, &r.ids, &r.sup, r.before, &r.env);
     let out = run_bin(
         &["restart", "web", "--members", "asg", "--leave-via", "standby", "--instance-id", &ids[0], "--hostname", "h"],
-        &env,
+        env,
     );
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("MinSize 4"), "{err}");
-    let calls = recorded(&record);
+    let calls = recorded(record);
     assert!(calls.iter().all(|c| !c.action.contains("Standby")) && mutating(&calls).is_empty(), "{calls:?}");
     assert_eq!(sup.pid("web"), Some(before));
 }
@@ -160,23 +173,8 @@ fn the_listener_cycles_in_an_auto_scaling_group() {
     let moto = Moto::start();
     let (group, lb) = names();
     let ids = moto.asg(&group, 4, &lb, 0);
-    let conf = format!(
-        "{WEB}\n[eventlistener:elb-quorum]\ncommand={bin} listen --members asg --instance-id {id} --hostname host --check-interval 0.3 --max-checks 5 --poll-interval 0.2 --settle 0.2 --state-dir {{here}}/state\n\
-         events=PROCESS_STATE,REMOTE_COMMUNICATION\nbuffer_size=50\n\
-         stderr_logfile={{here}}/listener.log\nenvironment=SUPERVISOR_USERNAME=\"{USER}\",SUPERVISOR_PASSWORD=\"{PASSWORD}\",ELB_QUORUM_LOG_TARGET=\"stderr\"\n",
-        bin = bin().display(),
-        id = ids[0],
-    );
-    let sup = Supervisord::start(&conf, false, &moto.env());
-    let before = eventually(T, "web RUNNING", || sup.pid("web"));
-    eventually(T, "listener RUNNING", || sup.status("elb-quorum").contains("RUNNING").then_some(()));
-    let mut env = sup.client_env();
-    env.extend(moto.env());
-    let out = run_bin(&["request", "web"], &env);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    eventually(T, "a finished cycle", || (count(&sup.read("listener.log"), "cycle done") >= 1).then_some(()));
-    let log = sup.read("listener.log");
+    let (_sup, _, log) =
+        listener_restarts_web(&moto, &format!("--members asg --instance-id {} --hostname host", ids[0]));
     assert!(log.contains(&format!("load balancer {lb}")) && log.contains("4 members"), "{log}");
-    assert_ne!(sup.pid("web"), Some(before), "web restarted");
     assert_eq!(moto.health(&lb).get(&ids[0]).map(String::as_str), Some("InService"));
 }

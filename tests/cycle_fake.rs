@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use elb_quorum::cycle::state_file::{Record, StateFile, Step, Taken};
-use elb_quorum::cycle::{Cycle, CycleError, Outcome, Timing};
-use elb_quorum::fake::{fake_cycle, FakeLb, FakeMembers, FakeServices, Fault, Op};
+use elb_quorum::cycle::{Cycle, CycleError, Outcome};
+use elb_quorum::fake::{fake_cycle, test_timing, FakeLb, FakeMembers, FakeServices, Fault, Op};
 use elb_quorum::lb::{Kind, LoadBalancer, Target};
 use elb_quorum::quorum::Reason;
 use elb_quorum::trigger::{Origin, RestartRequest};
@@ -34,21 +34,9 @@ fn harness(n: usize, drain: Duration, healthy_after: Duration) -> Harness {
     let services = FakeServices::new(S(10), &["web"]);
     let dir = tempfile::tempdir().unwrap();
     let (tx, rx) = watch::channel(false);
-    let cycle =
-        fake_cycle(vec![lb.clone()], &all, &all[0], &services, StateFile::new(dir.path()), rx).with_timing(timing());
+    let cycle = fake_cycle(vec![lb.clone()], &all, &all[0], &services, StateFile::new(dir.path()), rx)
+        .with_timing(test_timing());
     Harness { cycle, lb, services, _dir: dir, _shutdown: tx }
-}
-
-/// Checks every 30 s (at most 10), polls every 5 s, no settle pause.
-fn timing() -> Timing {
-    Timing {
-        check_interval: S(30),
-        max_checks: 10,
-        poll_interval: S(5),
-        drain_timeout: None,
-        health_timeout: None,
-        settle: S(0),
-    }
 }
 
 fn web() -> RestartRequest {

@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use elb_quorum::cycle::state_file::{StateFile, Step};
-use elb_quorum::cycle::{Cycle, CycleError, Outcome, Timing};
-use elb_quorum::fake::{fake_cycle, FakeLb, FakeMembers, FakeServices, Fault, Op};
+use elb_quorum::cycle::{Cycle, CycleError, Outcome};
+use elb_quorum::fake::{fake_cycle, test_timing, FakeLb, FakeMembers, FakeServices, Fault, Op};
 use elb_quorum::lb::{Kind, LoadBalancer, Target};
 use elb_quorum::quorum::Reason;
 use elb_quorum::trigger::{Origin, RestartRequest};
@@ -39,14 +39,8 @@ fn harness(lbs: Vec<FakeLb>) -> Harness {
     let services = FakeServices::new(S(10), &["web"]);
     let dir = tempfile::tempdir().unwrap();
     let (tx, rx) = watch::channel(false);
-    let cycle = fake_cycle(lbs.clone(), &all, &all[0], &services, StateFile::new(dir.path()), rx).with_timing(Timing {
-        check_interval: S(30),
-        max_checks: 10,
-        poll_interval: S(5),
-        drain_timeout: None,
-        health_timeout: None,
-        settle: S(0),
-    });
+    let cycle =
+        fake_cycle(lbs.clone(), &all, &all[0], &services, StateFile::new(dir.path()), rx).with_timing(test_timing());
     Harness { cycle, lbs, services, _dir: dir, _shutdown: tx }
 }
 

@@ -241,25 +241,10 @@ fn refusals_change_nothing() {
 fn the_listener_cycles_with_a_target_group() {
     let moto = Moto::start();
     let (_lb, ns, ids, names, arns) = cluster(&moto, &["web"]);
-    let conf = format!(
-        "{WEB}\n[eventlistener:elb-quorum]\ncommand={bin} listen --hostname node0.{ns} --domain example.com --instance-id {id} --target-group {group} --check-interval 0.3 --max-checks 5 --poll-interval 0.2 --settle 0.2 --state-dir {{here}}/state\n\
-         events=PROCESS_STATE,REMOTE_COMMUNICATION\nbuffer_size=50\n\
-         stderr_logfile={{here}}/listener.log\nenvironment=SUPERVISOR_USERNAME=\"{USER}\",SUPERVISOR_PASSWORD=\"{PASSWORD}\",ELB_QUORUM_LOG_TARGET=\"stderr\"\n",
-        bin = bin().display(),
-        id = ids[0],
-        group = names[0],
-    );
-    let sup = Supervisord::start(&conf, false, &moto.env());
-    let before = eventually(T, "web RUNNING", || sup.pid("web"));
-    eventually(T, "listener RUNNING", || sup.status("elb-quorum").contains("RUNNING").then_some(()));
-    let mut env = sup.client_env();
-    env.extend(moto.env());
-    let out = run_bin(&["request", "web"], &env);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    eventually(T, "a finished cycle", || (count(&sup.read("listener.log"), "cycle done") >= 1).then_some(()));
-    let log = sup.read("listener.log");
+    let args =
+        format!("--hostname node0.{ns} --domain example.com --instance-id {} --target-group {}", ids[0], names[0]);
+    let (_sup, _, log) = listener_restarts_web(&moto, &args);
     assert!(log.contains(&format!("target group {}", names[0])), "{log}");
-    assert_ne!(sup.pid("web"), Some(before), "web restarted");
     assert_eq!(moto.tg_health(&arns[0]).get(&ids[0]).map(String::as_str), Some("healthy"));
 }
 

@@ -424,3 +424,27 @@ pub fn write_lines(w: &mut impl Write, lines: &[&str]) {
 pub fn lines_of<R: Read>(r: R) -> Vec<String> {
     BufReader::new(r).lines().map_while(Result::ok).collect()
 }
+
+/// A real supervisord running `web` and the listener with `listen_args` (fast checks and polls),
+/// against `moto`; asks it to restart `web` (`elb-quorum request web`) and waits for the cycle to
+/// finish. Returns the supervisord, web's pid before the restart, and the listener's log.
+pub fn listener_restarts_web(moto: &Moto, listen_args: &str) -> (Supervisord, u32, String) {
+    let t = Duration::from_secs(60);
+    let conf = format!(
+        "[program:web]\ncommand=sleep 100000\nstartsecs=1\n\n[eventlistener:elb-quorum]\ncommand={bin} listen {listen_args} --check-interval 0.3 --max-checks 5 --poll-interval 0.2 --settle 0.2 --state-dir {{here}}/state\n\
+         events=PROCESS_STATE,REMOTE_COMMUNICATION\nbuffer_size=50\n\
+         stderr_logfile={{here}}/listener.log\nenvironment=SUPERVISOR_USERNAME=\"{USER}\",SUPERVISOR_PASSWORD=\"{PASSWORD}\",ELB_QUORUM_LOG_TARGET=\"stderr\"\n",
+        bin = bin().display(),
+    );
+    let sup = Supervisord::start(&conf, false, &moto.env());
+    let before = eventually(t, "web RUNNING", || sup.pid("web"));
+    eventually(t, "listener RUNNING", || sup.status("elb-quorum").contains("RUNNING").then_some(()));
+    let mut env = sup.client_env();
+    env.extend(moto.env());
+    let out = run_bin(&["request", "web"], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    eventually(t, "a finished cycle", || (count(&sup.read("listener.log"), "cycle done") >= 1).then_some(()));
+    let log = sup.read("listener.log");
+    assert_ne!(sup.pid("web"), Some(before), "web restarted");
+    (sup, before, log)
+}
