@@ -28,9 +28,10 @@ pub const DEFAULT_CHECK_INTERVAL: f64 = 30.0;
 pub const DEFAULT_MAX_CHECKS: u32 = 10;
 /// Seconds between polls of this instance's health while leaving and coming back. At 5 s with
 /// jitter, a fleet of 12 cycling at once stays under 3 Describe calls/s, far below the account's
-/// 10/s refill (REFERENCE.md, "The Describe API bucket").
+/// 10/s refill (AWS throttles Describe calls per account and region: 40 tokens, refilled 10 per second).
 pub const DEFAULT_POLL_INTERVAL: f64 = 5.0;
-/// Largest random pause between a passed quorum check and the confirming check before leaving.
+/// Period of the confirming-check schedule: after a passed check each member confirms once more in
+/// its own slot (settle / members) of this period (README, "Races").
 pub const DEFAULT_SETTLE: f64 = 5.0;
 /// How long programs may take to stop and reach RUNNING again.
 pub const DEFAULT_RESTART_TIMEOUT: f64 = 120.0;
@@ -119,7 +120,7 @@ pub struct Layer {
     /// Seconds between load-balancer polls while leaving and coming back, ±20% jitter [default: 5]
     #[arg(long, global = true, env = "ELB_QUORUM_POLL_INTERVAL", value_name = "SECS")]
     pub poll_interval: Option<f64>,
-    /// Largest random pause, in seconds, between a passed quorum check and the confirming check before leaving, so that instances asked at once see each other go [default: 5]
+    /// Period, in seconds, of the confirming-check schedule: after a passed check each member checks once more in its own slot of it, so that instances asked at once see each other go; not used with --strict [default: 5]
     #[arg(long, global = true, env = "ELB_QUORUM_SETTLE", value_name = "SECS")]
     pub settle: Option<f64>,
     /// Seconds the programs may take to stop and be RUNNING again [default: 120]

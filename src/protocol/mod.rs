@@ -3,7 +3,7 @@
 //!
 //! Wire format (supervisor 4.3, `ver:3.0`): a header line of space-separated `key:value` tokens ending
 //! in `\n`, then exactly `len` *characters* (not bytes: supervisor issue #1243) of UTF-8 payload with no
-//! terminator. See `../shared/REFERENCE.md` for captured bytes.
+//! terminator. `tests/fixtures/captured_stream.txt` holds bytes captured from supervisor 4.3.0.
 
 mod decoder;
 mod parse;
