@@ -158,11 +158,9 @@ impl FakeLb {
 
     /// Removes an instance's targets directly (as a crashed cycle left them).
     pub fn force_deregistered(&self, id: &str) {
-        let mut s = self.state.lock().unwrap();
-        for (_, r) in s.targets.iter_mut().filter(|(t, _)| t.instance_id == id) {
-            r.registered = false;
-            r.deregistered_at = None;
-        }
+        let targets: Vec<Target> =
+            self.state.lock().unwrap().targets.keys().filter(|t| t.instance_id == id).cloned().collect();
+        self.force_out(&targets);
     }
 
     /// Takes `targets` out at once, without a call.

@@ -637,9 +637,8 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
 
 /// This instance's zone and how many members share it, when the membership source knows zones.
 fn zone_view(roster: &elb_quorum::lb::members::Roster, me: &str) -> Option<serde_json::Value> {
-    let zone = roster.zones.get(me)?;
-    let members = roster.zones.values().filter(|z| *z == zone).count();
-    Some(serde_json::json!({ "name": zone, "members": members }))
+    let (zone, members) = roster.zone_of(me)?;
+    Some(serde_json::json!({ "name": zone, "members": members.len() }))
 }
 
 /// Where the attachments came from, for `status`.

@@ -257,6 +257,30 @@ pub struct Observation {
     pub listed: Vec<Vec<TargetHealth>>,
 }
 
+/// Retrying a call that must go through (registering again, entering or leaving Standby): pauses
+/// from 1 s, doubling up to `REGISTER_RETRY_MAX_PAUSE`, for `REGISTER_RETRY_FOR` in all.
+struct Backoff {
+    start: Instant,
+    pause: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff { start: Instant::now(), pause: Duration::from_secs(1) }
+    }
+
+    /// Whether the budget leaves time for another try.
+    fn may_retry(&self) -> bool {
+        self.start.elapsed() < REGISTER_RETRY_FOR
+    }
+
+    /// Sleeps the next pause (jittered), then doubles it.
+    async fn wait(&mut self) {
+        tokio::time::sleep(jitter(self.pause)).await;
+        self.pause = (self.pause * 2).min(REGISTER_RETRY_MAX_PAUSE);
+    }
+}
+
 /// ±20 % jitter, so a fleet does not poll in lockstep.
 pub fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.8 + fastrand::f64() * 0.4)
@@ -563,10 +587,8 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// source knows the zone.
     fn zone(&self, roster: &Roster) -> Option<Zone> {
         let quorum_ppm = self.zone_quorum_ppm?;
-        let Members::Ids(ids) = &roster.members else { return None };
-        let name = roster.zones.get(&self.me)?;
-        let members = ids.iter().filter(|id| roster.zones.get(*id) == Some(name)).cloned().collect();
-        Some(Zone { name: name.clone(), members, quorum_ppm })
+        let (name, members) = roster.zone_of(&self.me)?;
+        Some(Zone { name: name.to_owned(), members, quorum_ppm })
     }
 
     /// What leaving would take out: this instance's targets in every attachment. Refuses, with
@@ -1120,8 +1142,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 failed.get_or_insert(e);
                 continue;
             };
-            let start = Instant::now();
-            let mut pause = Duration::from_secs(1);
+            let mut backoff = Backoff::new();
             loop {
                 match lb.register(&taken.targets).await {
                     Ok(()) => {
@@ -1129,13 +1150,12 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                         registered.push(i);
                         break;
                     }
-                    Err(e) if e.is_retryable() && start.elapsed() < REGISTER_RETRY_FOR => {
-                        error!(lb = %lb.label(), instance_id = %self.me, error = %e, "registering failed; the instance is deregistered; retrying in {pause:?}");
-                        tokio::time::sleep(jitter(pause)).await;
-                        pause = (pause * 2).min(REGISTER_RETRY_MAX_PAUSE);
+                    Err(e) if e.is_retryable() && backoff.may_retry() => {
+                        error!(lb = %lb.label(), instance_id = %self.me, error = %e, "registering failed; the instance is deregistered; retrying in {:?}", backoff.pause);
+                        backoff.wait().await;
                     }
                     Err(source) => {
-                        let e = self.still_deregistered(taken, start.elapsed(), source);
+                        let e = self.still_deregistered(taken, backoff.start.elapsed(), source);
                         failed.get_or_insert(e);
                         break;
                     }
@@ -1286,15 +1306,13 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// `EnterStandby`, retried while AWS throttles or fails on its side. A call whose answer is lost
     /// may have taken effect: the caller comes back either way.
     async fn enter_standby(&self) -> Result<(), CycleError> {
-        let start = Instant::now();
-        let mut pause = Duration::from_secs(1);
+        let mut backoff = Backoff::new();
         loop {
             match self.members.enter_standby(&self.me).await {
                 Ok(()) => return Ok(()),
-                Err(e) if e.is_retryable() && start.elapsed() < REGISTER_RETRY_FOR => {
-                    warn!(instance_id = %self.me, error = %e, "entering Standby failed; retrying in {pause:?}");
-                    tokio::time::sleep(jitter(pause)).await;
-                    pause = (pause * 2).min(REGISTER_RETRY_MAX_PAUSE);
+                Err(e) if e.is_retryable() && backoff.may_retry() => {
+                    warn!(instance_id = %self.me, error = %e, "entering Standby failed; retrying in {:?}", backoff.pause);
+                    backoff.wait().await;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -1304,8 +1322,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// `ExitStandby`, retried like registering. An instance the group no longer shows in Standby is
     /// back already (an earlier call went through, or someone brought it back).
     async fn exit_standby(&self) -> Result<(), CycleError> {
-        let start = Instant::now();
-        let mut pause = Duration::from_secs(1);
+        let mut backoff = Backoff::new();
         loop {
             let failure = match self.members.exit_standby(&self.me).await {
                 Ok(()) => {
@@ -1314,7 +1331,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 }
                 Err(e) => e,
             };
-            if !failure.is_retryable() || start.elapsed() >= REGISTER_RETRY_FOR {
+            if !failure.is_retryable() || !backoff.may_retry() {
                 if let Ok(roster) = self.members.members().await {
                     if roster.members_contains(&self.me) && !roster.in_standby(&self.me) {
                         warn!(instance_id = %self.me, error = %failure, "ExitStandby refused, but the group no longer shows this instance in Standby");
@@ -1324,15 +1341,14 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 let e = CycleError::StillInStandby {
                     group: self.group_label(),
                     instance: self.me.clone(),
-                    tried: start.elapsed(),
+                    tried: backoff.start.elapsed(),
                     source: Box::new(failure),
                 };
                 error!("{}", chain(&e));
                 return Err(e);
             }
-            error!(instance_id = %self.me, error = %failure, "leaving Standby failed; the instance is in Standby; retrying in {pause:?}");
-            tokio::time::sleep(jitter(pause)).await;
-            pause = (pause * 2).min(REGISTER_RETRY_MAX_PAUSE);
+            error!(instance_id = %self.me, error = %failure, "leaving Standby failed; the instance is in Standby; retrying in {:?}", backoff.pause);
+            backoff.wait().await;
         }
     }
 

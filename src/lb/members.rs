@@ -32,6 +32,13 @@ impl Roster {
         Roster { members, zones: BTreeMap::new(), lifecycle: BTreeMap::new() }
     }
 
+    /// `id`'s Availability Zone and the members in it (`id` included), when the source knows it.
+    pub fn zone_of(&self, id: &str) -> Option<(&str, BTreeSet<String>)> {
+        let zone = self.zones.get(id)?;
+        let Members::Ids(ids) = &self.members else { return None };
+        Some((zone, ids.iter().filter(|m| self.zones.get(*m) == Some(zone)).cloned().collect()))
+    }
+
     /// Whether `id` is a member.
     pub fn members_contains(&self, id: &str) -> bool {
         match &self.members {
