@@ -1,7 +1,9 @@
-//! Release builds of the binary lay out the code an idle listener runs in one place
-//! (`src/hot-text.ld`, written by `benches/hot_text.py`): its resident text shrinks by about 3 MiB
-//! (benches/README.md). `ELB_QUORUM_HOT_TEXT=0` leaves it out, for a linker that does not take
-//! GNU linker scripts with INSERT (GNU ld and lld do) or to train a new list.
+//! The packaged build (`cargo build --profile dist`, see Cargo.toml) lays out the code an idle
+//! listener runs in one place (`src/hot-text.ld`, written by `benches/hot_text.py`): its resident
+//! text shrinks by about 3 MiB (benches/README.md). Other builds, `cargo install` among them, link
+//! as usual, with whatever linker is configured. `ELB_QUORUM_HOT_TEXT=0` leaves the script out of a
+//! dist build too, for a linker that does not take GNU linker scripts with INSERT (GNU ld and lld
+//! do) or to train a new list.
 
 use std::env;
 use std::path::Path;
@@ -10,10 +12,8 @@ fn main() {
     println!("cargo:rerun-if-changed=src/hot-text.ld");
     println!("cargo:rerun-if-env-changed=ELB_QUORUM_HOT_TEXT");
     let linux = env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux");
-    // "release" for the release and bench profiles, "debug" for dev and test: tests link as usual.
-    let release = env::var("PROFILE").as_deref() == Ok("release");
     let wanted = env::var("ELB_QUORUM_HOT_TEXT").as_deref() != Ok("0");
-    if linux && release && wanted {
+    if linux && profile().as_deref() == Some("dist") && wanted {
         let script =
             Path::new(&env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("src/hot-text.ld");
         if script.exists() {
@@ -26,4 +26,12 @@ fn main() {
             );
         }
     }
+}
+
+/// The profile's own name: cargo's `PROFILE` says only "release" or "debug", but the build script's
+/// output directory is `<target>/[<triple>/]<profile>/build/<package>-<hash>/out`.
+fn profile() -> Option<String> {
+    let out = env::var_os("OUT_DIR")?;
+    let name = Path::new(&out).ancestors().nth(3)?.file_name()?;
+    Some(name.to_string_lossy().into_owned())
 }

@@ -6,7 +6,8 @@ Python listener (childutils wait/ok loop) in the same supervisord, after both ha
 
 Both listeners subscribe to PROCESS_STATE, REMOTE_COMMUNICATION and TICK_5. A flapping program and
 REMOTE_COMMUNICATION events (type `bench`, ignored by elb-quorum) give them work; then VmRSS and
-VmHWM are read from /proc. The binary is read whole before the start, so that the page cache
+VmHWM are read from /proc, with the memory the kernel cannot reclaim (anonymous plus private
+dirty pages, /proc/PID/smaps_rollup), the figure that matters on a loaded host. The binary is read whole before the start, so that the page cache
 holds all of it: the kernel then maps every 64 KiB window around a touched page of it
 (fault-around), the worst case and a repeatable one (a partly cached binary measured up to 1 MiB
 less, by chance). `--smaps` adds elb-quorum's resident memory per mapping. elb-quorum runs with a
@@ -43,12 +44,25 @@ while True:
 
 
 def status(pid):
+    """VmRSS and VmHWM, and from smaps_rollup the pages the kernel cannot drop under pressure without
+    swap: Anonymous plus the Private_Dirty pages that are not anonymous (a file mapping's pages
+    written by the dynamic loader). Clean file pages (the binary's text) are reclaimable."""
     out = {}
     with open("/proc/%d/status" % pid) as f:
         for line in f:
             k, _, v = line.partition(":")
             if k in ("VmRSS", "VmHWM"):
                 out[k] = int(v.split()[0])
+    roll = {}
+    with open("/proc/%d/smaps_rollup" % pid) as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("Anonymous", "Private_Dirty", "Shared_Dirty"):
+                roll[k] = int(v.split()[0])
+    # Anonymous pages are private dirty (or zero) pages too: count the larger of the two, plus shared dirty.
+    out["Unreclaimable"] = max(roll.get("Anonymous", 0), roll.get("Private_Dirty", 0)) + roll.get("Shared_Dirty", 0)
+    out["Anonymous"] = roll.get("Anonymous", 0)
+    out["Private_Dirty"] = roll.get("Private_Dirty", 0)
     return out
 
 
@@ -109,6 +123,9 @@ buffer_size=1000
         with open(a.bin, "rb") as f:  # page cache: all of the binary (see above)
             while f.read(1 << 20):
                 pass
+            # A binary just written is dirty in the page cache, and its mapped pages would count as
+            # private dirty until written back: write it back first.
+            os.fsync(f.fileno())
         sup = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "supervisord"), "-n", "-c", conf],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -132,6 +149,10 @@ buffer_size=1000
             print("  elb-quorum listen      VmRSS %6d KiB  VmHWM %6d KiB" % (ours["VmRSS"], ours["VmHWM"]))
             print("  python childutils      VmRSS %6d KiB  VmHWM %6d KiB" % (py["VmRSS"], py["VmHWM"]))
             print("  ratio (RSS)            %.3f" % (ours["VmRSS"] / py["VmRSS"]))
+            for name, st in (("elb-quorum listen", ours), ("python childutils", py)):
+                print("  %-22s anonymous %5d KiB  private dirty %5d KiB  unreclaimable %5d KiB"
+                      % (name, st["Anonymous"], st["Private_Dirty"], st["Unreclaimable"]))
+            print("  ratio (unreclaimable)  %.3f" % (ours["Unreclaimable"] / py["Unreclaimable"]))
             if a.smaps:
                 print_smaps(infos["elb-quorum"]["pid"])
             assert infos["elb-quorum"]["statename"] == "RUNNING", infos["elb-quorum"]

@@ -51,7 +51,8 @@ pub async fn aws_config() -> aws_config::SdkConfig {
 }
 
 /// An AWS SDK error, reduced to what callers branch on. Every service crate's `SdkError` and HTTP
-/// response are the same smithy types, so one reading serves the load balancer, EC2 and DynamoDB.
+/// response are the same smithy types, so one reading serves the load balancers, Auto Scaling and
+/// DynamoDB (`lb::ec2`, which is not an SDK crate, gives an `AwsFailure` itself).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AwsFailure {
     /// AWS answered with an error: its code and message, and whether it was on AWS's side (5xx).

@@ -1,5 +1,5 @@
-//! The AWS side against the moto emulator (server mode on 127.0.0.1): ClassicElb and the EC2 name
-//! membership through the real SDK, and `status` / one-shot `restart` as a user runs them.
+//! The AWS side against the moto emulator (server mode on 127.0.0.1): ClassicElb through the SDK,
+//! the EC2 name membership through elb-quorum's own EC2 client (`lb::ec2`), and `status` / one-shot `restart` as a user runs them.
 
 mod common;
 
@@ -14,7 +14,7 @@ use elb_quorum::lb::{LbError, LoadBalancer, Target, TargetState};
 use elb_quorum::quorum::Members;
 
 #[tokio::test(flavor = "current_thread")]
-async fn classic_elb_and_ec2_members_through_the_sdk() {
+async fn classic_elb_through_the_sdk_and_ec2_members_through_describe_instances() {
     let moto = Moto::start();
     let (lb_name, ns) = unique_cluster();
     let v = moto.fixture(&[

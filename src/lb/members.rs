@@ -7,7 +7,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 
-use aws_sdk_ec2::types::Filter;
 use thiserror::Error;
 
 use crate::identity::AwsFailure;
@@ -165,13 +164,13 @@ impl Membership for StaticMembers {
 /// the same namespace as the hostname), with their zones.
 #[derive(Debug, Clone)]
 pub struct Ec2NameMembers {
-    client: aws_sdk_ec2::Client,
+    client: super::ec2::Ec2,
     namespace: String,
 }
 
 impl Ec2NameMembers {
     pub fn new(config: &aws_config::SdkConfig, namespace: impl Into<String>) -> Self {
-        Self { client: aws_sdk_ec2::Client::new(config), namespace: namespace.into() }
+        Self { client: super::ec2::Ec2::new(config), namespace: namespace.into() }
     }
 }
 
@@ -185,36 +184,18 @@ impl Membership for Ec2NameMembers {
     async fn members(&self) -> Result<Roster, MembersError> {
         let mut ids = BTreeSet::new();
         let mut zones = BTreeMap::new();
-        let mut token: Option<String> = None;
         let what = format!("EC2 DescribeInstances for members *.{}", self.namespace);
-        loop {
-            let out = self
-                .client
-                .describe_instances()
-                .filters(Filter::builder().name("tag:Name").values(format!("*.{}", self.namespace)).build())
-                .filters(
-                    Filter::builder()
-                        .name("instance-state-name")
-                        .set_values(Some(MEMBER_STATES.map(String::from).to_vec()))
-                        .build(),
-                )
-                .set_next_token(token.take())
-                .send()
-                .await
-                .map_err(|e| MembersError::from_aws(&what, crate::identity::aws_failure(&e)))?;
-            for inst in out.reservations().iter().flat_map(|r| r.instances()) {
-                let name =
-                    inst.tags().iter().find(|t| t.key() == Some("Name")).and_then(|t| t.value()).unwrap_or_default();
-                if let (Some(id), true) = (inst.instance_id(), in_namespace(name, &self.namespace)) {
-                    ids.insert(id.to_owned());
-                    if let Some(zone) = inst.placement().and_then(|p| p.availability_zone()) {
-                        zones.insert(id.to_owned(), zone.to_owned());
-                    }
+        let filters = [
+            ("tag:Name", vec![format!("*.{}", self.namespace)]),
+            ("instance-state-name", MEMBER_STATES.map(String::from).to_vec()),
+        ];
+        let instances = self.client.describe_instances(&filters).await.map_err(|e| MembersError::from_aws(&what, e))?;
+        for inst in instances {
+            if in_namespace(inst.name.as_deref().unwrap_or_default(), &self.namespace) {
+                if let Some(zone) = inst.zone {
+                    zones.insert(inst.id.clone(), zone);
                 }
-            }
-            match out.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
-                _ => break,
+                ids.insert(inst.id);
             }
         }
         Ok(Roster { members: Members::Ids(ids), zones, lifecycle: BTreeMap::new() })

@@ -6,6 +6,7 @@
 //! backends' own state or description strings.
 
 pub mod classic;
+pub mod ec2;
 pub mod members;
 pub mod target_group;
 
