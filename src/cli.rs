@@ -12,15 +12,17 @@ use crate::config::Layer;
     version,
     about = "Restart this instance's supervisord programs without taking its load-balanced cluster below quorum",
     long_about = "Restart this instance's supervisord programs without taking its load-balanced cluster below quorum.\n\n\
-Before leaving the load balancer, elb-quorum counts the cluster's members (EC2 instances named NODE.<cluster domain>) \
-and those the load balancer reports InService. It leaves only if the others serving are at least ceil(members × quorum) \
-and at least --min-in-service; otherwise it waits and checks again, up to --max-checks times. Then it deregisters \
-(waiting out connection draining), restarts the programs through supervisord, registers again and waits until InService. \
-With --strict, each check first takes a permit in a DynamoDB table, so instances asked at the same moment cannot race \
-below quorum (on every member of the cluster, or it is not strict).\n\n\
+Before leaving, elb-quorum counts the cluster's members (EC2 instances named NODE.<cluster domain>, its Auto Scaling \
+group with --members asg, or a fixed number) and those serving in each attachment (Classic load balancers, --lb; ALB/NLB \
+target groups, --target-group). It leaves only if, in every attachment, the others serving are at least \
+ceil(members × quorum) and at least --min-in-service; otherwise it waits and checks again, up to --max-checks times. \
+Then it deregisters from all of them (or enters Standby, --leave-via standby), waits out draining, restarts the programs \
+through supervisord, comes back and waits until it serves everywhere. With --strict, each check first takes a permit \
+in a DynamoDB table, so instances asked at the same moment cannot race below quorum (on every member of the cluster, \
+or it is not strict).\n\n\
 Settings: flag > environment (ELB_QUORUM_<OPTION>) > config file (TOML, key = option name) > default.\n\
 Exit codes: 0 done (status: may leave now); 1 quorum not reached, nothing changed; 2 usage or configuration error; \
-3 runtime failure (AWS, supervisord), after which the instance is registered again unless the message says loudly that it is not."
+3 runtime failure (AWS, supervisord), after which the instance is back in service unless the message says loudly that it is not."
 )]
 pub struct Cli {
     #[command(subcommand)]
