@@ -9,6 +9,9 @@
 //! - Strict mode (fake permit store, 45 ms per call, atomic like DynamoDB): K = 12 and 100, all asked
 //!   at once; makespan against `ceil(K/L) × cycle`, store calls per cycle, conflicts per granted
 //!   acquire, most instances out at once.
+//! - Throttled world (`Throttle::aws`: AWS's per-account buckets, the SDK's attempts; members read
+//!   through EC2's budget): K = 12, 100 and 1,000, strict and not, 3 seeds; or only the
+//!   configurations asked for with `-- --fleet K[,K...] [--strict] [--json] [--seeds N]`.
 
 use std::time::Duration;
 
@@ -33,6 +36,7 @@ fn params(k: usize, drain: u64, restart: u64, health: u64, settle: f64) -> Fleet
             settle: Duration::from_secs_f64(settle),
         },
         strict: None,
+        throttle: false,
     }
 }
 
@@ -45,8 +49,32 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
+/// `--fleet K[,K...]`, `--strict`, `--json`, `--seeds N`: the throttled-world runs alone.
+struct BudgetArgs {
+    ks: Vec<usize>,
+    strict: Vec<bool>,
+    seeds: u64,
+    json: bool,
+}
+
+fn budget_args() -> Option<BudgetArgs> {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let ks = value("--fleet")?.split(',').map(|k| k.parse().expect("--fleet K[,K...]")).collect();
+    Some(BudgetArgs {
+        ks,
+        strict: if args.iter().any(|a| a == "--strict") { vec![true] } else { vec![false] },
+        seeds: value("--seeds").map_or(3, |n| n.parse().expect("--seeds N")),
+        json: args.iter().any(|a| a == "--json"),
+    })
+}
+
 fn main() {
     let rt = runtime();
+    if let Some(b) = budget_args() {
+        budget_runs(&rt, &b);
+        return;
+    }
     if std::env::args().any(|a| a == "--strict-only") {
         strict_fleets(&rt);
         return;
@@ -118,6 +146,91 @@ fn main() {
         );
     }
     strict_fleets(&rt);
+    println!();
+    budget_runs(&rt, &BudgetArgs { ks: vec![12, 100, 1000], strict: vec![false, true], seeds: 3, json: false });
+}
+
+/// The throttled world (AWS's account buckets, the SDK's retries; `Throttle::aws`): one JSON
+/// object per configuration with `--json`, else a table.
+fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
+    if !b.json {
+        println!("throttled world (AWS's buckets: ELB Describe* 40 + 10/s, EC2 DescribeInstances 100 + 20/s, registration 20 + 5/s;");
+        println!("  the SDK's 5 attempts each; members read through EC2; same fleet settings, settle 5 s without --strict; {} seeds)", b.seeds);
+        println!(
+            "{:>5} {:>6} {:>10} {:>10} {:>8} {:>12} {:>14} {:>14} {:>10} {:>7} {:>12} {:>10}",
+            "K",
+            "strict",
+            "makespan",
+            "theory",
+            "most out",
+            "fewest/req",
+            "ELB desc/s pk",
+            "EC2 desc/s pk",
+            "lost",
+            "gave up",
+            "writes/s pk",
+            "confl/acq"
+        );
+    }
+    for &strict in &b.strict {
+        for &k in &b.ks {
+            let p = FleetParams {
+                throttle: true,
+                strict: strict.then(|| Duration::from_millis(45)),
+                ..params(k, 20, 10, 15, if strict { 0.0 } else { 5.0 })
+            };
+            let reports: Vec<FleetReport> = (0..b.seeds)
+                .map(|seed| {
+                    fastrand::seed(seed);
+                    rt.block_on(simulate_fleet(&p))
+                })
+                .collect();
+            let worst = |f: fn(&FleetReport) -> f64| reports.iter().map(f).fold(f64::MIN, f64::max);
+            let makespan = worst(|r| r.makespan.as_secs_f64());
+            let row = serde_json::json!({
+                "k": k,
+                "strict": strict,
+                "seeds": b.seeds,
+                "makespan_s": round(makespan),
+                "theoretical_s": reports[0].theoretical.as_secs_f64(),
+                "most_out": reports.iter().map(|r| r.most_out).max().unwrap(),
+                "fewest_serving": reports.iter().map(|r| r.min_serving).min().unwrap(),
+                "required": reports[0].required,
+                "elb_describe_peak_per_s": round(worst(|r| r.elb_describe_peak_per_s)),
+                "ec2_describe_peak_per_s": round(worst(|r| r.ec2_describe_peak_per_s)),
+                "checks_lost_to_throttling": reports.iter().map(|r| r.calls_lost_to_throttling).sum::<usize>(),
+                "throttled_attempts": reports.iter().map(|r| r.throttled_attempts).sum::<usize>(),
+                "gave_up": reports.iter().map(|r| r.failures).sum::<usize>(),
+                "store_writes_peak_per_s": round(worst(|r| r.store_writes_peak_per_s)),
+                "conflicts_per_acquire": round(
+                    reports.iter().map(|r| r.conflicts as f64).sum::<f64>()
+                        / reports.iter().map(|r| r.acquires as f64).sum::<f64>().max(1.0)
+                ),
+            });
+            if b.json {
+                println!("{row}");
+            } else {
+                let f = |key: &str| row[key].to_string();
+                println!(
+                    "{k:>5} {strict:>6} {makespan:>9.0}s {:>9.0}s {:>8} {:>7}/{:<4} {:>14} {:>14} {:>10} {:>7} {:>12} {:>10}",
+                    row["theoretical_s"].as_f64().unwrap(),
+                    f("most_out"),
+                    f("fewest_serving"),
+                    f("required"),
+                    f("elb_describe_peak_per_s"),
+                    f("ec2_describe_peak_per_s"),
+                    f("checks_lost_to_throttling"),
+                    f("gave_up"),
+                    f("store_writes_peak_per_s"),
+                    f("conflicts_per_acquire"),
+                );
+            }
+        }
+    }
+}
+
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
 }
 
 /// Strict fleets: K = 12 and 100, 20 seeds each.

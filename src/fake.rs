@@ -1,8 +1,9 @@
 //! In-process fakes behind the real traits, for what the AWS emulator cannot show: connection
 //! draining and deregistration delays, slow health checks (`initial`), throttling, 5xx and
 //! `HealthUnavailable`, zones not enabled, one instance on several ports of a target group, peers
-//! racing. Used by tests and benchmarks only; time is tokio's clock, so `tokio::time::pause()` makes
-//! them deterministic.
+//! racing; and, for fleets, AWS's per-account API throttling (`Throttle`: a token bucket per API
+//! family, the SDK's attempts each taking a token). Used by tests and benchmarks only; time is
+//! tokio's clock, so `tokio::time::pause()` makes them deterministic.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -97,6 +98,8 @@ pub struct FakeLb {
     pub healthy_after: Duration,
     /// Time each call takes before it acts (an API round trip).
     pub latency: Duration,
+    /// AWS's account-wide API throttling, shared by every instance's copy (`Throttle::aws`).
+    pub throttle: Option<Throttle>,
     state: Arc<Mutex<State>>,
 }
 
@@ -120,6 +123,7 @@ impl FakeLb {
             drain,
             healthy_after,
             latency: Duration::ZERO,
+            throttle: None,
             state: Arc::new(Mutex::new(State {
                 start: Instant::now(),
                 targets: targets.iter().map(|t| (t.clone(), reg.clone())).collect(),
@@ -208,6 +212,14 @@ impl FakeLb {
         !mine.is_empty() && mine.iter().all(|h| h.serving())
     }
 
+    /// Instances with a target not registered now: out of the load balancer.
+    pub fn out_now(&self) -> usize {
+        let s = self.state.lock().unwrap();
+        let out: BTreeSet<&str> =
+            s.targets.iter().filter(|(_, r)| !r.registered).map(|(t, _)| t.instance_id.as_str()).collect();
+        out.len()
+    }
+
     /// Instances serving now (every target serving), as the load balancer's own view.
     pub fn serving_now(&self) -> usize {
         crate::cycle::serving_ids(&self.list(Instant::now()), "").len()
@@ -257,6 +269,22 @@ impl FakeLb {
     async fn wait(&self) {
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency.mul_f64(0.5 + fastrand::f64())).await;
+        }
+    }
+
+    /// The SDK's attempts against the account's bucket for `op`: `Throttled` once they all were.
+    async fn budget(&self, op: Op) -> Result<(), LbError> {
+        let Some(throttle) = &self.throttle else { return Ok(()) };
+        let v2 = self.spec.kind == Kind::TargetGroup;
+        let api = match (op, v2) {
+            (Op::Deregister | Op::Register, false) => Api::ElbV1Mutate,
+            (Op::Deregister | Op::Register, true) => Api::ElbV2Mutate,
+            (_, false) => Api::ElbV1Describe,
+            (_, true) => Api::ElbV2Describe,
+        };
+        match throttle.call(api).await {
+            Ok(()) => Ok(()),
+            Err(()) => Err(LbError::Throttled { lb: self.label(), action: "(throttled by the fake account budget)" }),
         }
     }
 
@@ -336,12 +364,14 @@ impl LoadBalancer for FakeLb {
 
     async fn resolve(&self) -> Result<(), LbError> {
         if self.spec.kind == Kind::TargetGroup {
+            self.budget(Op::Resolve).await?;
             self.enter(Op::Resolve, &[])?;
         }
         Ok(())
     }
 
     async fn targets(&self) -> Result<Vec<TargetHealth>, LbError> {
+        self.budget(Op::Targets).await?;
         self.wait().await;
         self.enter(Op::Targets, &[])?;
         let list = self.list(Instant::now());
@@ -352,6 +382,7 @@ impl LoadBalancer for FakeLb {
     }
 
     async fn deregister(&self, targets: &[Target]) -> Result<(), LbError> {
+        self.budget(Op::Deregister).await?;
         self.wait().await;
         let applied_anyway = self.state.lock().unwrap().faults.get(&Op::Deregister).and_then(|q| q.front()).copied()
             == Some(Fault::InvalidTargetApplied);
@@ -397,6 +428,7 @@ impl LoadBalancer for FakeLb {
     }
 
     async fn register(&self, targets: &[Target]) -> Result<(), LbError> {
+        self.budget(Op::Register).await?;
         self.wait().await;
         self.enter(Op::Register, targets)?;
         let mut s = self.state.lock().unwrap();
@@ -417,6 +449,7 @@ impl LoadBalancer for FakeLb {
     }
 
     async fn timings(&self) -> Result<LbTimings, LbError> {
+        self.budget(Op::Timings).await?;
         self.enter(Op::Timings, &[])?;
         let drain = match self.spec.kind {
             Kind::Classic => (!self.drain.is_zero()).then_some(self.drain),
@@ -437,6 +470,170 @@ impl Membership for FakeMembers {
     fn describe(&self) -> String {
         format!("fake:{}", self.0.len())
     }
+}
+
+/// A fixed member list read through EC2's `DescribeInstances` budget (`Api::Ec2Describe`), as
+/// `--members ec2-name` reads it: one call per read (one page up to 1,000 instances).
+#[derive(Debug, Clone)]
+pub struct ThrottledMembers {
+    pub ids: BTreeSet<String>,
+    pub throttle: Throttle,
+}
+
+impl Membership for ThrottledMembers {
+    async fn members(&self) -> Result<Roster, MembersError> {
+        for _ in 0..self.ids.len().div_ceil(1000).max(1) {
+            self.throttle.call(Api::Ec2Describe).await.map_err(|()| {
+                MembersError::Transient(
+                    "EC2 DescribeInstances failed: RequestLimitExceeded (fake account budget)".into(),
+                )
+            })?;
+        }
+        Ok(Roster::of(Members::Ids(self.ids.clone())))
+    }
+    fn describe(&self) -> String {
+        format!("fake-ec2:{}", self.ids.len())
+    }
+}
+
+/// An API family AWS throttles with its own token bucket, per account and region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub enum Api {
+    /// ELB API version 1 (Classic) `Describe*`.
+    ElbV1Describe,
+    /// ELB API version 2 (target groups) `Describe*`.
+    ElbV2Describe,
+    /// Classic `RegisterInstancesWithLoadBalancer` / `DeregisterInstancesFromLoadBalancer`.
+    ElbV1Mutate,
+    /// `RegisterTargets` / `DeregisterTargets`.
+    ElbV2Mutate,
+    /// EC2 `DescribeInstances`.
+    Ec2Describe,
+}
+
+impl Api {
+    /// Bucket size and refill per second. `Describe*`: AWS's ELB and EC2 documentation (40 and
+    /// 10/s for each ELB API version; 100 and 20/s for `DescribeInstances`). The registration calls'
+    /// buckets are not in the documentation this project could read: 20 and 5/s, half the
+    /// `Describe*` figures, a conservative choice (benches/README.md).
+    pub fn bucket(self) -> (f64, f64) {
+        match self {
+            Api::ElbV1Describe | Api::ElbV2Describe => (40.0, 10.0),
+            Api::ElbV1Mutate | Api::ElbV2Mutate => (20.0, 5.0),
+            Api::Ec2Describe => (100.0, 20.0),
+        }
+    }
+}
+
+/// The retries the product's SDK configuration makes (`identity::aws_config`: adaptive mode,
+/// 5 attempts, backoff from 0.5 s doubling to at most 20 s, full jitter); each attempt takes a
+/// token. The adaptive mode's client-side rate limiter is not modelled: it only delays attempts.
+pub const SDK_ATTEMPTS: u32 = 5;
+pub const SDK_BACKOFF: Duration = Duration::from_millis(500);
+pub const SDK_MAX_BACKOFF: Duration = Duration::from_secs(20);
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+#[derive(Debug)]
+struct ThrottleState {
+    start: Instant,
+    buckets: BTreeMap<Api, Bucket>,
+    /// Every attempt: when, which family, and whether it was throttled.
+    attempts: Vec<(Duration, Api, bool)>,
+    /// Calls that failed after all attempts.
+    lost: BTreeMap<Api, usize>,
+}
+
+/// One AWS account's API throttling in one region, on tokio's clock: a token bucket per family.
+#[derive(Debug, Clone)]
+pub struct Throttle {
+    inner: Arc<Mutex<ThrottleState>>,
+    /// Bucket sizes and refills multiplied by this (1.0: AWS's).
+    pub scale: f64,
+}
+
+impl Throttle {
+    /// AWS's buckets, full.
+    pub fn aws() -> Self {
+        Self::scaled(1.0)
+    }
+
+    pub fn scaled(scale: f64) -> Self {
+        let now = Instant::now();
+        let buckets = [Api::ElbV1Describe, Api::ElbV2Describe, Api::ElbV1Mutate, Api::ElbV2Mutate, Api::Ec2Describe]
+            .into_iter()
+            .map(|api| (api, Bucket { tokens: api.bucket().0 * scale, at: now }))
+            .collect();
+        let state = ThrottleState { start: now, buckets, attempts: Vec::new(), lost: BTreeMap::new() };
+        Throttle { inner: Arc::new(Mutex::new(state)), scale }
+    }
+
+    /// One attempt: takes a token if there is one.
+    fn attempt(&self, api: Api) -> bool {
+        let mut st = self.inner.lock().unwrap();
+        let now = Instant::now();
+        let at = now - st.start;
+        let (size, refill) = api.bucket();
+        let b = st.buckets.get_mut(&api).expect("every family has a bucket");
+        b.tokens = (b.tokens + (now - b.at).as_secs_f64() * refill * self.scale).min(size * self.scale);
+        b.at = now;
+        let ok = b.tokens >= 1.0;
+        if ok {
+            b.tokens -= 1.0;
+        }
+        st.attempts.push((at, api, !ok));
+        ok
+    }
+
+    /// A call as the SDK makes it: up to `SDK_ATTEMPTS` attempts with backoff; `Err` once all were throttled.
+    pub async fn call(&self, api: Api) -> Result<(), ()> {
+        for attempt in 0..SDK_ATTEMPTS {
+            if self.attempt(api) {
+                return Ok(());
+            }
+            if attempt + 1 < SDK_ATTEMPTS {
+                let cap = (SDK_BACKOFF * (1u32 << attempt)).min(SDK_MAX_BACKOFF);
+                tokio::time::sleep(cap.mul_f64(fastrand::f64())).await;
+            }
+        }
+        *self.inner.lock().unwrap().lost.entry(api).or_default() += 1;
+        Err(())
+    }
+
+    /// Attempts of `apis` in the busiest `window` (sliding, at each attempt), per second.
+    pub fn peak_per_s(&self, apis: &[Api], window: Duration) -> f64 {
+        let st = self.inner.lock().unwrap();
+        let times: Vec<Duration> =
+            st.attempts.iter().filter(|(_, a, _)| apis.contains(a)).map(|(t, _, _)| *t).collect();
+        peak_rate(&times, window)
+    }
+
+    /// Attempts of `apis` that were throttled, and calls lost after all attempts.
+    pub fn throttled(&self, apis: &[Api]) -> (usize, usize) {
+        let st = self.inner.lock().unwrap();
+        let attempts = st.attempts.iter().filter(|(_, a, t)| *t && apis.contains(a)).count();
+        let lost = apis.iter().map(|a| st.lost.get(a).copied().unwrap_or(0)).sum();
+        (attempts, lost)
+    }
+}
+
+/// The highest number of events in any `window` (sliding, starting at each event), per second.
+pub fn peak_rate(times: &[Duration], window: Duration) -> f64 {
+    let mut times = times.to_vec();
+    times.sort();
+    let mut best = 0;
+    let mut j = 0;
+    for i in 0..times.len() {
+        while j < times.len() && times[j] < times[i] + window {
+            j += 1;
+        }
+        best = best.max(j - i);
+    }
+    best as f64 / window.as_secs_f64()
 }
 
 /// Which Auto Scaling call a scripted fault applies to.
@@ -955,6 +1152,9 @@ pub struct FleetParams {
     pub timing: crate::cycle::Timing,
     /// Strict mode: a fake permit store with this round trip per call.
     pub strict: Option<Duration>,
+    /// AWS's account-wide throttling (`Throttle::aws()`) on the load balancer, and the members read
+    /// through EC2's `DescribeInstances` budget; without it, no call is ever throttled.
+    pub throttle: bool,
 }
 
 /// What a fleet run measured.
@@ -980,6 +1180,18 @@ pub struct FleetReport {
     /// Strict mode: acquire writes that met a conflict, and those that were applied.
     pub conflicts: usize,
     pub acquires: usize,
+    /// Most instances out of the load balancer at once (the outside sampler, every 100 ms).
+    pub most_out: usize,
+    /// With `throttle`: attempts per second in the busiest 10 s window, ELB `Describe*` (both
+    /// versions) and EC2 `Describe*`, throttled attempts included (AWS counts them too).
+    pub elb_describe_peak_per_s: f64,
+    pub ec2_describe_peak_per_s: f64,
+    /// Attempts AWS throttled, and calls that failed after all the SDK's attempts (each a check
+    /// or a poll lost).
+    pub throttled_attempts: usize,
+    pub calls_lost_to_throttling: usize,
+    /// Permit-store writes in the busiest second.
+    pub store_writes_peak_per_s: f64,
 }
 
 /// Runs the fleet on tokio's clock (call inside a runtime with paused time for instant results).
@@ -990,6 +1202,8 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
     let ids: Vec<String> = (0..p.k).map(|i| format!("i-{i:04}")).collect();
     let mut lb = FakeLb::new("fleet", &ids, p.drain, p.healthy_after);
     lb.latency = p.latency;
+    let throttle = p.throttle.then(Throttle::aws);
+    lb.throttle = throttle.clone();
     static RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let run = RUN.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let base = std::env::temp_dir().join(format!("elb-quorum-fleet-{}-{run}", std::process::id()));
@@ -1000,14 +1214,15 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
     let sampler = {
         let (lb, done) = (lb.clone(), done.clone());
         tokio::spawn(async move {
-            let (mut min, mut deficit) = (usize::MAX, 0.0);
+            let (mut min, mut deficit, mut most_out) = (usize::MAX, 0.0, 0);
             loop {
                 let n = lb.serving_now();
                 min = min.min(n);
+                most_out = most_out.max(lb.out_now());
                 deficit += required.saturating_sub(n) as f64 * 0.1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 if done.load(std::sync::atomic::Ordering::SeqCst) {
-                    break (min, deficit);
+                    break (min, deficit, most_out);
                 }
             }
         })
@@ -1023,6 +1238,9 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
             .with_rule(p.rule)
             .with_timing(p.timing.clone())
             .with_permits(store.as_ref().map(|s| crate::lease::Permits { clock, ..fake_permits(s, "fleet", id) }));
+        let members =
+            throttle.clone().map(|throttle| ThrottledMembers { ids: ids.iter().cloned().collect(), throttle });
+        let cycle = FleetCycle::new(cycle, members);
         tasks.push(tokio::spawn(async move {
             let r = cycle.run(&RestartRequest::new(["web".to_string()], Origin::Remote)).await;
             let restarts = *services.restarts.lock().unwrap();
@@ -1041,7 +1259,7 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
     let makespan = start.elapsed();
     let calls = lb.calls().len();
     done.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (min_serving, deficit) = sampler.await.expect("sampler");
+    let (min_serving, deficit, most_out) = sampler.await.expect("sampler");
     let _ = std::fs::remove_dir_all(&base);
     let permits = p.rule.permits(p.k).max(1);
     let waves = p.k.div_ceil(permits) as u32;
@@ -1065,5 +1283,47 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
         acquires: store
             .as_ref()
             .map_or(0, |s| s.calls().iter().filter(|c| c.op == StoreOp::Acquire && c.result == "applied").count()),
+        most_out,
+        elb_describe_peak_per_s: throttle
+            .as_ref()
+            .map_or(0.0, |t| t.peak_per_s(&[Api::ElbV1Describe, Api::ElbV2Describe], Duration::from_secs(10))),
+        ec2_describe_peak_per_s: throttle
+            .as_ref()
+            .map_or(0.0, |t| t.peak_per_s(&[Api::Ec2Describe], Duration::from_secs(10))),
+        throttled_attempts: throttle.as_ref().map_or(0, |t| t.throttled(&ALL_APIS).0),
+        calls_lost_to_throttling: throttle.as_ref().map_or(0, |t| t.throttled(&ALL_APIS).1),
+        store_writes_peak_per_s: store.as_ref().map_or(0.0, |s| {
+            let writes: Vec<Duration> = s.calls().iter().filter(|c| c.op != StoreOp::Load).map(|c| c.at).collect();
+            peak_rate(&writes, Duration::from_secs(1))
+        }),
+    }
+}
+
+const ALL_APIS: [Api; 5] =
+    [Api::ElbV1Describe, Api::ElbV2Describe, Api::ElbV1Mutate, Api::ElbV2Mutate, Api::Ec2Describe];
+
+/// A fleet instance's cycle: its members read as `--members ec2-name` reads them (through EC2's
+/// budget) when the world is throttled, else the fixed list.
+enum FleetCycle {
+    Fixed(crate::cycle::Cycle<FakeLb, FakeMembers, FakeServices>),
+    Ec2(crate::cycle::Cycle<FakeLb, ThrottledMembers, FakeServices>),
+}
+
+impl FleetCycle {
+    fn new(cycle: crate::cycle::Cycle<FakeLb, FakeMembers, FakeServices>, members: Option<ThrottledMembers>) -> Self {
+        match members {
+            None => FleetCycle::Fixed(cycle),
+            Some(m) => FleetCycle::Ec2(cycle.with_members(m)),
+        }
+    }
+
+    async fn run(
+        &self,
+        req: &crate::trigger::RestartRequest,
+    ) -> Result<crate::cycle::Outcome, crate::cycle::CycleError> {
+        match self {
+            FleetCycle::Fixed(c) => c.run(req).await,
+            FleetCycle::Ec2(c) => c.run(req).await,
+        }
     }
 }

@@ -26,6 +26,7 @@ fn params(k: usize, settle: u64) -> FleetParams {
             settle: Duration::from_secs(settle),
         },
         strict: None,
+        throttle: false,
     }
 }
 
@@ -103,4 +104,46 @@ async fn strict_fleets_never_dip_below_quorum() {
             assert!(r.acquires >= k, "k={k} seed {seed}: every instance took a permit: {r:?}");
         }
     }
+}
+
+/// The throttled world's token buckets (`Throttle`), on the paused clock: AWS's sizes, refills,
+/// and the SDK's attempts (each takes a token; the call is lost when all five were throttled).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn throttle_buckets_refill_and_the_sdk_attempts_each_take_a_token() {
+    use elb_quorum::fake::{peak_rate, Api, Throttle};
+    let t = Throttle::aws();
+    for _ in 0..40 {
+        t.call(Api::ElbV1Describe).await.unwrap();
+    }
+    // The bucket is empty: the next call is throttled at first, then gets a refilled token
+    // during the SDK's backoff (10 per second).
+    let start = tokio::time::Instant::now();
+    t.call(Api::ElbV1Describe).await.unwrap();
+    assert!(start.elapsed() > Duration::ZERO, "the 41st call waited for a refill");
+    assert!(t.throttled(&[Api::ElbV1Describe]).0 >= 1);
+    // Version 2 has its own bucket, full.
+    for _ in 0..40 {
+        t.call(Api::ElbV2Describe).await.unwrap();
+    }
+    // A bucket drained continuously: some calls are lost after all attempts.
+    let lost_before = t.throttled(&[Api::ElbV2Mutate]).1;
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let t = t.clone();
+            tokio::spawn(async move { t.call(Api::ElbV2Mutate).await })
+        })
+        .collect();
+    let mut lost = 0;
+    for task in tasks {
+        lost += usize::from(task.await.unwrap().is_err());
+    }
+    assert_eq!(t.throttled(&[Api::ElbV2Mutate]).1 - lost_before, lost);
+    assert!(lost > 0, "200 registration calls at once on a bucket of 20 + 5/s lose some");
+    // What AWS saw: never more successful attempts than the bucket allows.
+    assert!(t.peak_per_s(&[Api::ElbV1Describe], Duration::from_secs(10)) >= 4.1, "41 calls in the first 10 s");
+
+    let times: Vec<Duration> = [0, 100, 200, 5000, 20000].iter().map(|&ms| Duration::from_millis(ms)).collect();
+    assert_eq!(peak_rate(&times, Duration::from_secs(10)), 0.4);
+    assert_eq!(peak_rate(&times, Duration::from_secs(1)), 3.0);
+    assert_eq!(peak_rate(&[], Duration::from_secs(1)), 0.0);
 }

@@ -427,6 +427,27 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         }
     }
 
+    /// The same cycle over another membership source.
+    pub fn with_members<N: Membership>(self, members: N) -> Cycle<L, N, S> {
+        Cycle {
+            lbs: self.lbs,
+            members,
+            services: self.services,
+            me: self.me,
+            rule: self.rule,
+            timing: self.timing,
+            dry_run: self.dry_run,
+            state: self.state,
+            shutdown: self.shutdown,
+            permits: self.permits,
+            leave_via: self.leave_via,
+            zone_quorum_ppm: self.zone_quorum_ppm,
+            clock: self.clock,
+            metrics: self.metrics,
+            hooks: self.hooks,
+        }
+    }
+
     pub fn with_hooks(mut self, hooks: Hooks) -> Self {
         self.hooks = hooks;
         self
