@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every benchmark of the project, side by side with the shared baselines, in one run.
 #   benches/run.sh [SHARED_DIR]      (default: ../shared beside the repository)
-# Needs the test venv (scripts/test-env) and a C compiler. Builds the release binary (slow: ~8 min).
+# Needs the test venv (scripts/test-env) and a C compiler. Builds both profiles: release (what
+# `cargo install` builds, ~4.5 min) and dist (what the package holds, longer; benches/README.md).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 shared=${1:-$root/../shared}
@@ -10,7 +11,9 @@ bash scripts/test-env
 py=${ELB_QUORUM_VENV:-$root/.venv}/bin/python
 stream=/tmp/events-100k.bin
 cargo build --release --locked --quiet
-bin=${CARGO_TARGET_DIR:-$root/target}/release/elb-quorum
+cargo build --profile dist --locked --quiet
+release=${CARGO_TARGET_DIR:-$root/target}/release/elb-quorum
+bin=${CARGO_TARGET_DIR:-$root/target}/dist/elb-quorum
 
 echo "== stream: $shared/bench/gen_events.py $stream -n 100000"
 [ -s "$stream" ] || "$py" "$shared/bench/gen_events.py" "$stream" -n 100000
@@ -20,7 +23,7 @@ echo "== parser: supervisor.childutils on the same stream"
 echo "== parser: elb-quorum decoder (criterion)"
 ELB_QUORUM_BENCH_STREAM=$stream cargo bench --locked --bench parser -- --noplot 2>&1 | grep -E "^decode|^framing|thrpt"
 
-echo "== listen loop under the shared driver, pinned to CPU 0 (requests go nowhere: no supervisord reachable)"
+echo "== listen loop under the shared driver, pinned to CPU 0, dist binary at the default log level (requests go nowhere: no supervisord reachable)"
 cc -O2 -o /tmp/ceiling_listener "$shared/bench/ceiling_listener.c"
 # The generated stream makes every tenth event a restart request (each a failing cycle attempt here);
 # the -norequest copy renames their type so that the protocol loop is measured alone.
@@ -30,7 +33,7 @@ for events in "${stream%.bin}-norequest.bin" "$stream"; do
     case $name in
       c) cmd=(/tmp/ceiling_listener) ;;
       python) cmd=("$py" "$shared/bench/minimal_listener.py") ;;
-      elb-quorum) cmd=("$bin" listen --lb bench --instance-id i-bench --hostname n.bench.example.com --members static:4 --state-dir /tmp/elb-quorum-bench-state --log-level warn --log-target stderr) ;;
+      elb-quorum) cmd=("$bin" listen --lb bench --instance-id i-bench --hostname n.bench.example.com --members static:4 --state-dir /tmp/elb-quorum-bench-state --log-target stderr) ;;
     esac
     echo "-- $name on $events"
     SUPERVISOR_SERVER_URL=unix:///tmp/elb-quorum-bench-missing.sock \
@@ -40,8 +43,9 @@ for events in "${stream%.bin}-norequest.bin" "$stream"; do
   done
 done
 
-echo "== idle memory under real supervisord"
+echo "== idle memory under real supervisord: dist, then release"
 "$py" benches/idle_rss.py --bin "$bin" --smaps
+"$py" benches/idle_rss.py --bin "$release"
 
 echo "== fleet makespan and cycle overhead, plain and strict (fake load balancer and permit store, simulated time)"
 cargo bench --locked --bench fleet

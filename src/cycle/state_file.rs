@@ -312,8 +312,7 @@ mod tests {
         assert_eq!(sf.load().unwrap(), None, "moved aside");
     }
 
-    /// Each cause is printed once in the chained message (it used to be in the message and the
-    /// source both).
+    /// Each cause is printed once in the chained message: in the source, not also in the message.
     #[test]
     fn a_cause_appears_once() {
         let dir = tempfile::tempdir().unwrap();
