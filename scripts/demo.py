@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,12 +33,6 @@ RUNS = {
     "strict": "Classic ELB, --strict",
     "alb": "Classic ELB + ALB target group, --strict",
 }
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(what, fn, timeout=60):
@@ -105,17 +98,21 @@ def one_run(a, venv_bin, mode):
 
 def run(a, venv_bin, work, procs, mode):
     strict = mode != "plain"
-    port = free_port()
-    endpoint = "http://127.0.0.1:%d" % port
-    env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true", ELB_QUORUM_LOG_TARGET="stderr",
                PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""))
     env.pop("AWS_PROFILE", None)
-    print("starting the AWS emulator (moto, serialized) on %s" % endpoint)
     locked = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "moto_locked.py")
-    procs.append(subprocess.Popen([sys.executable, locked, "127.0.0.1", str(port)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
-    wait_for("moto", lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0)
+    # Port 0: the kernel picks a free port, which the fixture prints once it listens.
+    moto = subprocess.Popen([sys.executable, locked, "127.0.0.1", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    procs.append(moto)
+    line = moto.stdout.readline()
+    if not line.startswith("PORT "):
+        sys.exit("demo: moto did not start (is the venv complete? scripts/test-env)")
+    endpoint = "http://127.0.0.1:%d" % int(line.split()[1])
+    env["AWS_ENDPOINT_URL"] = endpoint
+    print("starting the AWS emulator (moto, serialized) on %s" % endpoint)
     kw = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
     ec2, elb = boto3.client("ec2", **kw), boto3.client("elb", **kw)
     elb.create_load_balancer(LoadBalancerName=LB, AvailabilityZones=["us-east-1a"],

@@ -16,7 +16,7 @@ const WEB: &str = "[program:web]\ncommand=sleep 100000\nstartsecs=1\n";
 
 /// A unique group name and its Classic load balancer's name.
 fn names() -> (String, String) {
-    let n = free_port();
+    let n = unique();
     (format!("g{n}"), format!("g{n}-lb"))
 }
 

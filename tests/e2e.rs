@@ -98,7 +98,11 @@ fn request(n: &Node, programs: &[&str]) {
 
 #[test]
 fn every_trigger_leaves_restarts_and_comes_back() {
-    let (moto, _, n) = setup();
+    let moto = Moto::start();
+    let (lb, ns) = unique_cluster();
+    let ids = moto.cluster(&lb, &ns, 4);
+    // Debug: the listener logs each event it ignores, which the end of the test waits on.
+    let n = node(&moto, &lb, &ns, &ids, "--log-level debug");
 
     // REMOTE_COMMUNICATION through `elb-quorum request`.
     let web = n.sup.pid("web").unwrap();
@@ -130,8 +134,20 @@ fn every_trigger_leaves_restarts_and_comes_back() {
     assert_ne!(n.sup.pid("web"), Some(web));
     assert!(n.in_service(&moto));
 
-    // Our own restarts triggered nothing more, and each cycle left and came back once.
-    std::thread::sleep(Duration::from_secs(2));
+    // Our own restarts triggered nothing more, and each cycle left and came back once. Events
+    // reach the listener in order: once it has logged a marker event sent now, it has handled
+    // every event our restarts caused before it.
+    let marker = std::process::Command::new(python())
+        .args([
+            "-c",
+            "from supervisor import childutils; import os; \
+             childutils.getRPCInterface(os.environ).supervisor.sendRemoteCommEvent('e2e-marker', 'end')",
+        ])
+        .envs(n.sup.client_env())
+        .output()
+        .unwrap();
+    assert!(marker.status.success(), "{}", text(&marker.stderr));
+    eventually(T, "the listener to log the marker", || n.log().contains("\"e2e-marker\"").then_some(()));
     let log = n.log();
     assert_eq!(n.cycles(), 4, "{log}");
     assert_eq!(count(&log, "restart requested"), 4, "{log}");

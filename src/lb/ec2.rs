@@ -19,6 +19,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use tokio::sync::Mutex;
 
+use crate::cycle::chain;
 use crate::identity::AwsFailure;
 
 /// The EC2 API version the requests name (the current one; its `DescribeInstances` is stable).
@@ -254,17 +255,6 @@ fn signed_request(
         .map_err(|e| AwsFailure::Unreachable(format!("building the EC2 request: {e}")))?;
     instructions.apply_to_request_http1x(&mut req);
     Ok(req)
-}
-
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(c) = source {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        source = c.source();
-    }
-    s
 }
 
 /// Throttling, AWS's own errors and no answer are tried again; everything else is final.

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -75,33 +75,40 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Moto {
-        let port = free_port();
-        Self::spawn(port, Command::new(tool("moto_server")).args(["-H", "127.0.0.1", "-p", &port.to_string()]))
+        let mut cmd = Command::new(python());
+        cmd.arg(fixture("moto_locked.py")).args(["127.0.0.1", "0", "--unlocked"]);
+        Self::spawn(&mut cmd)
     }
 
     /// moto serving one request at a time (`tests/fixtures/moto_locked.py`): its DynamoDB is not
     /// atomic under concurrency otherwise. With `record`, every call is logged there as a JSON line.
     pub fn start_locked(record: Option<&Path>) -> Moto {
-        let port = free_port();
         let mut cmd = Command::new(python());
-        cmd.arg(fixture("moto_locked.py")).args(["127.0.0.1", &port.to_string()]);
+        cmd.arg(fixture("moto_locked.py")).args(["127.0.0.1", "0"]);
         if let Some(r) = record {
             cmd.arg(r);
         }
-        Self::spawn(port, &mut cmd)
+        Self::spawn(&mut cmd)
     }
 
-    fn spawn(port: u16, cmd: &mut Command) -> Moto {
-        let child = cmd
+    /// Starts moto on a port the kernel picks (port 0) and reads the port it bound from its first
+    /// line of output, printed once it listens: no free-port guess another test could take first.
+    fn spawn(cmd: &mut Command) -> Moto {
+        let mut child = cmd
             .env_remove("AWS_PROFILE")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting moto: {e}; {INSTALL_HINT}"));
+        let stdout = child.stdout.take().expect("piped stdout");
         let guard = Guard(child);
-        let endpoint = format!("http://127.0.0.1:{port}");
-        eventually(Duration::from_secs(30), "moto_server to listen", || TcpStream::connect(("127.0.0.1", port)).ok());
-        Moto { endpoint, _child: guard }
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("reading moto's port");
+        let port: u16 = line
+            .strip_prefix("PORT ")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("moto did not start (first line {line:?}); {INSTALL_HINT}"));
+        Moto { endpoint: format!("http://127.0.0.1:{port}"), _child: guard }
     }
 
     /// Environment for anything that talks to this emulator (and nothing else).
@@ -220,9 +227,15 @@ pub fn mutating(calls: &[Call]) -> Vec<&Call> {
     calls.iter().filter(|c| c.action.starts_with("Register") || c.action.starts_with("Deregister")).collect()
 }
 
-/// A unique load-balancer name and namespace per test (`t<port>-example-com`, `t<port>.example.com`).
+/// A number no other call in this test process returned (for unique names within one emulator).
+pub fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A unique load-balancer name and namespace per test (`t<n>-example-com`, `t<n>.example.com`).
 pub fn unique_cluster() -> (String, String) {
-    let n = free_port();
+    let n = unique();
     (format!("t{n}-example-com"), format!("t{n}.example.com"))
 }
 
@@ -239,6 +252,21 @@ pub const PASSWORD: &str = "s3cret-pw";
 impl Supervisord {
     /// Starts supervisord with `programs` (conf sections) appended to a base config.
     pub fn start(programs: &str, inet: bool, env: &[(String, String)]) -> Supervisord {
+        // supervisord cannot be given port 0, so an inet port is a guess another process may take
+        // first; supervisord then exits at once ("Another program is already listening"), and the
+        // start is tried again with another port.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match Self::try_start(programs, inet, env) {
+                Ok(s) => return s,
+                Err(log) if inet && attempts < 5 => eprintln!("supervisord did not start, trying another port: {log}"),
+                Err(log) => panic!("supervisord did not start: {log}"),
+            }
+        }
+    }
+
+    fn try_start(programs: &str, inet: bool, env: &[(String, String)]) -> Result<Supervisord, String> {
         let dir = tempfile::tempdir().unwrap();
         let inet_port = inet.then(free_port);
         let here = dir.path().display().to_string();
@@ -259,15 +287,26 @@ impl Supervisord {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        let stderr = std::fs::File::create(dir.path().join("supervisord.stderr")).unwrap();
         let child = cmd
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("starting supervisord: {e}; {INSTALL_HINT}"));
-        let s = Supervisord { dir, inet_port, child: Some(Guard(child)) };
-        let sock = s.socket();
-        eventually(Duration::from_secs(20), "supervisord's socket", || sock.exists().then_some(()));
-        s
+        let mut s = Supervisord { dir, inet_port, child: Some(Guard(child)) };
+        // Started: both servers bound (it logs this line after making them), or gone.
+        let log = s.path("supervisord.log");
+        let started = eventually(Duration::from_secs(20), "supervisord to start or exit", || {
+            if std::fs::read_to_string(&log).unwrap_or_default().contains("supervisord started with pid") {
+                return Some(true);
+            }
+            let child = &mut s.child.as_mut().expect("just started").0;
+            child.try_wait().ok().flatten().map(|_| false)
+        });
+        if started {
+            return Ok(s);
+        }
+        Err(format!("{} {}", s.read("supervisord.stderr").trim(), s.read("supervisord.log")))
     }
 
     pub fn socket(&self) -> PathBuf {
