@@ -257,6 +257,7 @@ fn one_shot_restart_brings_back_an_instance_left_out_with_its_programs_down() {
 #[test]
 fn missing_credentials_say_so_at_once() {
     let moto = Moto::start();
+    let state = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {
         std::process::Command::new(bin())
             .args(args)
@@ -277,6 +278,7 @@ fn missing_credentials_say_so_at_once() {
             .env("AWS_ENDPOINT_URL", &moto.endpoint)
             .env("AWS_REGION", "us-east-1")
             .env("ELB_QUORUM_LOG_TARGET", "stderr")
+            .env("ELB_QUORUM_STATE_DIR", state.path())
             .stdin(std::process::Stdio::null())
             .output()
             .unwrap()

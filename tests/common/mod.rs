@@ -404,10 +404,14 @@ pub fn unsafe_kill(pid: u32, sig: &str) {
 /// Our binary with `args` and `env`, no stdin, logs on stderr, no stray AWS profile or supervisord.
 pub fn bin_command(args: &[&str], env: &[(String, String)]) -> Command {
     let mut cmd = Command::new(bin());
+    // A state directory of its own unless the test names one (flag or env): never the machine's
+    // /var/lib/elb-quorum, whose lock another test (or another test run) may hold.
+    let state = std::env::temp_dir().join(format!("elb-quorum-test-state-{}-{}", std::process::id(), unique()));
     cmd.args(args)
         .env_remove("AWS_PROFILE")
         .env_remove("SUPERVISOR_SERVER_URL")
         .env("ELB_QUORUM_LOG_TARGET", "stderr")
+        .env("ELB_QUORUM_STATE_DIR", state)
         .stdin(Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);
