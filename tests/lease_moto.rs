@@ -61,20 +61,20 @@ async fn acquire_full_exempt_heartbeat_release() {
     }
     let exempt = granted(b.acquire(Kind::Exempt, 1).await.unwrap());
     assert_eq!(exempt.others, ["i-a".to_string()].into(), "the slot holder counts as out");
-    let first_exp = r.holders["i-a"].exp;
-    // The heartbeat renews every D/4 (2 s here): wait for the renewal itself, not for a time.
+    let first = a.read().await.unwrap();
+    // The heartbeats renew every D/4 (2 s here): wait for both renewals, not for a time.
     let r = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             let r = a.read().await.unwrap();
-            if r.holders["i-a"].exp > first_exp {
+            if ["i-a", "i-b"].iter().all(|id| r.holders[*id].exp > first.holders[*id].exp) {
                 return r;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
     .await
-    .expect("renewed after D/4");
-    assert!(r.ver >= 4, "every write bumps ver: {}", r.ver);
+    .expect("both renewed after D/4");
+    assert!(r.ver >= 4, "every write bumps ver (two acquires, two renewals): {}", r.ver);
     assert!(held.lost().is_none());
     held.release().await;
     exempt.release().await;
