@@ -22,7 +22,7 @@ struct Node {
 fn node(moto: &Moto, lb: &str, ns: &str, ids: &[String], extra_args: &str) -> Node {
     let conf = format!(
         "[program:web]\ncommand=sleep 100000\nstartsecs=1\n\n\
-         [program:slow]\ncommand=sh -c 'trap \"sleep 2; exit 0\" TERM; while :; do sleep 0.1; done'\nstartsecs=1\nstopwaitsecs=10\n\n\
+         [program:slow]\ncommand=sh -c 'trap \"i=0; while [ -e {{here}}/hold-slow ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; exit 0\" TERM; while :; do sleep 0.1; done'\nstartsecs=1\nstopwaitsecs=90\n\n\
          [program:talker]\ncommand=sh -c 'while :; do if [ -e {{here}}/ask ]; then rm -f {{here}}/ask; printf \"<!--XSUPERVISOR:BEGIN-->restart<!--XSUPERVISOR:END-->\"; fi; sleep 0.1; done'\nstdout_capture_maxbytes=1MB\nstartsecs=1\n\n\
          [program:gated]\ncommand=sleep 100000\nautorestart=false\nstartsecs=1\n\n\
          [eventlistener:elb-quorum]\ncommand={bin} listen --hostname node0.{ns} --domain example.com --instance-id {id} --program web --gate gated --check-interval 0.3 --max-checks 5 --poll-interval 0.2 --settle 0.2 --state-dir {{here}}/state {extra_args}\n\
@@ -80,13 +80,20 @@ fn setup() -> (Moto, String, Node) {
     (moto, ns, n)
 }
 
-/// Asks for a restart of `slow` (2 s to stop) and waits until the instance is out of the load
-/// balancer: the cycle is then in its restart step.
+/// Asks for a restart of `slow` and waits until the instance is out of the load balancer: the
+/// cycle is then in its restart step, and stays there until `release_slow`: `slow` does not finish
+/// stopping while its hold file exists (at most 60 s), so the test acts inside the cycle however
+/// slow the machine is.
 fn restart_slow_until_out(n: &Node) {
+    std::fs::write(n.sup.path("hold-slow"), "").unwrap();
     request(n, &["slow"]);
     eventually(T, "the instance out of the load balancer", || {
         n.log().contains("out of every attachment").then_some(())
     });
+}
+
+fn release_slow(n: &Node) {
+    std::fs::remove_file(n.sup.path("hold-slow")).unwrap();
 }
 
 fn request(n: &Node, programs: &[&str]) {
@@ -192,11 +199,12 @@ fn below_quorum_the_request_is_given_up_and_the_listener_keeps_serving() {
 fn kill_9_mid_cycle_is_reconciled_by_the_restarted_listener() {
     let (moto, _, n) = setup();
 
-    // During the restart (the slow program takes 2 s to stop): deregistered, state file says so.
+    // During the restart (slow held while stopping): deregistered, state file says so.
     restart_slow_until_out(&n);
     assert!(!n.in_service(&moto), "deregistered");
     let pid = n.listener_pid();
     unsafe_kill(pid, "KILL");
+    release_slow(&n);
     eventually(T, "reconciled", || n.log().contains("reconciled: registered and serving again").then_some(()));
     assert!(n.in_service(&moto));
     eventually(T, "slow RUNNING", || n.sup.pid("slow"));
@@ -220,10 +228,24 @@ fn kill_9_mid_cycle_is_reconciled_by_the_restarted_listener() {
 fn sigterm_mid_cycle_finishes_coming_back_before_exiting() {
     let (moto, _, n) = setup();
     restart_slow_until_out(&n);
-    let out = n.sup.ctl(&["stop", "elb-quorum"]);
+    // `supervisorctl stop` returns once the listener has exited: run it aside, let the cycle
+    // finish only once the listener has taken the SIGTERM.
+    let conf = n.sup.path("supervisord.conf");
+    let stop = std::thread::spawn(move || {
+        std::process::Command::new(tool("supervisorctl"))
+            .arg("-c")
+            .arg(conf)
+            .args(["stop", "elb-quorum"])
+            .output()
+            .unwrap()
+    });
+    eventually(T, "the listener to take the SIGTERM", || {
+        n.log().contains("SIGTERM/SIGINT: stopping after the cycle in progress").then_some(())
+    });
+    release_slow(&n);
+    let out = stop.join().unwrap();
     assert!(out.status.success(), "{}", text(&out.stdout));
     let log = n.log();
-    assert!(log.contains("SIGTERM/SIGINT: stopping after the cycle in progress"), "{log}");
     assert!(log.contains("cycle done"), "the cycle finished before the listener exited:\n{log}");
     assert!(n.in_service(&moto));
 }
@@ -277,6 +299,8 @@ fn a_second_one_shot_restart_is_refused_while_one_runs() {
     ]
     .map(String::from);
     let args: Vec<&str> = args_owned.iter().map(String::as_str).collect();
+    // The first one stays in its restart step (slow held) until the second has been refused.
+    std::fs::write(n.sup.path("hold-slow"), "").unwrap();
     let first = bin_command(&args, &env).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let first_pid = first.id().to_string();
     eventually(T, "the first restart holding the lock", || {
@@ -285,6 +309,7 @@ fn a_second_one_shot_restart_is_refused_while_one_runs() {
     let second = run_bin(&args, &env);
     assert_eq!(second.status.code(), Some(3));
     assert!(text(&second.stderr).contains("another elb-quorum restart holds the lock"), "{}", text(&second.stderr));
+    release_slow(&n);
     let out = first.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(n.in_service(&moto));
