@@ -22,7 +22,7 @@ struct Node {
 fn node(moto: &Moto, lb: &str, ns: &str, ids: &[String], extra_args: &str) -> Node {
     let conf = format!(
         "[program:web]\ncommand=sleep 100000\nstartsecs=1\n\n\
-         [program:slow]\ncommand=sh -c 'trap \"i=0; while [ -e {{here}}/hold-slow ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; exit 0\" TERM; while :; do sleep 0.1; done'\nstartsecs=1\nstopwaitsecs=90\n\n\
+         [program:slow]\ncommand=sh -c 'hold() {{ i=0; while [ -e {{here}}/hold-slow ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; exit 0; }}; trap hold TERM; while :; do sleep 0.1; done'\nstartsecs=1\nstopwaitsecs=90\n\n\
          [program:talker]\ncommand=sh -c 'while :; do if [ -e {{here}}/ask ]; then rm -f {{here}}/ask; printf \"<!--XSUPERVISOR:BEGIN-->restart<!--XSUPERVISOR:END-->\"; fi; sleep 0.1; done'\nstdout_capture_maxbytes=1MB\nstartsecs=1\n\n\
          [program:gated]\ncommand=sleep 100000\nautorestart=false\nstartsecs=1\n\n\
          [eventlistener:elb-quorum]\ncommand={bin} listen --hostname node0.{ns} --domain example.com --instance-id {id} --program web --gate gated --check-interval 0.3 --max-checks 5 --poll-interval 0.2 --settle 0.2 --state-dir {{here}}/state {extra_args}\n\
@@ -90,6 +90,7 @@ fn restart_slow_until_out(n: &Node) {
     eventually(T, "the instance out of the load balancer", || {
         n.log().contains("out of every attachment").then_some(())
     });
+    eventually(T, "slow held while stopping", || n.sup.status("slow").contains("STOPPING").then_some(()));
 }
 
 fn release_slow(n: &Node) {
