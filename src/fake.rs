@@ -472,18 +472,20 @@ impl Membership for FakeMembers {
     }
 }
 
-/// A fixed member list read through EC2's `DescribeInstances` budget (`Api::Ec2Describe`), as
-/// `--members ec2-name` reads it: one call per read (one page up to 1,000 instances).
+/// A fixed member list read, with a throttle, through EC2's `DescribeInstances` budget
+/// (`Api::Ec2Describe`) as `--members ec2-name` reads it: one call per read (one page up to 1,000
+/// instances). Without one, never throttled.
 #[derive(Debug, Clone)]
 pub struct ThrottledMembers {
     pub ids: BTreeSet<String>,
-    pub throttle: Throttle,
+    pub throttle: Option<Throttle>,
 }
 
 impl Membership for ThrottledMembers {
     async fn members(&self) -> Result<Roster, MembersError> {
+        let Some(throttle) = &self.throttle else { return Ok(Roster::of(Members::Ids(self.ids.clone()))) };
         for _ in 0..self.ids.len().div_ceil(1000).max(1) {
-            self.throttle.call(Api::Ec2Describe).await.map_err(|()| {
+            throttle.call(Api::Ec2Describe).await.map_err(|()| {
                 MembersError::Transient(
                     "EC2 DescribeInstances failed: RequestLimitExceeded (fake account budget)".into(),
                 )
@@ -564,10 +566,8 @@ impl Throttle {
 
     pub fn scaled(scale: f64) -> Self {
         let now = Instant::now();
-        let buckets = [Api::ElbV1Describe, Api::ElbV2Describe, Api::ElbV1Mutate, Api::ElbV2Mutate, Api::Ec2Describe]
-            .into_iter()
-            .map(|api| (api, Bucket { tokens: api.bucket().0 * scale, at: now }))
-            .collect();
+        let buckets =
+            ALL_APIS.into_iter().map(|api| (api, Bucket { tokens: api.bucket().0 * scale, at: now })).collect();
         let state = ThrottleState { start: now, buckets, attempts: Vec::new(), lost: BTreeMap::new() };
         Throttle { inner: Arc::new(Mutex::new(state)), scale }
     }
@@ -1238,9 +1238,8 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
             .with_rule(p.rule)
             .with_timing(p.timing.clone())
             .with_permits(store.as_ref().map(|s| crate::lease::Permits { clock, ..fake_permits(s, "fleet", id) }));
-        let members =
-            throttle.clone().map(|throttle| ThrottledMembers { ids: ids.iter().cloned().collect(), throttle });
-        let cycle = FleetCycle::new(cycle, members);
+        let cycle =
+            cycle.with_members(ThrottledMembers { ids: ids.iter().cloned().collect(), throttle: throttle.clone() });
         tasks.push(tokio::spawn(async move {
             let r = cycle.run(&RestartRequest::new(["web".to_string()], Origin::Remote)).await;
             let restarts = *services.restarts.lock().unwrap();
@@ -1263,6 +1262,7 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
     let _ = std::fs::remove_dir_all(&base);
     let permits = p.rule.permits(p.k).max(1);
     let waves = p.k.div_ceil(permits) as u32;
+    let (throttled_attempts, calls_lost_to_throttling) = throttle.as_ref().map_or((0, 0), |t| t.throttled(&ALL_APIS));
     FleetReport {
         k: p.k,
         makespan,
@@ -1290,8 +1290,8 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
         ec2_describe_peak_per_s: throttle
             .as_ref()
             .map_or(0.0, |t| t.peak_per_s(&[Api::Ec2Describe], Duration::from_secs(10))),
-        throttled_attempts: throttle.as_ref().map_or(0, |t| t.throttled(&ALL_APIS).0),
-        calls_lost_to_throttling: throttle.as_ref().map_or(0, |t| t.throttled(&ALL_APIS).1),
+        throttled_attempts,
+        calls_lost_to_throttling,
         store_writes_peak_per_s: store.as_ref().map_or(0.0, |s| {
             let writes: Vec<Duration> = s.calls().iter().filter(|c| c.op != StoreOp::Load).map(|c| c.at).collect();
             peak_rate(&writes, Duration::from_secs(1))
@@ -1301,29 +1301,3 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
 
 const ALL_APIS: [Api; 5] =
     [Api::ElbV1Describe, Api::ElbV2Describe, Api::ElbV1Mutate, Api::ElbV2Mutate, Api::Ec2Describe];
-
-/// A fleet instance's cycle: its members read as `--members ec2-name` reads them (through EC2's
-/// budget) when the world is throttled, else the fixed list.
-enum FleetCycle {
-    Fixed(crate::cycle::Cycle<FakeLb, FakeMembers, FakeServices>),
-    Ec2(crate::cycle::Cycle<FakeLb, ThrottledMembers, FakeServices>),
-}
-
-impl FleetCycle {
-    fn new(cycle: crate::cycle::Cycle<FakeLb, FakeMembers, FakeServices>, members: Option<ThrottledMembers>) -> Self {
-        match members {
-            None => FleetCycle::Fixed(cycle),
-            Some(m) => FleetCycle::Ec2(cycle.with_members(m)),
-        }
-    }
-
-    async fn run(
-        &self,
-        req: &crate::trigger::RestartRequest,
-    ) -> Result<crate::cycle::Outcome, crate::cycle::CycleError> {
-        match self {
-            FleetCycle::Fixed(c) => c.run(req).await,
-            FleetCycle::Ec2(c) => c.run(req).await,
-        }
-    }
-}

@@ -64,6 +64,12 @@ pub enum AwsFailure {
     Unreachable(String),
 }
 
+/// The error codes AWS's Query and JSON APIs answer when they throttle: ELB (both versions), EC2
+/// and Auto Scaling.
+pub fn is_throttling(code: &str) -> bool {
+    matches!(code, "Throttling" | "ThrottlingException" | "RequestLimitExceeded")
+}
+
 pub fn aws_failure<E>(err: &SdkError<E, HttpResponse>) -> AwsFailure
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,

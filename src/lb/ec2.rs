@@ -10,7 +10,7 @@
 //! after exponential backoff with full jitter; the adaptive mode's client-side rate limiter is not
 //! reproduced, one call per check does not need it), and the same failure kinds (`AwsFailure`).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use aws_credential_types::provider::ProvideCredentials;
@@ -49,7 +49,8 @@ pub struct Instance {
 /// A minimal EC2 client.
 #[derive(Clone)]
 pub struct Ec2 {
-    http: Arc<HttpsClient>,
+    /// Built at the first call, shared by the clones.
+    http: Arc<OnceLock<HttpsClient>>,
     endpoint: Result<String, String>,
     region: Option<String>,
     credentials: Option<aws_credential_types::provider::SharedCredentialsProvider>,
@@ -82,35 +83,12 @@ fn endpoint(config: &aws_config::SdkConfig, region: Option<&str>) -> Result<Stri
 }
 
 impl Ec2 {
+    /// Reads only the shared config: the HTTPS client (and the machine's root certificates) is
+    /// built at the first call, so a listener that never reads the members pays nothing for it.
     pub fn new(config: &aws_config::SdkConfig) -> Self {
         let region = config.region().map(|r| r.as_ref().to_owned());
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_native_roots(rustls::crypto::aws_lc_rs::default_provider())
-            .map(|b| b.https_or_http().enable_http1().build());
-        let connector = match connector {
-            Ok(c) => c,
-            // No root certificates on the machine: plain-HTTP endpoints (an emulator) still work,
-            // an https one fails its handshake with that reason in the error.
-            Err(e) => {
-                tracing::warn!(error = %e, "no TLS root certificates found: HTTPS calls to EC2 will fail");
-                hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config(
-                        rustls::ClientConfig::builder_with_provider(Arc::new(
-                            rustls::crypto::aws_lc_rs::default_provider(),
-                        ))
-                        .with_safe_default_protocol_versions()
-                        .expect("the default provider supports the default versions")
-                        .with_root_certificates(rustls::RootCertStore::empty())
-                        .with_no_client_auth(),
-                    )
-                    .https_or_http()
-                    .enable_http1()
-                    .build()
-            }
-        };
-        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
         Ec2 {
-            http: Arc::new(http),
+            http: Arc::default(),
             endpoint: endpoint(config, region.as_deref()),
             region,
             credentials: config.credentials_provider(),
@@ -118,6 +96,10 @@ impl Ec2 {
             backoff: config.retry_config().map_or(DEFAULT_BACKOFF, |r| r.initial_backoff()),
             cached: Arc::default(),
         }
+    }
+
+    fn http(&self) -> &HttpsClient {
+        self.http.get_or_init(https_client)
     }
 
     async fn credentials(&self) -> Result<Credentials, AwsFailure> {
@@ -187,7 +169,7 @@ impl Ec2 {
         let url = format!("{}://{host}/", uri.scheme_str().unwrap_or("https"));
         let credentials = self.credentials().await?;
         let req = signed_request(&url, &host, region, credentials, form)?;
-        let resp = self.http.request(req).await.map_err(|e| AwsFailure::Unreachable(chain(&e)))?;
+        let resp = self.http().request(req).await.map_err(|e| AwsFailure::Unreachable(chain(&e)))?;
         let status = resp.status();
         let body = resp.into_body().collect().await.map_err(|e| AwsFailure::Unreachable(chain(&e)))?.to_bytes();
         let body = String::from_utf8_lossy(&body).into_owned();
@@ -198,6 +180,36 @@ impl Ec2 {
             .unwrap_or_else(|| (format!("HTTP{}", status.as_u16()), body.chars().take(200).collect()));
         Err(AwsFailure::Service { code, message, server_error: status.is_server_error() })
     }
+}
+
+/// hyper over rustls (aws-lc-rs, the machine's root certificates), HTTP/1.1, `http` allowed for an
+/// emulator.
+fn https_client() -> HttpsClient {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_native_roots(rustls::crypto::aws_lc_rs::default_provider())
+        .map(|b| b.https_or_http().enable_http1().build());
+    let connector = match connector {
+        Ok(c) => c,
+        // No root certificates on the machine: plain-HTTP endpoints (an emulator) still work,
+        // an https one fails its handshake with that reason in the error.
+        Err(e) => {
+            tracing::warn!(error = %e, "no TLS root certificates found: HTTPS calls to EC2 will fail");
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(
+                    rustls::ClientConfig::builder_with_provider(
+                        Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+                    )
+                    .with_safe_default_protocol_versions()
+                    .expect("the default provider supports the default versions")
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+                )
+                .https_or_http()
+                .enable_http1()
+                .build()
+        }
+    };
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
 }
 
 /// `DescribeInstances`' form body (Query protocol).
@@ -260,9 +272,7 @@ fn signed_request(
 /// Throttling, AWS's own errors and no answer are tried again; everything else is final.
 fn retryable(e: &AwsFailure) -> bool {
     match e {
-        AwsFailure::Service { code, server_error, .. } => {
-            *server_error || matches!(code.as_str(), "RequestLimitExceeded" | "Throttling" | "ThrottlingException")
-        }
+        AwsFailure::Service { code, server_error, .. } => *server_error || crate::identity::is_throttling(code),
         AwsFailure::Unreachable(_) => true,
         AwsFailure::Credentials(_) => false,
     }

@@ -85,7 +85,7 @@ impl MembersError {
             AwsFailure::Service { code, message, server_error } => {
                 let text = format!("{what} failed: {code}: {message}");
                 match code.as_str() {
-                    "Throttling" | "ThrottlingException" | "RequestLimitExceeded" => MembersError::Transient(text),
+                    c if crate::identity::is_throttling(c) => MembersError::Transient(text),
                     "AccessDenied" | "AccessDeniedException" | "UnauthorizedOperation" => {
                         MembersError::Configuration(format!("{text} (see the IAM policy in the README)"))
                     }

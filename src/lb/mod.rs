@@ -185,7 +185,7 @@ impl LbError {
                 "InvalidInstance" | "InvalidTarget" => {
                     LbError::InvalidTarget { lb, target: target.unwrap_or_default().to_owned(), action, code, message }
                 }
-                "Throttling" | "ThrottlingException" | "RequestLimitExceeded" => LbError::Throttled { lb, action },
+                c if crate::identity::is_throttling(c) => LbError::Throttled { lb, action },
                 // AWS's side (5xx, HealthUnavailable): worth another check. Anything else is our
                 // request or our permissions (AccessDenied, validation): waiting does not heal it.
                 "HealthUnavailable" => LbError::Service { lb, action, code, message },

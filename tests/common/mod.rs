@@ -103,7 +103,7 @@ impl Moto {
         let stdout = child.stdout.take().expect("piped stdout");
         let guard = Guard(child);
         let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("reading moto's port");
+        BufReader::new(stdout).read_line(&mut line).expect("reading moto's port");
         let port: u16 = line
             .strip_prefix("PORT ")
             .and_then(|p| p.trim().parse().ok())
