@@ -15,8 +15,9 @@
 
 use std::time::Duration;
 
+use elb_quorum::config::DEFAULT_LEAVE_RATE;
 use elb_quorum::cycle::Timing;
-use elb_quorum::fake::{simulate_fleet, FleetParams, FleetReport};
+use elb_quorum::fake::{simulate_fleet, Api, FleetParams, FleetReport};
 use elb_quorum::quorum::Rule;
 
 fn params(k: usize, drain: u64, restart: u64, health: u64, settle: f64) -> FleetParams {
@@ -37,6 +38,8 @@ fn params(k: usize, drain: u64, restart: u64, health: u64, settle: f64) -> Fleet
         },
         strict: None,
         throttle: false,
+        registration: None,
+        leave_rate: 0.0,
     }
 }
 
@@ -55,6 +58,10 @@ struct BudgetArgs {
     strict: Vec<bool>,
     seeds: u64,
     json: bool,
+    /// Strict mode's `--leave-rate` (default: the product's).
+    leave_rate: f64,
+    /// The registration calls' bucket, size and refill per second (default: `Api::bucket`).
+    registration: Option<(f64, f64)>,
 }
 
 fn budget_args() -> Option<BudgetArgs> {
@@ -66,6 +73,11 @@ fn budget_args() -> Option<BudgetArgs> {
         strict: if args.iter().any(|a| a == "--strict") { vec![true] } else { vec![false] },
         seeds: value("--seeds").map_or(3, |n| n.parse().expect("--seeds N")),
         json: args.iter().any(|a| a == "--json"),
+        leave_rate: value("--leave-rate").map_or(DEFAULT_LEAVE_RATE, |r| r.parse().expect("--leave-rate R")),
+        registration: value("--registration").map(|v| {
+            let (size, refill) = v.split_once(',').expect("--registration SIZE,REFILL");
+            (size.parse().expect("SIZE"), refill.parse().expect("REFILL"))
+        }),
     })
 }
 
@@ -147,7 +159,17 @@ fn main() {
     }
     strict_fleets(&rt);
     println!();
-    budget_runs(&rt, &BudgetArgs { ks: vec![12, 100, 1000], strict: vec![false, true], seeds: 3, json: false });
+    budget_runs(
+        &rt,
+        &BudgetArgs {
+            ks: vec![12, 100, 1000],
+            strict: vec![false, true],
+            seeds: 3,
+            json: false,
+            leave_rate: DEFAULT_LEAVE_RATE,
+            registration: None,
+        },
+    );
 }
 
 /// The throttled world (AWS's account buckets, the SDK's retries; `Throttle::aws`): one JSON
@@ -157,7 +179,7 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
         println!("throttled world (AWS's buckets: ELB Describe* 40 + 10/s, EC2 DescribeInstances 100 + 20/s, registration 20 + 5/s;");
         println!("  the SDK's 5 attempts each; members read through EC2; same fleet settings, settle 5 s without --strict; {} seeds)", b.seeds);
         println!(
-            "{:>5} {:>6} {:>10} {:>10} {:>8} {:>12} {:>14} {:>14} {:>10} {:>7} {:>12} {:>10}",
+            "{:>5} {:>6} {:>10} {:>10} {:>8} {:>12} {:>14} {:>14} {:>10} {:>7} {:>12} {:>11} {:>10}",
             "K",
             "strict",
             "makespan",
@@ -169,6 +191,7 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
             "lost",
             "gave up",
             "writes/s pk",
+            "reads/s pk",
             "confl/acq"
         );
     }
@@ -177,6 +200,8 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
             let p = FleetParams {
                 throttle: true,
                 strict: strict.then(|| Duration::from_millis(45)),
+                leave_rate: b.leave_rate,
+                registration: b.registration,
                 ..params(k, 20, 10, 15, if strict { 0.0 } else { 5.0 })
             };
             let reports: Vec<FleetReport> = (0..b.seeds)
@@ -190,6 +215,8 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
             let row = serde_json::json!({
                 "k": k,
                 "strict": strict,
+                "leave_rate": if strict { b.leave_rate } else { 0.0 },
+                "registration_bucket": b.registration.unwrap_or(Api::ElbV1Mutate.bucket()),
                 "seeds": b.seeds,
                 "makespan_s": round(makespan),
                 "theoretical_s": reports[0].theoretical.as_secs_f64(),
@@ -200,8 +227,10 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
                 "ec2_describe_peak_per_s": round(worst(|r| r.ec2_describe_peak_per_s)),
                 "checks_lost_to_throttling": reports.iter().map(|r| r.calls_lost_to_throttling).sum::<usize>(),
                 "throttled_attempts": reports.iter().map(|r| r.throttled_attempts).sum::<usize>(),
+                "registration_calls_lost": reports.iter().map(|r| r.registration_calls_lost).sum::<usize>(),
                 "gave_up": reports.iter().map(|r| r.failures).sum::<usize>(),
                 "store_writes_peak_per_s": round(worst(|r| r.store_writes_peak_per_s)),
+                "store_reads_peak_per_s": round(worst(|r| r.store_reads_peak_per_s)),
                 "conflicts_per_acquire": round(
                     reports.iter().map(|r| r.conflicts as f64).sum::<f64>()
                         / reports.iter().map(|r| r.acquires as f64).sum::<f64>().max(1.0)
@@ -212,7 +241,7 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
             } else {
                 let f = |key: &str| row[key].to_string();
                 println!(
-                    "{k:>5} {strict:>6} {makespan:>9.0}s {:>9.0}s {:>8} {:>7}/{:<4} {:>14} {:>14} {:>10} {:>7} {:>12} {:>10}",
+                    "{k:>5} {strict:>6} {makespan:>9.0}s {:>9.0}s {:>8} {:>7}/{:<4} {:>14} {:>14} {:>10} {:>7} {:>12} {:>11} {:>10}",
                     row["theoretical_s"].as_f64().unwrap(),
                     f("most_out"),
                     f("fewest_serving"),
@@ -222,6 +251,7 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
                     f("checks_lost_to_throttling"),
                     f("gave_up"),
                     f("store_writes_peak_per_s"),
+                    f("store_reads_peak_per_s"),
                     f("conflicts_per_acquire"),
                 );
             }

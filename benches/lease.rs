@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use elb_quorum::lease::dynamo::DynamoStore;
-use elb_quorum::lease::{Acquired, BoxFuture, Kind, LeaseError, PermitStore, Permits, Record, Write, Written};
+use elb_quorum::lease::{
+    Acquired, BoxFuture, Kind, LeaseError, PermitStore, Permits, Record, Shared, SharedWrite, Write, Written,
+};
 
 /// Counts and times every call of the store it wraps.
 struct Timed {
@@ -40,6 +42,12 @@ impl PermitStore for Timed {
     }
     fn write<'a>(&'a self, key: &'a str, write: Write) -> BoxFuture<'a, Result<Written, LeaseError>> {
         Box::pin(self.time(self.inner.write(key, write)))
+    }
+    fn load_shared<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Shared>, LeaseError>> {
+        Box::pin(self.time(self.inner.load_shared(key)))
+    }
+    fn write_shared<'a>(&'a self, key: &'a str, write: SharedWrite) -> BoxFuture<'a, Result<bool, LeaseError>> {
+        Box::pin(self.time(self.inner.write_shared(key, write)))
     }
 }
 
@@ -74,6 +82,7 @@ fn main() {
                         grace: Duration::from_secs(30),
                         max_hold: Duration::from_secs(3600),
                         skew_ms: 0,
+                        leave_rate: 0.0,
                         clock: Default::default(),
                     };
                     tokio::spawn(async move {

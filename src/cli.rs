@@ -96,6 +96,7 @@ mod tests {
             format!("[default: {DEFAULT_LEASE_DURATION}]"),
             format!("[default: {DEFAULT_LEASE_GRACE}]"),
             format!("[default: {DEFAULT_MAX_HOLD}]"),
+            format!("[default: {DEFAULT_LEAVE_RATE}]"),
             format!("[default: {DEFAULT_LEAVE_VIA}]"),
             format!("[default: {DEFAULT_HOOK_TIMEOUT}]"),
             format!("[default: {DEFAULT_READY_TIMEOUT}]"),

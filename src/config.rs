@@ -52,6 +52,9 @@ pub const DEFAULT_LEASE_GRACE: f64 = 30.0;
 /// Strict mode: H, the longest a permit is renewed. Longer than a whole cycle: draining (up to 300 s
 /// by default on a Classic ELB, 3600 s at most) + restart + coming back InService.
 pub const DEFAULT_MAX_HOLD: f64 = 3600.0;
+/// Strict mode's leaves per second across a cluster: four registration calls per second, below
+/// the registration budget assumed for an account (benches/README.md, "Fleets under throttling").
+pub const DEFAULT_LEAVE_RATE: f64 = 2.0;
 /// Where supervisord listens when neither flag nor `SUPERVISOR_SERVER_URL` says.
 pub const DEFAULT_SUPERVISOR_URL: &str = "unix:///var/run/supervisor.sock";
 /// Crash-safety state and the lock file.
@@ -150,6 +153,9 @@ pub struct Layer {
     /// Strict mode: longest a permit is renewed, in seconds [default: 3600]
     #[arg(long, global = true, env = "ELB_QUORUM_MAX_HOLD", value_name = "SECS")]
     pub max_hold: Option<f64>,
+    /// Strict mode: permits granted per second across the whole cluster, 0 for no pacing; each leave costs two calls of the account's shared registration budget [default: 2]
+    #[arg(long, global = true, env = "ELB_QUORUM_LEAVE_RATE", value_name = "PER_SEC")]
+    pub leave_rate: Option<f64>,
     /// Make every check and log what would be done; change nothing
     #[arg(long, global = true, env = "ELB_QUORUM_DRY_RUN")]
     pub dry_run: bool,
@@ -298,6 +304,8 @@ pub struct LeaseSettings {
     pub duration: Duration,
     pub grace: Duration,
     pub max_hold: Duration,
+    /// Permits granted per second across the cluster (0: unpaced).
+    pub leave_rate: f64,
 }
 
 /// Every setting, validated.
@@ -482,7 +490,11 @@ impl Settings {
             duration: secs("lease-duration", o.lease_duration, file.lease_duration, DEFAULT_LEASE_DURATION)?,
             grace: secs("lease-grace", o.lease_grace, file.lease_grace, DEFAULT_LEASE_GRACE)?,
             max_hold: secs("max-hold", o.max_hold, file.max_hold, DEFAULT_MAX_HOLD)?,
+            leave_rate: o.leave_rate.or(file.leave_rate).unwrap_or(DEFAULT_LEAVE_RATE),
         };
+        if !lease.leave_rate.is_finite() || lease.leave_rate < 0.0 {
+            return err(format!("--leave-rate {}: a number of permits per second, 0 or more", lease.leave_rate));
+        }
         if lease.table.is_empty() {
             return err("--lease-table \"\": a table name is needed");
         }
@@ -622,9 +634,12 @@ mod tests {
                 table: "permits".into(),
                 duration: Duration::from_secs(60),
                 grace: Duration::from_secs(10),
-                max_hold: Duration::from_secs(3600)
+                max_hold: Duration::from_secs(3600),
+                leave_rate: DEFAULT_LEAVE_RATE,
             }
         );
+        let paced = Layer { leave_rate: Some(-1.0), ..Default::default() };
+        assert!(Settings::resolve(paced).unwrap_err().to_string().contains("--leave-rate -1"));
         for (d, g) in [(60.0, 30.0), (60.0, 45.0), (2.0, 0.5)] {
             let layer = Layer { lease_duration: Some(d), lease_grace: Some(g), ..Default::default() };
             let e = Settings::resolve(layer).unwrap_err();

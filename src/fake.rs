@@ -13,7 +13,9 @@ use tokio::time::Instant;
 
 use crate::lb::members::{GroupInfo, MembersError, Membership, Roster};
 use crate::lb::{AttachmentSpec, Kind, LbError, LbTimings, LoadBalancer, Target, TargetHealth, TargetState};
-use crate::lease::{BoxFuture, LeaseError, PermitStore, Record, Write, Written};
+use crate::lease::{
+    BoxFuture, Kind as PermitKind, LeaseError, PermitStore, Record, Shared, SharedWrite, Write, Written,
+};
 use crate::quorum::Members;
 use crate::supervisor::{Services, SupervisorError};
 
@@ -538,6 +540,9 @@ pub const SDK_MAX_BACKOFF: Duration = Duration::from_secs(20);
 struct Bucket {
     tokens: f64,
     at: Instant,
+    /// Size and refill per second, scaled.
+    size: f64,
+    refill: f64,
 }
 
 #[derive(Debug)]
@@ -566,10 +571,26 @@ impl Throttle {
 
     pub fn scaled(scale: f64) -> Self {
         let now = Instant::now();
-        let buckets =
-            ALL_APIS.into_iter().map(|api| (api, Bucket { tokens: api.bucket().0 * scale, at: now })).collect();
+        let buckets = ALL_APIS
+            .into_iter()
+            .map(|api| {
+                let (size, refill) = api.bucket();
+                (api, Bucket { tokens: size * scale, at: now, size: size * scale, refill: refill * scale })
+            })
+            .collect();
         let state = ThrottleState { start: now, buckets, attempts: Vec::new(), lost: BTreeMap::new() };
         Throttle { inner: Arc::new(Mutex::new(state)), scale }
+    }
+
+    /// The same world with `api`'s bucket set to `size` tokens refilled `refill` per second
+    /// (unscaled), full.
+    pub fn with_bucket(self, api: Api, size: f64, refill: f64) -> Self {
+        {
+            let mut st = self.inner.lock().unwrap();
+            let b = st.buckets.get_mut(&api).expect("every family has a bucket");
+            (b.size, b.refill, b.tokens) = (size * self.scale, refill * self.scale, size * self.scale);
+        }
+        self
     }
 
     /// One attempt: takes a token if there is one.
@@ -577,9 +598,8 @@ impl Throttle {
         let mut st = self.inner.lock().unwrap();
         let now = Instant::now();
         let at = now - st.start;
-        let (size, refill) = api.bucket();
         let b = st.buckets.get_mut(&api).expect("every family has a bucket");
-        b.tokens = (b.tokens + (now - b.at).as_secs_f64() * refill * self.scale).min(size * self.scale);
+        b.tokens = (b.tokens + (now - b.at).as_secs_f64() * b.refill).min(b.size);
         b.at = now;
         let ok = b.tokens >= 1.0;
         if ok {
@@ -897,10 +917,22 @@ impl Services for FakeServices {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum StoreOp {
     Load,
-    /// `Create` or `Put`.
+    /// `Init`: the record's maps made to exist.
+    Init,
+    /// `Claim`.
     Acquire,
     Renew,
     Remove,
+    /// The shared view's item: read, refresh lease, publication.
+    LoadView,
+    LeaseView,
+    PublishView,
+}
+
+impl StoreOp {
+    pub fn is_read(self) -> bool {
+        matches!(self, StoreOp::Load | StoreOp::LoadView)
+    }
 }
 
 /// A permit-store fault.
@@ -931,6 +963,7 @@ pub struct StoreCall {
 struct StoreState {
     start: Instant,
     records: BTreeMap<String, Record>,
+    shared: BTreeMap<String, Shared>,
     faults: BTreeMap<StoreOp, VecDeque<StoreFault>>,
     sticky: BTreeMap<StoreOp, StoreFault>,
     calls: Vec<StoreCall>,
@@ -955,6 +988,7 @@ impl FakeStore {
         let state = StoreState {
             start: Instant::now(),
             records: BTreeMap::new(),
+            shared: BTreeMap::new(),
             faults: BTreeMap::new(),
             sticky: BTreeMap::new(),
             calls: Vec::new(),
@@ -1019,38 +1053,99 @@ impl FakeStore {
         let mut st = self.inner.lock().unwrap();
         let current = st.records.get(key).cloned();
         let conflict = || Written::Conflict(current.clone());
+        let entry = |rec: &Record, id: &str, tok: &str, kind: PermitKind| {
+            rec.holders.get(id).is_some_and(|h| h.tok == tok && h.kind == kind)
+        };
         match write {
-            Write::Create { id, holder } => {
-                if current.is_some() {
-                    return conflict();
-                }
-                let holders = BTreeMap::from([(id.clone(), holder.clone())]);
-                st.records.insert(key.into(), Record { ver: 1, holders });
+            Write::Init => {
+                let rec = st.records.entry(key.into()).or_default();
+                rec.complete = true;
+                rec.ver += 1;
             }
-            Write::Put { ver, id, holder, prune } => {
-                let Some(rec) = st.records.get_mut(key).filter(|r| r.ver == *ver) else { return conflict() };
-                for p in prune {
-                    rec.holders.remove(p);
+            Write::Claim { id, holder, limit, pace } => {
+                let Some(rec) = st.records.get_mut(key).filter(|r| r.complete) else { return conflict() };
+                let slots = rec.holders.values().filter(|h| h.kind == PermitKind::Slot).count();
+                let paced_out = pace.as_ref().is_some_and(|p| {
+                    rec.window_start != p.window_start || (!p.new_window && rec.window_grants >= p.quota)
+                });
+                if rec.holders.contains_key(id) || (holder.kind == PermitKind::Slot && slots >= *limit) || paced_out {
+                    return conflict();
                 }
                 rec.holders.insert(id.clone(), holder.clone());
-                rec.ver += 1;
-            }
-            Write::Renew { id, tok, exp } => {
-                let Some(rec) = st.records.get_mut(key) else { return conflict() };
-                let Some(h) = rec.holders.get_mut(id).filter(|h| &h.tok == tok) else { return conflict() };
-                h.exp = *exp;
-                rec.ver += 1;
-            }
-            Write::Remove { id, tok } => {
-                let Some(rec) = st.records.get_mut(key) else { return conflict() };
-                if rec.holders.get(id).is_none_or(|h| &h.tok != tok) {
-                    return conflict();
+                match pace {
+                    Some(p) if p.new_window => (rec.window_start, rec.window_grants) = (holder.since, 1),
+                    Some(_) => rec.window_grants += 1,
+                    None => {}
                 }
+                rec.ver += 1;
+            }
+            Write::Renew { id, tok, exp, kind } => {
+                let Some(rec) = st.records.get_mut(key).filter(|r| entry(r, id, tok, *kind)) else { return conflict() };
+                rec.holders.get_mut(id).expect("checked").exp = *exp;
+                rec.ver += 1;
+            }
+            Write::Remove { id, tok, kind } => {
+                let Some(rec) = st.records.get_mut(key).filter(|r| entry(r, id, tok, *kind)) else { return conflict() };
                 rec.holders.remove(id);
                 rec.ver += 1;
             }
         }
-        Written::Applied
+        Written::Applied(st.records[key].clone())
+    }
+
+    /// The shared view item's conditional writes, atomically.
+    fn apply_shared(&self, key: &str, write: SharedWrite) -> bool {
+        let mut st = self.inner.lock().unwrap();
+        let item = st.shared.entry(key.into()).or_default();
+        match write {
+            SharedWrite::Lease { now, until } => {
+                if item.lease_until >= now && item.lease_until != 0 {
+                    return false;
+                }
+                item.lease_until = until;
+            }
+            SharedWrite::Publish { seen_ver, at, data } => {
+                if item.n > 0 && item.seen_ver > seen_ver {
+                    return false;
+                }
+                *item = Shared { seen_ver, n: item.n + 1, at, data, lease_until: item.lease_until };
+            }
+        }
+        true
+    }
+
+    /// The shared view's item under `key` (its full key, `lease::view_key`), if any.
+    pub fn shared(&self, key: &str) -> Option<Shared> {
+        self.inner.lock().unwrap().shared.get(key).cloned()
+    }
+
+    async fn do_load_shared(&self, key: &str) -> Result<Option<Shared>, LeaseError> {
+        tokio::time::sleep(self.latency).await;
+        if let Some(f) = self.take_fault(StoreOp::LoadView) {
+            self.log(StoreOp::LoadView, None, "error");
+            return Err(Self::error(f, "GetItem"));
+        }
+        self.log(StoreOp::LoadView, None, "read");
+        Ok(self.shared(key))
+    }
+
+    async fn do_write_shared(&self, key: &str, write: SharedWrite) -> Result<bool, LeaseError> {
+        let op = match write {
+            SharedWrite::Lease { .. } => StoreOp::LeaseView,
+            SharedWrite::Publish { .. } => StoreOp::PublishView,
+        };
+        tokio::time::sleep(self.latency).await;
+        let fault = self.take_fault(op);
+        if let Some(f) = fault.filter(|f| *f != StoreFault::LostReply) {
+            self.log(op, None, "error");
+            return Err(Self::error(f, "UpdateItem"));
+        }
+        let applied = self.apply_shared(key, write);
+        self.log(op, None, if applied { "applied" } else { "conflict" });
+        match fault {
+            Some(f) => Err(Self::error(f, "UpdateItem")),
+            None => Ok(applied),
+        }
     }
 
     async fn do_load(&self, key: &str) -> Result<Option<Record>, LeaseError> {
@@ -1065,7 +1160,8 @@ impl FakeStore {
 
     async fn do_write(&self, key: &str, write: Write) -> Result<Written, LeaseError> {
         let (op, id) = match &write {
-            Write::Create { id, .. } | Write::Put { id, .. } => (StoreOp::Acquire, id.clone()),
+            Write::Init => (StoreOp::Init, String::new()),
+            Write::Claim { id, .. } => (StoreOp::Acquire, id.clone()),
             Write::Renew { id, .. } => (StoreOp::Renew, id.clone()),
             Write::Remove { id, .. } => (StoreOp::Remove, id.clone()),
         };
@@ -1076,7 +1172,7 @@ impl FakeStore {
             return Err(Self::error(f, "UpdateItem"));
         }
         let written = self.apply(key, &write);
-        self.log(op, Some(&id), if written == Written::Applied { "applied" } else { "conflict" });
+        self.log(op, Some(&id), if written.applied() { "applied" } else { "conflict" });
         match fault {
             Some(f) => Err(Self::error(f, "UpdateItem")),
             None => Ok(written),
@@ -1093,6 +1189,12 @@ impl PermitStore for FakeStore {
     }
     fn write<'a>(&'a self, key: &'a str, write: Write) -> BoxFuture<'a, Result<Written, LeaseError>> {
         Box::pin(self.do_write(key, write))
+    }
+    fn load_shared<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Shared>, LeaseError>> {
+        Box::pin(self.do_load_shared(key))
+    }
+    fn write_shared<'a>(&'a self, key: &'a str, write: SharedWrite) -> BoxFuture<'a, Result<bool, LeaseError>> {
+        Box::pin(self.do_write_shared(key, write))
     }
 }
 
@@ -1135,6 +1237,7 @@ pub fn fake_permits(store: &FakeStore, key: &str, me: &str) -> crate::lease::Per
         grace: Duration::from_secs(30),
         max_hold: Duration::from_secs(3600),
         skew_ms: 0,
+        leave_rate: 0.0,
         clock: crate::clock::WallClock::tokio(),
     }
 }
@@ -1155,6 +1258,11 @@ pub struct FleetParams {
     /// AWS's account-wide throttling (`Throttle::aws()`) on the load balancer, and the members read
     /// through EC2's `DescribeInstances` budget; without it, no call is ever throttled.
     pub throttle: bool,
+    /// With `throttle`: the registration calls' bucket (size, refill per second) instead of
+    /// `Api::ElbV1Mutate.bucket()`.
+    pub registration: Option<(f64, f64)>,
+    /// Strict mode: `--leave-rate` (permits per second across the fleet; 0: unpaced).
+    pub leave_rate: f64,
 }
 
 /// What a fleet run measured.
@@ -1189,9 +1297,16 @@ pub struct FleetReport {
     /// Attempts AWS throttled, and calls that failed after all the SDK's attempts (each a check
     /// or a poll lost).
     pub throttled_attempts: usize,
+    /// Reads (ELB and EC2 `Describe*`: quorum checks, polls, shared-view refreshes) lost after all
+    /// attempts.
     pub calls_lost_to_throttling: usize,
-    /// Permit-store writes in the busiest second.
+    /// Registration calls lost after all the SDK's attempts (the cycle tries them again: a
+    /// deregistration for `DEREGISTER_RETRY_FOR`, a registration for `REGISTER_RETRY_FOR`).
+    pub registration_calls_lost: usize,
+    /// Permit-store writes (the record's and the shared view's) in the busiest second.
     pub store_writes_peak_per_s: f64,
+    /// Permit-store reads (the record's and the shared view's) in the busiest second.
+    pub store_reads_peak_per_s: f64,
 }
 
 /// Runs the fleet on tokio's clock (call inside a runtime with paused time for instant results).
@@ -1202,7 +1317,10 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
     let ids: Vec<String> = (0..p.k).map(|i| format!("i-{i:04}")).collect();
     let mut lb = FakeLb::new("fleet", &ids, p.drain, p.healthy_after);
     lb.latency = p.latency;
-    let throttle = p.throttle.then(Throttle::aws);
+    let throttle = p.throttle.then(|| match p.registration {
+        Some((size, refill)) => Throttle::aws().with_bucket(Api::ElbV1Mutate, size, refill),
+        None => Throttle::aws(),
+    });
     lb.throttle = throttle.clone();
     static RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let run = RUN.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -1237,7 +1355,11 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
             .with_clock(clock)
             .with_rule(p.rule)
             .with_timing(p.timing.clone())
-            .with_permits(store.as_ref().map(|s| crate::lease::Permits { clock, ..fake_permits(s, "fleet", id) }));
+            .with_permits(store.as_ref().map(|s| crate::lease::Permits {
+                clock,
+                leave_rate: p.leave_rate,
+                ..fake_permits(s, "fleet", id)
+            }));
         let cycle =
             cycle.with_members(ThrottledMembers { ids: ids.iter().cloned().collect(), throttle: throttle.clone() });
         tasks.push(tokio::spawn(async move {
@@ -1262,7 +1384,10 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
     let _ = std::fs::remove_dir_all(&base);
     let permits = p.rule.permits(p.k).max(1);
     let waves = p.k.div_ceil(permits) as u32;
-    let (throttled_attempts, calls_lost_to_throttling) = throttle.as_ref().map_or((0, 0), |t| t.throttled(&ALL_APIS));
+    let (throttled_attempts, _) = throttle.as_ref().map_or((0, 0), |t| t.throttled(&ALL_APIS));
+    let reads = [Api::ElbV1Describe, Api::ElbV2Describe, Api::Ec2Describe];
+    let calls_lost_to_throttling = throttle.as_ref().map_or(0, |t| t.throttled(&reads).1);
+    let registration_calls_lost = throttle.as_ref().map_or(0, |t| t.throttled(&[Api::ElbV1Mutate, Api::ElbV2Mutate]).1);
     FleetReport {
         k: p.k,
         makespan,
@@ -1292,9 +1417,14 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
             .map_or(0.0, |t| t.peak_per_s(&[Api::Ec2Describe], Duration::from_secs(10))),
         throttled_attempts,
         calls_lost_to_throttling,
+        registration_calls_lost,
         store_writes_peak_per_s: store.as_ref().map_or(0.0, |s| {
-            let writes: Vec<Duration> = s.calls().iter().filter(|c| c.op != StoreOp::Load).map(|c| c.at).collect();
+            let writes: Vec<Duration> = s.calls().iter().filter(|c| !c.op.is_read()).map(|c| c.at).collect();
             peak_rate(&writes, Duration::from_secs(1))
+        }),
+        store_reads_peak_per_s: store.as_ref().map_or(0.0, |s| {
+            let reads: Vec<Duration> = s.calls().iter().filter(|c| c.op.is_read()).map(|c| c.at).collect();
+            peak_rate(&reads, Duration::from_secs(1))
         }),
     }
 }

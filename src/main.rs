@@ -190,6 +190,7 @@ fn permits(settings: &Settings, key: &str, me: &str, aws: &aws_config::SdkConfig
         grace: settings.lease.grace,
         max_hold: settings.lease.max_hold,
         skew_ms: 0,
+        leave_rate: settings.lease.leave_rate,
         clock: Default::default(),
     }
 }
@@ -670,7 +671,7 @@ async fn lease_release(settings: Settings, instance: String) -> Result<u8, Failu
         println!("no permit entry for {instance} (table {}, key {}); nothing to remove", settings.lease.table, p.key);
         return Ok(OK);
     };
-    if p.remove(&instance, &h.tok).await.map_err(runtime)? {
+    if p.remove(&instance, &h.tok, h.kind).await.map_err(runtime)? {
         warn!(instance_id = %instance, key = %p.key, "permit entry removed by hand");
         println!(
             "removed the {} entry of {instance} (taken at {} ms, expiring at {} ms)",

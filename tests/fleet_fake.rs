@@ -27,6 +27,8 @@ fn params(k: usize, settle: u64) -> FleetParams {
         },
         strict: None,
         throttle: false,
+        registration: None,
+        leave_rate: 0.0,
     }
 }
 
@@ -146,4 +148,32 @@ async fn throttle_buckets_refill_and_the_sdk_attempts_each_take_a_token() {
     assert_eq!(peak_rate(&times, Duration::from_secs(10)), 0.4);
     assert_eq!(peak_rate(&times, Duration::from_secs(1)), 3.0);
     assert_eq!(peak_rate(&[], Duration::from_secs(1)), 0.0);
+}
+
+/// Issue #14's goals, scaled to what the test command can run: K = 100 strict in the throttled
+/// world (AWS's account buckets, the SDK's attempts, members through EC2's budget; the default
+/// `--leave-rate`), three seeds. The makespan goal is the issue's (1.10 × the waves of L); the
+/// rate goals are the fleet-wide ones (ELB `Describe*` ≤ 5/s and EC2 ≤ 10/s in every 10 s window).
+/// K = 1,000 runs in `cargo bench --bench fleet` (benches/README.md).
+#[tokio::test(start_paused = true)]
+async fn a_strict_fleet_of_100_stays_within_the_account_budgets() {
+    let p = FleetParams {
+        strict: Some(Duration::from_millis(45)),
+        throttle: true,
+        leave_rate: elb_quorum::config::DEFAULT_LEAVE_RATE,
+        timing: Timing { max_checks: 500, ..params(100, 0).timing },
+        ..params(100, 0)
+    };
+    for seed in 0..3 {
+        fastrand::seed(seed);
+        let r = simulate_fleet(&p).await;
+        let why = format!("seed {seed}: {r:?}");
+        assert_eq!((r.failures, r.calls_lost_to_throttling), (0, 0), "nobody gave up, no check lost: {why}");
+        assert_eq!(r.restarts, vec![1; 100], "{why}");
+        assert!(r.min_serving >= r.required && r.most_out <= r.permits, "{why}");
+        assert!(r.makespan.as_secs_f64() <= 1.10 * r.theoretical.as_secs_f64(), "{why}");
+        assert!(r.elb_describe_peak_per_s <= 5.0 && r.ec2_describe_peak_per_s <= 10.0, "{why}");
+        assert!(r.conflicts <= r.acquires, "at most one conflict per granted acquire: {why}");
+        assert!(r.store_writes_peak_per_s <= 200.0, "{why}");
+    }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use elb_quorum::lease::dynamo::DynamoStore;
-use elb_quorum::lease::{Acquired, Kind, LeaseError, PermitStore, Permits};
+use elb_quorum::lease::{view_key, Acquired, Kind, LeaseError, PermitStore, Permits, SharedWrite, Write, Written};
 
 const TABLE: &str = "elb-quorum-permits";
 
@@ -34,6 +34,7 @@ fn permits(store: &Arc<DynamoStore>, key: &str, me: &str) -> Permits {
         grace: Duration::from_secs(3),
         max_hold: Duration::from_secs(3600),
         skew_ms: 0,
+        leave_rate: 0.0,
         clock: Default::default(),
     }
 }
@@ -42,6 +43,7 @@ fn granted(a: Acquired) -> elb_quorum::lease::Permit {
     match a {
         Acquired::Granted(p) => *p,
         Acquired::Refused { holders } => panic!("refused; held by {holders:?}"),
+        Acquired::Paced { wait } => panic!("paced ({wait:?}) without a gap"),
     }
 }
 
@@ -52,12 +54,13 @@ async fn acquire_full_exempt_heartbeat_release() {
     let (a, b) = (permits(&store, key, "i-a"), permits(&store, key, "i-b"));
     let held = granted(a.acquire(Kind::Slot, 1).await.unwrap());
     let r = a.read().await.unwrap();
-    assert_eq!(r.ver, 1);
+    assert_eq!((r.ver, held.ver), (2, 2), "the record made (ver 1), then the claim (ver 2)");
+    assert!(r.complete);
     assert_eq!(r.holders["i-a"].tok, held.holder.tok);
     assert_eq!(r.holders["i-a"].kind, Kind::Slot);
     match b.acquire(Kind::Slot, 1).await.unwrap() {
         Acquired::Refused { holders } => assert_eq!(holders, vec!["i-a".to_string()]),
-        Acquired::Granted(_) => panic!("one permit, already held"),
+        Acquired::Granted(_) | Acquired::Paced { .. } => panic!("one permit, already held"),
     }
     let exempt = granted(b.acquire(Kind::Exempt, 1).await.unwrap());
     assert_eq!(exempt.others, ["i-a".to_string()].into(), "the slot holder counts as out");
@@ -74,7 +77,7 @@ async fn acquire_full_exempt_heartbeat_release() {
     })
     .await
     .expect("both renewed after D/4");
-    assert!(r.ver >= 4, "every write bumps ver (two acquires, two renewals): {}", r.ver);
+    assert!(r.ver >= 5, "every write bumps ver (the record made, two claims, two renewals): {}", r.ver);
     assert!(held.lost().is_none());
     held.release().await;
     exempt.release().await;
@@ -94,7 +97,7 @@ async fn an_expired_entry_is_taken_over_and_pruned() {
     let held = granted(later.acquire(Kind::Slot, 1).await.unwrap());
     assert!(held.others.is_empty());
     let r = later.read().await.unwrap();
-    assert_eq!(r.holders.keys().collect::<Vec<_>>(), ["i-peer"], "the dead entry was removed in the same write");
+    assert_eq!(r.holders.keys().collect::<Vec<_>>(), ["i-peer"], "the dead entry was removed, by its token");
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -105,8 +108,8 @@ async fn a_holder_notices_when_its_entry_is_removed() {
     let held = granted(a.acquire(Kind::Slot, 1).await.unwrap());
     // An operator's `lease release --instance i-a`: conditional on the token read.
     let tok = a.read().await.unwrap().holders["i-a"].tok.clone();
-    assert!(!a.remove("i-a", "not-the-token").await.unwrap(), "a stale token removes nothing");
-    assert!(a.remove("i-a", &tok).await.unwrap());
+    assert!(!a.remove("i-a", "not-the-token", Kind::Slot).await.unwrap(), "a stale token removes nothing");
+    assert!(a.remove("i-a", &tok, Kind::Slot).await.unwrap());
     // The next renewal (D/4 = 2 s) finds the token gone; `trusted until` (5 s) is not reached yet.
     let why = tokio::time::timeout(Duration::from_secs(4), async {
         loop {
@@ -158,4 +161,64 @@ async fn twenty_contenders_two_permits_fifty_rounds() {
         assert_eq!(holders.len(), 2, "round {round}: the record holds exactly the winners");
     }
     eprintln!("50 rounds in {:.1} s", start.elapsed().as_secs_f64());
+}
+
+/// The conditions the claim and the shared view rely on, as DynamoDB (here moto) evaluates them:
+/// `size(holders) < :limit`, an exemption outside the cap, one entry per instance, the refresh
+/// lease, and a publication never replacing one read after a later permit write.
+#[tokio::test(flavor = "current_thread")]
+async fn claims_are_capped_by_size_and_the_shared_view_is_leased_and_ordered() {
+    let (_moto, store) = setup().await;
+    let key = "cap.example.com";
+    let ps: Vec<Permits> = (0..4).map(|i| permits(&store, key, &format!("i-{i}"))).collect();
+    let a = granted(ps[0].acquire(Kind::Slot, 2).await.unwrap());
+    let b = granted(ps[1].acquire(Kind::Slot, 2).await.unwrap());
+    assert_eq!((a.others.len(), b.others.len()), (0, 1), "each grant counts the holders the store had then");
+    // A claim written past a stale read: the store's size condition refuses it.
+    let holder = elb_quorum::lease::Holder { tok: "t".into(), exp: u64::MAX / 2, since: 1, kind: Kind::Slot };
+    let claim = |id: &str, kind: Kind| Write::Claim {
+        id: id.into(),
+        holder: elb_quorum::lease::Holder { kind, ..holder.clone() },
+        limit: 2,
+        pace: None,
+    };
+    match store.write(key, claim("i-2", Kind::Slot)).await.unwrap() {
+        Written::Conflict(Some(r)) => assert_eq!(r.holders.len(), 2, "the record as it was"),
+        other => panic!("{other:?}"),
+    }
+    // An exemption is not capped, but one instance holds one entry.
+    assert!(store.write(key, claim("i-2", Kind::Exempt)).await.unwrap().applied());
+    assert!(!store.write(key, claim("i-2", Kind::Slot)).await.unwrap().applied());
+    assert!(!store.write(key, claim("i-0", Kind::Exempt)).await.unwrap().applied());
+    let r = ps[3].read().await.unwrap();
+    assert_eq!((r.holders["i-2"].kind, r.holders.len()), (Kind::Exempt, 3));
+    // Paced: a claim that begins a window, then one counted in it up to the quota; a claim
+    // that read another window is refused.
+    let paced = |id: &str, window_start: u64, new_window: bool| Write::Claim {
+        id: id.into(),
+        holder: elb_quorum::lease::Holder { kind: Kind::Exempt, since: 1000, ..holder.clone() },
+        limit: 2,
+        pace: Some(elb_quorum::lease::Pace { window_start, new_window, quota: 2 }),
+    };
+    assert!(store.write(key, paced("i-3", 0, true)).await.unwrap().applied());
+    assert!(!store.write(key, paced("i-4", 0, true)).await.unwrap().applied(), "the window was begun already");
+    assert!(store.write(key, paced("i-4", 1000, false)).await.unwrap().applied());
+    assert!(!store.write(key, paced("i-5", 1000, false)).await.unwrap().applied(), "quota 2 reached");
+    let r = ps[3].read().await.unwrap();
+    assert_eq!((r.window_start, r.window_grants), (1000, 2));
+    // The shared view: one refresh lease at a time; publications ordered by the version read.
+    let vk = view_key(key);
+    assert!(store.load_shared(&vk).await.unwrap().is_none());
+    let now = ps[0].now();
+    assert!(store.write_shared(&vk, SharedWrite::Lease { now, until: now + 1000 }).await.unwrap());
+    assert!(!store.write_shared(&vk, SharedWrite::Lease { now: now + 500, until: now + 1500 }).await.unwrap());
+    assert!(store.write_shared(&vk, SharedWrite::Lease { now: now + 1001, until: now + 2000 }).await.unwrap());
+    let publish = |v: u64, d: &str| SharedWrite::Publish { seen_ver: v, at: now, data: d.into() };
+    assert!(store.write_shared(&vk, publish(5, "five")).await.unwrap());
+    assert!(store.write_shared(&vk, publish(5, "five again")).await.unwrap(), "the same version: a later read");
+    assert!(!store.write_shared(&vk, publish(4, "older")).await.unwrap());
+    let s = store.load_shared(&vk).await.unwrap().unwrap();
+    assert_eq!((s.seen_ver, s.n, s.data.as_str(), s.lease_until), (5, 2, "five again", now + 2000));
+    a.release().await;
+    b.release().await;
 }

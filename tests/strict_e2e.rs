@@ -183,6 +183,7 @@ fn missing_table_stuck_entries_and_bad_values_from_the_command_line() {
             grace: Duration::from_secs(30),
             max_hold: Duration::from_secs(3600),
             skew_ms: 0,
+            leave_rate: 0.0,
             clock: Default::default(),
         }
     });

@@ -4,7 +4,9 @@
 //! until drained in each → restart programs → register in each → wait until serving in each. The
 //! waits on several attachments run side by side (one poll round reads them all). In strict mode
 //! the gate takes one permit for the cluster first (`crate::lease`), holds it until serving again
-//! and skips the recheck, which the permit makes unnecessary. The state file records every
+//! and skips the recheck, which the permit makes unnecessary; its checks and polls read the
+//! cluster's shared view (`view`, refreshed by one instance at a time) instead of the load
+//! balancer, so that a fleet's API rate does not grow with its size. The state file records every
 //! (attachment, target) pair before the first deregistration; `reconcile` finishes a cycle that a
 //! previous process left half done and puts back exactly those pairs.
 //!
@@ -14,6 +16,7 @@
 //! (`CycleError::StillDeregistered`, said loudly).
 
 pub mod state_file;
+pub mod view;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,14 +30,33 @@ use crate::config::{DRAIN_MARGIN, HEALTH_MARGIN};
 use crate::hooks::{self, Context as HookContext, HookError, Hooks, Phase};
 use crate::lb::members::{MembersError, Membership, Roster};
 use crate::lb::{Kind as AttachmentKind, LbError, LbTimings, LoadBalancer, Target, TargetHealth, TargetState};
-use crate::lease::{Acquired, Kind, LeaseError, Permit, Permits};
+use crate::lease::{Acquired, Kind, LeaseError, Permit, Permits, Toucher};
 use crate::quorum::{combine, decide, holds_without_me, Decision, Members, Reason, Rule, Snapshot, Verdict, Zone};
 use crate::supervisor::{Services, SupervisorError};
 use crate::trigger::RestartRequest;
 use state_file::{LeaveVia, Record, StateFile, StateFileError, Step, Taken};
+use view::{View, FIRST_VIEW_SPREAD, TIMINGS_MAX_AGE, VIEW_MAX_AGE, VIEW_POLL, VIEW_REFRESH, VIEW_WAIT};
+
+/// Strict mode: the fleet's waiters read the permit record about this many times per second in
+/// all (each waits `members / WAITER_CHECKS_PER_S` between checks, or `--check-interval` if
+/// longer), so that a freed slot is taken within a fraction of a second at any size while the
+/// record's readers stay bounded.
+pub const WAITER_CHECKS_PER_S: f64 = 100.0;
+/// Strict mode: instances asked at the same moment spread their first check over `members /
+/// FIRST_CHECKS_PER_S` seconds, so that the permit table sees about this many claims per second.
+pub const FIRST_CHECKS_PER_S: f64 = 100.0;
+/// Strict mode: an instance refused by the pacing (`--leave-rate`) asks again within this long after
+/// the gap (or within `members / WAITER_CHECKS_PER_S` seconds if longer).
+pub const PACED_SPREAD: Duration = Duration::from_secs(1);
+/// Strict mode: an instance refused a slot takes an exempt entry if a view at most this old
+/// shows it serving nowhere (an older one is refreshed first).
+pub const EXEMPTION_VIEW_AGE: Duration = Duration::from_secs(10);
 
 /// How long registering again is retried while AWS is unreachable before giving up loudly.
 pub const REGISTER_RETRY_FOR: Duration = Duration::from_secs(300);
+/// How long a throttled deregistration is tried again before the cycle comes back (strict mode:
+/// and goes back to the gate, permit released; else it fails).
+pub const DEREGISTER_RETRY_FOR: Duration = Duration::from_secs(20);
 /// Largest pause between registration retries.
 pub const REGISTER_RETRY_MAX_PAUSE: Duration = Duration::from_secs(30);
 
@@ -352,6 +374,20 @@ pub struct Cycle<L, M, S> {
     pub metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
     /// `--before-leave`, `--ready-check`, `--after-return`.
     pub hooks: Hooks,
+    /// Strict mode, while a permit is held: where this holder stands in the shared view.
+    cursor: std::sync::Mutex<Option<Cursor>>,
+}
+
+/// Strict mode, while a permit is held: the shared view this holder may use.
+#[derive(Clone)]
+struct Cursor {
+    /// A view must have been read after this version of the permit record (the grant, then the
+    /// touch after registering).
+    need: u64,
+    /// The publication last used: the next poll round waits for a later one.
+    last_n: u64,
+    timings: Vec<LbTimings>,
+    toucher: Toucher,
 }
 
 enum Gate {
@@ -382,6 +418,8 @@ enum StrictCheck {
     Allowed(Decision, Observation, Box<Permit>),
     /// A permit was free, but quorum does not hold; it is released already.
     Wait(Verdict),
+    /// Another instance was granted a permit less than the pacing gap ago: ask again after this.
+    Paced(Duration),
     /// Every slot is held.
     Full {
         holders: Vec<String>,
@@ -395,6 +433,9 @@ enum Left {
     DryRun(Verdict),
     /// Peers left at the same time (non-strict recheck): registered again, back to the gate.
     Raced(Verdict),
+    /// Strict mode: the registration calls stayed throttled (the fleet's shared budget is spent):
+    /// back in every attachment, permit released, back to the gate.
+    Throttled(Verdict),
 }
 
 impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
@@ -424,6 +465,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             clock: crate::clock::WallClock::System,
             metrics: None,
             hooks: Hooks::default(),
+            cursor: std::sync::Mutex::new(None),
         }
     }
 
@@ -445,6 +487,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             clock: self.clock,
             metrics: self.metrics,
             hooks: self.hooks,
+            cursor: self.cursor,
         }
     }
 
@@ -719,14 +762,36 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         }
     }
 
-    /// The strict gate: each check takes a permit first, then reads the attachments with every
-    /// other holder counted out. Errors of the permit store fail closed: a failed check.
+    /// The strict gate: each check takes a permit first, then reads the shared view (read after
+    /// the grant) with every other holder counted out. Errors of the permit store fail closed: a
+    /// failed check. Instances asked at once spread their first check; waiters check less often in
+    /// a larger cluster (`FIRST_CHECKS_PER_S`, `WAITER_CHECKS_PER_S`).
     async fn strict_gate(&self, permits: &Permits, req: &RestartRequest, first_check: u32) -> Result<Gate, CycleError> {
         let mut check = first_check;
+        let mut members = match self.view_for_limit(permits).await {
+            Ok((v, _, _)) => v.roster.members.len(),
+            Err(CycleError::Lease(e)) if !e.is_retryable() => return Err(CycleError::Lease(e)),
+            Err(_) => 0,
+        };
+        let spread = Duration::from_secs_f64(members as f64 / FIRST_CHECKS_PER_S);
+        if !spread.is_zero() && !self.pause(spread.mul_f64(fastrand::f64())).await {
+            return Ok(Gate::Aborted);
+        }
         loop {
             check += 1;
-            let last = match self.strict_check(permits, req).await {
+            let last = match self.strict_check(permits, req, &mut members).await {
                 Ok(StrictCheck::InStandby) => return Ok(Gate::InStandby),
+                Ok(StrictCheck::Paced(wait)) => {
+                    // Not a verdict: the cluster is leaving at its pace. Ask again after the gap,
+                    // each waiter at its own moment within the window the fleet's waiters check in
+                    // (so a large fleet does not come back at once); this does not use up a check.
+                    check -= 1;
+                    let window = PACED_SPREAD.max(Duration::from_secs_f64(members as f64 / WAITER_CHECKS_PER_S));
+                    if !self.pause(wait + window.mul_f64(fastrand::f64())).await {
+                        return Ok(Gate::Aborted);
+                    }
+                    continue;
+                }
                 Ok(StrictCheck::Allowed(decision, observation, permit)) => {
                     self.count_check(Some(&decision), Some(&observation.listed));
                     if let Some(m) = &self.metrics {
@@ -773,31 +838,44 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 }
                 return last;
             }
-            if !self.pause(jitter(self.timing.check_interval)).await {
+            let interval =
+                self.timing.check_interval.max(Duration::from_secs_f64(members as f64 / WAITER_CHECKS_PER_S));
+            if !self.pause(jitter(interval)).await {
                 return Ok(Gate::Aborted);
             }
         }
     }
 
-    /// One strict check: members → permit → attachments → decision. A slot refused to an instance
-    /// that serves nothing already becomes an exempt entry; an exempt instance found serving again
-    /// loses the exemption and tries for a slot once.
-    async fn strict_check(&self, permits: &Permits, req: &RestartRequest) -> Result<StrictCheck, CycleError> {
-        let roster = self.members.members().await?;
-        if roster.in_standby(&self.me) {
+    /// One strict check: the shared view (members, for L) → permit → a view read after the grant
+    /// → decision. A slot refused to an instance that serves nothing already becomes an exempt
+    /// entry; an exempt instance found serving again loses the exemption and tries for a slot once.
+    async fn strict_check(
+        &self,
+        permits: &Permits,
+        req: &RestartRequest,
+        members: &mut usize,
+    ) -> Result<StrictCheck, CycleError> {
+        let (seen, seen_at, seen_n) = self.view_for_limit(permits).await?;
+        *members = seen.roster.members.len();
+        if seen.roster.in_standby(&self.me) {
             return Ok(StrictCheck::InStandby);
         }
-        let limit = self.rule.permits(roster.members.len());
+        let limit = self.rule.permits(seen.roster.members.len());
         let mut kind = if req.serves_nothing() { Kind::Exempt } else { Kind::Slot };
         let mut exemption_lost = false;
         loop {
             let permit = match permits.acquire(kind, limit).await? {
                 Acquired::Granted(p) => p,
+                Acquired::Paced { wait } => return Ok(StrictCheck::Paced(wait)),
                 Acquired::Refused { holders } => {
                     if exemption_lost {
                         return Ok(StrictCheck::Full { holders, permits: limit });
                     }
-                    if self.serving_anywhere(&self.read_targets().await?) {
+                    // Whether this instance serves, from a view at most `EXEMPTION_VIEW_AGE` old.
+                    let old = permits.now().saturating_sub(seen_at) > EXEMPTION_VIEW_AGE.as_millis() as u64;
+                    let listed =
+                        if old { self.shared_view(permits, 0, seen_n).await?.0.listed } else { seen.listed.clone() };
+                    if self.serving_anywhere(&listed) {
                         return Ok(StrictCheck::Full { holders, permits: limit });
                     }
                     info!(instance_id = %self.me, "no free slot, but every attachment counts this instance out: taking an exempt entry");
@@ -805,14 +883,19 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     continue;
                 }
             };
-            // Read after the permit was granted: only this read may let the instance leave.
-            let obs = match self.read_targets().await {
-                Ok(listed) => Observation { roster: roster.clone(), listed },
+            // Read after the permit was granted: only this view may let the instance leave.
+            let (view, n) = match self.shared_view(permits, permit.ver, 0).await {
+                Ok(v) => v,
                 Err(e) => {
                     permit.release().await;
                     return Err(e);
                 }
             };
+            if view.roster.in_standby(&self.me) {
+                permit.release().await;
+                return Ok(StrictCheck::InStandby);
+            }
+            let obs = Observation { roster: view.roster.clone(), listed: view.listed.clone() };
             if let Err(e) = self.plan(&obs) {
                 permit.release().await;
                 return Err(e);
@@ -826,10 +909,118 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 continue;
             }
             if decision.may_leave() {
+                *self.cursor.lock().unwrap() =
+                    Some(Cursor { need: permit.ver, last_n: n, timings: view.timings, toucher: permit.toucher() });
                 return Ok(StrictCheck::Allowed(decision, obs, permit));
             }
             permit.release().await;
             return Ok(StrictCheck::Wait(decision.overall));
+        }
+    }
+
+    /// Strict mode: a view recent enough to size the cluster (L) and to tell whether this instance
+    /// serves: the shared one when at most `VIEW_MAX_AGE` old, else a fresh one.
+    /// Returns it with when it was read (Unix ms, its reader's clock) and its publication number.
+    async fn view_for_limit(&self, permits: &Permits) -> Result<(View, u64, u64), CycleError> {
+        let current = permits.shared().await?;
+        match current {
+            Some(s) if !s.data.is_empty() && permits.now().saturating_sub(s.at) <= VIEW_MAX_AGE.as_millis() as u64 => {
+                Ok((View::decode(&s.data).map_err(|d| self.malformed_view(permits, d))?, s.at, s.n))
+            }
+            s => {
+                let (view, n) = self.shared_view(permits, 0, s.map_or(0, |s| s.n)).await?;
+                Ok((view, permits.now(), n))
+            }
+        }
+    }
+
+    fn malformed_view(&self, permits: &Permits, detail: String) -> CycleError {
+        CycleError::Lease(LeaseError::Malformed {
+            table: permits.store.table().into(),
+            key: crate::lease::view_key(&permits.key),
+            detail,
+        })
+    }
+
+    /// Strict mode: a shared view read after the permit record's version `need` and published
+    /// after publication `after_n`, with its publication number. When the stored one is not, this
+    /// instance refreshes it if the refresh lease is free (members, every attachment's targets, and
+    /// their timings when older than `TIMINGS_MAX_AGE`), else waits for the instance that holds
+    /// the lease; within `VIEW_WAIT`.
+    async fn shared_view(&self, permits: &Permits, need: u64, after_n: u64) -> Result<(View, u64), CycleError> {
+        let deadline = Instant::now() + VIEW_WAIT;
+        loop {
+            let current = permits.shared().await?;
+            if let Some(s) = current.as_ref().filter(|s| s.n > after_n && s.seen_ver >= need && !s.data.is_empty()) {
+                let view = View::decode(&s.data).map_err(|d| self.malformed_view(permits, d))?;
+                return Ok((view, s.n));
+            }
+            // Take the refresh only when the item says nobody holds it (so that a crowd of
+            // pollers does not write at once); a cluster's very first view waits a random moment
+            // first, so that instances asked at once do not all try.
+            let free = match &current {
+                Some(s) => s.lease_until < permits.now(),
+                None => {
+                    tokio::time::sleep(FIRST_VIEW_SPREAD.mul_f64(fastrand::f64())).await;
+                    permits.shared().await?.is_none_or(|s| s.lease_until < permits.now())
+                }
+            };
+            if free && permits.lease_view(VIEW_REFRESH * self.lbs.len().max(1) as u32).await? {
+                let seen_ver = permits.read().await?.ver;
+                let at = permits.now();
+                let max_age = TIMINGS_MAX_AGE.as_millis() as u64;
+                let previous = current
+                    .as_ref()
+                    .and_then(|s| View::decode(&s.data).ok())
+                    .filter(|v| v.timings.len() == self.lbs.len() && at.saturating_sub(v.timings_at) < max_age);
+                let roster = self.members.members().await?;
+                let listed = self.read_targets().await?;
+                let (timings, timings_at) = match previous {
+                    Some(v) => (v.timings, v.timings_at),
+                    None => (self.timings().await?, at),
+                };
+                let view = View { roster, listed, timings, timings_at };
+                permits.publish_view(seen_ver, at, view.encode()).await?;
+                return Ok((view, current.map_or(0, |s| s.n) + 1));
+            }
+            if Instant::now() >= deadline {
+                return Err(CycleError::Lease(LeaseError::Unavailable {
+                    table: permits.store.table().into(),
+                    action: "shared view",
+                    detail: format!("no view read after version {need} within {} s", VIEW_WAIT.as_secs()),
+                }));
+            }
+            tokio::time::sleep(jitter(VIEW_POLL)).await;
+        }
+    }
+
+    /// One poll round's targets for every attachment from the shared view (one published after
+    /// the last round's) while a permit is held; `None` otherwise (read each attachment).
+    async fn shared_round(&self) -> Option<Result<Vec<Vec<TargetHealth>>, CycleError>> {
+        let cursor = self.cursor.lock().unwrap().clone()?;
+        let permits = self.permits.as_ref()?;
+        Some(match self.shared_view(permits, cursor.need, cursor.last_n).await {
+            Ok((view, n)) => {
+                if let Some(c) = self.cursor.lock().unwrap().as_mut() {
+                    c.last_n = n;
+                }
+                Ok(view.listed)
+            }
+            Err(e) => Err(e),
+        })
+    }
+
+    /// Attachment `i`'s targets this round: from the shared view when there is one.
+    async fn round_targets(
+        &self,
+        i: usize,
+        shared: &Option<Result<Vec<Vec<TargetHealth>>, CycleError>>,
+    ) -> Result<Vec<TargetHealth>, LbError> {
+        let lb = &self.lbs[i];
+        match shared {
+            None => lb.targets().await,
+            Some(Ok(all)) => Ok(all.get(i).cloned().unwrap_or_default()),
+            Some(Err(e)) => Err(LbError::Unreachable { lb: lb.label(), action: "shared view", detail: chain(e) }),
         }
     }
 
@@ -898,6 +1089,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             summary.checks = checks;
             summary.waited_for_quorum = started.elapsed();
             let left = self.leave(&programs, &decision, &observation, permit.as_deref(), &mut summary).await;
+            *self.cursor.lock().unwrap() = None;
             if let Some(permit) = permit {
                 permit.release().await;
             }
@@ -920,7 +1112,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     return Ok(Outcome::Done(summary));
                 }
                 Left::DryRun(verdict) => return Ok(Outcome::DryRun(verdict)),
-                Left::Raced(verdict) => {
+                Left::Raced(verdict) | Left::Throttled(verdict) => {
                     if checks >= self.timing.max_checks {
                         return Ok(Outcome::GaveUp { verdict, checks });
                     }
@@ -943,7 +1135,11 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
 
     /// The attachment `taken` names, among this cycle's.
     fn attachment(&self, taken: &Taken) -> Option<&L> {
-        self.lbs.iter().find(|l| l.spec().kind == taken.kind && (l.id() == taken.id || l.spec().name == taken.id))
+        self.attachment_index(taken).map(|i| &self.lbs[i])
+    }
+
+    fn attachment_index(&self, taken: &Taken) -> Option<usize> {
+        self.lbs.iter().position(|l| l.spec().kind == taken.kind && (l.id() == taken.id || l.spec().name == taken.id))
     }
 
     /// Past the gate: deregister from every attachment → (recheck) → drain → restart → register
@@ -965,7 +1161,12 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         }
         // The gate may have waited minutes: the programs must still exist before we leave.
         self.services.validate(programs).await?;
-        let timings = self.timings().await?;
+        // Strict mode read the timings with the shared view.
+        let shared_timings = self.cursor.lock().unwrap().as_ref().map(|c| c.timings.clone());
+        let timings = match shared_timings {
+            Some(t) if t.len() == self.lbs.len() => t,
+            _ => self.timings().await?,
+        };
         if let Some(why) = permit.and_then(Permit::lost) {
             error!(attachments = %labels(&plan), instance_id = %self.me, "permit lost before deregistering ({why}); not leaving");
             return Err(CycleError::PermitLost { why });
@@ -988,6 +1189,11 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     let lb = &self.lbs[i];
                     info!(lb = %lb.label(), instance_id = %self.me, targets = %targets_of(std::slice::from_ref(taken)), "deregistering");
                     if let Err(e) = self.deregister_one(lb, taken).await {
+                        if permit.is_some() && matches!(e, CycleError::Lb(LbError::Throttled { .. })) {
+                            warn!(lb = %lb.label(), instance_id = %self.me, error = %e, "deregistering stayed throttled; registering again every target taken out so far, releasing the permit and waiting");
+                            self.come_back(&plan[..=i], &timings).await?;
+                            return Ok(Left::Throttled(decision.overall.clone()));
+                        }
                         error!(lb = %lb.label(), instance_id = %self.me, error = %e, "deregistering failed; registering again every target taken out so far");
                         self.come_back(&plan[..=i], &timings).await?;
                         return Err(e);
@@ -1077,8 +1283,20 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
 
     /// Deregisters `taken.targets` from `lb`. A target group that answers `InvalidTarget` counts the
     /// targets out only if it then lists each of them as not registered (or not at all).
+    /// A throttled call is tried again for `DEREGISTER_RETRY_FOR` (nothing is out yet, and a fleet
+    /// that leaves at once shares one registration budget).
     async fn deregister_one(&self, lb: &L, taken: &Taken) -> Result<(), CycleError> {
-        match lb.deregister(&taken.targets).await {
+        let mut backoff = Backoff::new();
+        let result = loop {
+            match lb.deregister(&taken.targets).await {
+                Err(e @ LbError::Throttled { .. }) if backoff.start.elapsed() < DEREGISTER_RETRY_FOR => {
+                    warn!(lb = %lb.label(), instance_id = %self.me, error = %e, "deregistering throttled; trying again in about {:?}", backoff.pause);
+                    backoff.wait().await;
+                }
+                other => break other,
+            }
+        };
+        match result {
             Ok(()) => Ok(()),
             Err(e @ LbError::InvalidTarget { .. }) if taken.kind == AttachmentKind::TargetGroup => {
                 let listed = lb.targets().await?;
@@ -1114,9 +1332,10 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         let mut pending: Vec<usize> = (0..plan.len()).collect();
         loop {
             let mut still = Vec::new();
+            let shared = self.shared_round().await;
             for &i in &pending {
                 let (lb, taken) = (&self.lbs[i], &plan[i]);
-                match lb.targets().await {
+                match self.round_targets(i, &shared).await {
                     Ok(listed) => {
                         let left: Vec<&TargetHealth> =
                             listed.iter().filter(|h| taken.targets.contains(&h.target) && !h.state.is_out()).collect();
@@ -1138,6 +1357,10 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             }
             pending = still;
             let Some(next_deadline) = pending.iter().map(|&i| start + bounds[i]).min() else { return Ok(()) };
+            if matches!(shared, Some(Ok(_))) {
+                // The next round waits for a newer shared view: that paces it.
+                continue;
+            }
             tokio::time::sleep(
                 jitter(self.timing.poll_interval)
                     .min(next_deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10))),
@@ -1235,13 +1458,30 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             self.timing.health_timeout.unwrap_or(healthy_after + HEALTH_MARGIN)
         };
         let mut failed = not_registered;
+        // Strict mode: renew the permit now, so that only a view read after registering counts.
+        let toucher = self.cursor.lock().unwrap().as_ref().map(|c| c.toucher.clone());
+        if let Some(toucher) = toucher {
+            match toucher.touch().await {
+                Ok(ver) => {
+                    if let Some(c) = self.cursor.lock().unwrap().as_mut() {
+                        c.need = c.need.max(ver);
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "renewing the permit after registering failed; reading each attachment directly");
+                    *self.cursor.lock().unwrap() = None;
+                }
+            }
+        }
         loop {
             let mut still = Vec::new();
+            let shared = self.shared_round().await;
             for &i in &pending {
                 let taken = &plan[i];
-                let Some(lb) = self.attachment(taken) else { continue };
+                let Some(at) = self.attachment_index(taken) else { continue };
+                let lb = &self.lbs[at];
                 let lb_label = lb.label();
-                match lb.targets().await {
+                match self.round_targets(at, &shared).await {
                     Ok(listed) => {
                         let mine: Vec<&TargetHealth> =
                             listed.iter().filter(|h| taken.targets.contains(&h.target)).collect();
@@ -1293,7 +1533,10 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     None => Ok(()),
                 };
             }
-            tokio::time::sleep(jitter(self.timing.poll_interval)).await;
+            if !matches!(shared, Some(Ok(_))) {
+                // (With a shared view, the next round waits for a newer one: that paces it.)
+                tokio::time::sleep(jitter(self.timing.poll_interval)).await;
+            }
         }
     }
 

@@ -85,7 +85,7 @@ impl std::fmt::Display for Target {
 }
 
 /// A target's state, whatever the backend. Only `Serving` counts as in service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TargetState {
     /// Classic `InService` (not draining); target group `healthy`.

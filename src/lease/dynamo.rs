@@ -1,6 +1,7 @@
 //! `PermitStore` on a DynamoDB table (hash key `pk`, a string) through `aws-sdk-dynamodb`. Every
-//! attribute name goes through a placeholder (`#h` holders, `#v` ver, `#id` one holder), so no name
-//! can collide with DynamoDB's reserved words. All `SdkError` mapping happens here.
+//! attribute name goes through a placeholder (`#h` holders, `#x` exempt, `#v` ver, `#id` one
+//! holder), so no name can collide with DynamoDB's reserved words. The shared view is a second
+//! item of the same table (`pk` = key + `#view`). All `SdkError` mapping happens here.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -9,12 +10,12 @@ use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
-use aws_sdk_dynamodb::types::{AttributeValue, ReturnValuesOnConditionCheckFailure};
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
 use aws_sdk_dynamodb::Client;
 
 use crate::identity::{aws_failure, AwsFailure};
 
-use super::{BoxFuture, Holder, Kind, LeaseError, PermitStore, Record, Write, Written};
+use super::{BoxFuture, Holder, Kind, LeaseError, Pace, PermitStore, Record, Shared, SharedWrite, Write, Written};
 
 /// One attempt may take this long before it counts as a timeout (fail closed, retried by the SDK).
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -81,58 +82,157 @@ impl DynamoStore {
     async fn write(&self, key: &str, write: Write) -> Result<Written, LeaseError> {
         let n = |v: u64| AttributeValue::N(v.to_string());
         let s = |v: &str| AttributeValue::S(v.to_owned());
-        let mut req = self
+        let map = |kind: Kind| if kind == Kind::Slot { "#h" } else { "#x" };
+        let req = self
             .client
             .update_item()
             .table_name(&self.table)
             .key("pk", AttributeValue::S(key.into()))
-            .expression_attribute_names("#h", "holders")
             .expression_attribute_names("#v", "ver")
+            .return_values(ReturnValue::AllNew)
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
-        req = match write {
-            Write::Create { id, holder } => req
-                .update_expression("SET #h = :h, #v = :one")
-                .condition_expression("attribute_not_exists(pk)")
-                .expression_attribute_values(":h", AttributeValue::M(HashMap::from([(id, encode(&holder))])))
+        let req = match write {
+            Write::Init => req
+                .update_expression("SET #h = if_not_exists(#h, :empty), #x = if_not_exists(#x, :empty), #v = if_not_exists(#v, :zero) + :one")
+                .expression_attribute_names("#h", "holders")
+                .expression_attribute_names("#x", "exempt")
+                .expression_attribute_values(":empty", AttributeValue::M(HashMap::new()))
+                .expression_attribute_values(":zero", n(0))
                 .expression_attribute_values(":one", n(1)),
-            Write::Put { ver, id, holder, prune } => {
-                let mut update = "SET #h.#id = :e, #v = :next".to_owned();
-                for (i, old) in prune.into_iter().enumerate() {
-                    update.push_str(if i == 0 { " REMOVE " } else { ", " });
-                    update.push_str(&format!("#h.#p{i}"));
-                    req = req.expression_attribute_names(format!("#p{i}"), old);
+            Write::Claim { id, holder, limit, pace } => {
+                let mut condition = "attribute_not_exists(#h.#id) AND attribute_not_exists(#x.#id)".to_owned();
+                let mut update = format!("SET {}.#id = :e, #v = #v + :one", map(holder.kind));
+                match &pace {
+                    Some(Pace { new_window: true, .. }) => update.push_str(", #ws = :now, #wn = :one"),
+                    Some(Pace { new_window: false, .. }) => update.push_str(", #wn = #wn + :one"),
+                    None => {}
                 }
-                req.update_expression(update)
-                    .condition_expression("#v = :ver")
+                let req = req
+                    .update_expression(update)
+                    .expression_attribute_names("#h", "holders")
+                    .expression_attribute_names("#x", "exempt")
                     .expression_attribute_names("#id", id)
                     .expression_attribute_values(":e", encode(&holder))
-                    .expression_attribute_values(":ver", n(ver))
-                    .expression_attribute_values(":next", n(ver + 1))
+                    .expression_attribute_values(":one", n(1));
+                let req = match holder.kind {
+                    Kind::Slot => {
+                        condition.push_str(" AND size(#h) < :limit");
+                        req.expression_attribute_values(":limit", n(limit as u64))
+                    }
+                    Kind::Exempt => req,
+                };
+                let req = match pace {
+                    Some(p) => {
+                        let req = req
+                            .expression_attribute_names("#ws", "ws")
+                            .expression_attribute_names("#wn", "wn")
+                            .expression_attribute_values(":ws", n(p.window_start));
+                        if p.new_window {
+                            condition.push_str(" AND (attribute_not_exists(#ws) OR #ws = :ws)");
+                            req.expression_attribute_values(":now", n(holder.since))
+                        } else {
+                            condition.push_str(" AND #ws = :ws AND #wn < :quota");
+                            req.expression_attribute_values(":quota", n(p.quota.into()))
+                        }
+                    }
+                    None => req,
+                };
+                req.condition_expression(condition)
             }
-            Write::Renew { id, tok, exp } => req
-                .update_expression("SET #h.#id.#exp = :exp, #v = #v + :one")
-                .condition_expression("#h.#id.#tok = :tok")
+            Write::Renew { id, tok, exp, kind } => req
+                .update_expression("SET #m.#id.#exp = :exp, #v = #v + :one")
+                .condition_expression("#m.#id.#tok = :tok")
+                .expression_attribute_names("#m", if kind == Kind::Slot { "holders" } else { "exempt" })
                 .expression_attribute_names("#id", id)
                 .expression_attribute_names("#exp", "exp")
                 .expression_attribute_names("#tok", "tok")
                 .expression_attribute_values(":exp", n(exp))
                 .expression_attribute_values(":tok", s(&tok))
                 .expression_attribute_values(":one", n(1)),
-            Write::Remove { id, tok } => req
-                .update_expression("REMOVE #h.#id SET #v = #v + :one")
-                .condition_expression("#h.#id.#tok = :tok")
+            Write::Remove { id, tok, kind } => req
+                .update_expression("REMOVE #m.#id SET #v = #v + :one")
+                .condition_expression("#m.#id.#tok = :tok")
+                .expression_attribute_names("#m", if kind == Kind::Slot { "holders" } else { "exempt" })
                 .expression_attribute_names("#id", id)
                 .expression_attribute_names("#tok", "tok")
                 .expression_attribute_values(":tok", s(&tok))
                 .expression_attribute_values(":one", n(1)),
         };
         match req.send().await {
-            Ok(_) => Ok(Written::Applied),
+            Ok(out) => {
+                let item = out.attributes().cloned().unwrap_or_default();
+                decode(&item).map(Written::Applied).map_err(|detail| LeaseError::Malformed {
+                    table: self.table.clone(),
+                    key: key.into(),
+                    detail,
+                })
+            }
             Err(SdkError::ServiceError(se))
                 if matches!(se.err(), UpdateItemError::ConditionalCheckFailedException(_)) =>
             {
                 let UpdateItemError::ConditionalCheckFailedException(c) = se.err() else { unreachable!() };
                 Ok(Written::Conflict(c.item().and_then(|item| decode(item).ok())))
+            }
+            Err(e) => Err(self.map("UpdateItem", e)),
+        }
+    }
+
+    async fn load_shared(&self, key: &str) -> Result<Option<Shared>, LeaseError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", AttributeValue::S(key.into()))
+            .send()
+            .await
+            .map_err(|e| self.map("GetItem", e))?;
+        let Some(item) = out.item() else { return Ok(None) };
+        let num =
+            |name: &str| number(item.get(name), name).or_else(|e| if item.contains_key(name) { Err(e) } else { Ok(0) });
+        let malformed = |detail: String| LeaseError::Malformed { table: self.table.clone(), key: key.into(), detail };
+        let data = match item.get("d") {
+            Some(AttributeValue::S(d)) => d.clone(),
+            None => String::new(),
+            Some(_) => return Err(malformed("d is not a string".into())),
+        };
+        Ok(Some(Shared {
+            seen_ver: num("sv").map_err(malformed)?,
+            n: num("n").map_err(malformed)?,
+            at: num("at").map_err(malformed)?,
+            data,
+            lease_until: num("lu").map_err(malformed)?,
+        }))
+    }
+
+    async fn write_shared(&self, key: &str, write: SharedWrite) -> Result<bool, LeaseError> {
+        let n = |v: u64| AttributeValue::N(v.to_string());
+        let req = self.client.update_item().table_name(&self.table).key("pk", AttributeValue::S(key.into()));
+        let req = match write {
+            SharedWrite::Lease { now, until } => req
+                .update_expression("SET #lu = :until")
+                .condition_expression("attribute_not_exists(#lu) OR #lu < :now")
+                .expression_attribute_names("#lu", "lu")
+                .expression_attribute_values(":until", n(until))
+                .expression_attribute_values(":now", n(now)),
+            SharedWrite::Publish { seen_ver, at, data } => req
+                .update_expression("SET #sv = :sv, #at = :at, #d = :d, #n = if_not_exists(#n, :zero) + :one")
+                .condition_expression("attribute_not_exists(#sv) OR #sv <= :sv")
+                .expression_attribute_names("#sv", "sv")
+                .expression_attribute_names("#at", "at")
+                .expression_attribute_names("#d", "d")
+                .expression_attribute_names("#n", "n")
+                .expression_attribute_values(":sv", n(seen_ver))
+                .expression_attribute_values(":at", n(at))
+                .expression_attribute_values(":d", AttributeValue::S(data))
+                .expression_attribute_values(":zero", n(0))
+                .expression_attribute_values(":one", n(1)),
+        };
+        match req.send().await {
+            Ok(_) => Ok(true),
+            Err(SdkError::ServiceError(se))
+                if matches!(se.err(), UpdateItemError::ConditionalCheckFailedException(_)) =>
+            {
+                Ok(false)
             }
             Err(e) => Err(self.map("UpdateItem", e)),
         }
@@ -148,6 +248,12 @@ impl PermitStore for DynamoStore {
     }
     fn write<'a>(&'a self, key: &'a str, write: Write) -> BoxFuture<'a, Result<Written, LeaseError>> {
         Box::pin(DynamoStore::write(self, key, write))
+    }
+    fn load_shared<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Shared>, LeaseError>> {
+        Box::pin(DynamoStore::load_shared(self, key))
+    }
+    fn write_shared<'a>(&'a self, key: &'a str, write: SharedWrite) -> BoxFuture<'a, Result<bool, LeaseError>> {
+        Box::pin(DynamoStore::write_shared(self, key, write))
     }
 }
 
@@ -167,27 +273,35 @@ fn number(v: Option<&AttributeValue>, what: &str) -> Result<u64, String> {
     }
 }
 
+/// The record from its item: slots in `holders`, exemptions in `exempt`. An entry's map decides its
+/// kind (an entry of kind `exempt` in `holders`, from a version before the two maps, counts as the
+/// slot it takes in `size(holders)`).
 fn decode(item: &HashMap<String, AttributeValue>) -> Result<Record, String> {
     let ver = if item.contains_key("ver") { number(item.get("ver"), "ver")? } else { 0 };
-    let mut record = Record { ver, holders: Default::default() };
-    let holders = match item.get("holders") {
-        None => return Ok(record),
-        Some(AttributeValue::M(m)) => m,
-        Some(_) => return Err("holders is not a map".into()),
+    let optional = |name: &str| if item.contains_key(name) { number(item.get(name), name) } else { Ok(0) };
+    let mut record = Record {
+        ver,
+        holders: Default::default(),
+        complete: item.contains_key("holders") && item.contains_key("exempt"),
+        window_start: optional("ws")?,
+        window_grants: optional("wn")?.try_into().map_err(|_| "wn is too large".to_string())?,
     };
-    for (id, v) in holders {
-        let AttributeValue::M(e) = v else { return Err(format!("holder {id} is not a map")) };
-        let tok = match e.get("tok") {
-            Some(AttributeValue::S(t)) => t.clone(),
-            _ => return Err(format!("holder {id}: tok is missing")),
+    for (name, kind) in [("holders", Kind::Slot), ("exempt", Kind::Exempt)] {
+        let entries = match item.get(name) {
+            None => continue,
+            Some(AttributeValue::M(m)) => m,
+            Some(_) => return Err(format!("{name} is not a map")),
         };
-        let kind = match e.get("kind") {
-            Some(AttributeValue::S(k)) => Kind::parse(k).ok_or_else(|| format!("holder {id}: kind {k:?}"))?,
-            _ => return Err(format!("holder {id}: kind is missing")),
-        };
-        let exp = number(e.get("exp"), &format!("holder {id}: exp"))?;
-        let since = number(e.get("since"), &format!("holder {id}: since"))?;
-        record.holders.insert(id.clone(), Holder { tok, exp, since, kind });
+        for (id, v) in entries {
+            let AttributeValue::M(e) = v else { return Err(format!("holder {id} is not a map")) };
+            let tok = match e.get("tok") {
+                Some(AttributeValue::S(t)) => t.clone(),
+                _ => return Err(format!("holder {id}: tok is missing")),
+            };
+            let exp = number(e.get("exp"), &format!("holder {id}: exp"))?;
+            let since = number(e.get("since"), &format!("holder {id}: since"))?;
+            record.holders.insert(id.clone(), Holder { tok, exp, since, kind });
+        }
     }
     Ok(record)
 }
@@ -198,14 +312,25 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_bad_ones_are_named() {
-        let h = Holder { tok: "t1".into(), exp: 1_700_000_120_000, since: 1_700_000_000_000, kind: Kind::Exempt };
+        let slot = Holder { tok: "t1".into(), exp: 1_700_000_120_000, since: 1_700_000_000_000, kind: Kind::Slot };
+        let exempt = Holder { tok: "t2".into(), kind: Kind::Exempt, ..slot.clone() };
         let item = HashMap::from([
             ("pk".to_owned(), AttributeValue::S("web.example.com".into())),
             ("ver".to_owned(), AttributeValue::N("3".into())),
-            ("holders".to_owned(), AttributeValue::M(HashMap::from([("i-1".to_owned(), encode(&h))]))),
+            ("holders".to_owned(), AttributeValue::M(HashMap::from([("i-1".to_owned(), encode(&slot))]))),
+            ("exempt".to_owned(), AttributeValue::M(HashMap::from([("i-2".to_owned(), encode(&exempt))]))),
         ]);
         let r = decode(&item).unwrap();
-        assert_eq!((r.ver, r.holders.get("i-1")), (3, Some(&h)));
+        assert_eq!(
+            (r.ver, r.holders.get("i-1"), r.holders.get("i-2"), r.complete),
+            (3, Some(&slot), Some(&exempt), true)
+        );
+        // The map decides the kind: an exemption stored in `holders` takes a slot there.
+        let mut legacy = item.clone();
+        legacy.remove("exempt");
+        legacy.insert("holders".into(), AttributeValue::M(HashMap::from([("i-2".to_owned(), encode(&exempt))])));
+        let r = decode(&legacy).unwrap();
+        assert_eq!((r.holders["i-2"].kind, r.complete), (Kind::Slot, false));
         let mut bad = item.clone();
         bad.insert(
             "holders".into(),

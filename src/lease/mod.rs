@@ -1,20 +1,30 @@
 //! Strict mode's leave permits: one shared record per cluster, changed only by conditional writes,
 //! so that two instances checking at the same moment cannot both leave. Knows the record, the rules
-//! for taking and keeping a permit, and a store behind a trait (`dynamo.rs` for DynamoDB, the fake in
-//! `crate::fake`); never the load balancer.
+//! for taking and keeping a permit, the shared view of the cluster that holders read instead of
+//! the load balancer, and a store behind a trait (`dynamo.rs` for DynamoDB, the fake in
+//! `crate::fake`); never the load balancer itself.
 //!
-//! The record (one DynamoDB item, hash key `pk` = the cluster's namespace):
-//! `ver` (number, bumped by every write) and `holders` = `{instance id → {tok, exp, since, kind}}`,
-//! times in Unix milliseconds. `kind` is `slot` (capped at L, the permits) or `exempt` (an instance
-//! that serves nothing already; uncapped).
+//! The record (one DynamoDB item, hash key `pk` = the cluster's namespace): `ver` (number, bumped
+//! by every write), `holders` = `{instance id → {tok, exp, since}}` (slots, at most L) and `exempt`
+//! (the same, for instances that serve nothing already; uncapped), times in Unix milliseconds.
 //!
-//! - Acquire: consistent read; drop holders with `exp + G < now`; refuse a slot when the other live
-//!   slot holders are L or more; else write my entry `IF ver = :v` (a new item: `IF
-//!   attribute_not_exists(pk)`). A conflict retries after 10–200 ms of jitter from the record the
-//!   failed write returns (`ALL_OLD`). A write whose reply was lost is found by reading my token.
+//! - Acquire: read; remove expired entries (`exp + G < now`) and an entry of my own from an earlier
+//!   run, each `IF` its token; refuse a slot when the other live slots are L or more; else add my
+//!   entry `IF size(holders) < :L` (a slot) and no entry of mine exists. A thousand contenders do
+//!   not serialize on one version number: every claim that fits is applied, a claim that no longer
+//!   fits fails and reads as full. The write returns the record after it (`ALL_NEW`): the other
+//!   holders counted out are exactly those the store held at my grant. A write whose reply was lost
+//!   is found by reading my token.
 //! - Heartbeat (every D/4) and release change only my own entry, `IF` its token is mine.
 //! - A holder trusts its permit until `exp − G` (G covers clock skew between instances); one past
 //!   the max hold H stops renewing.
+//! - The shared view (a second item, `pk` = namespace + `#view`): members, every attachment's
+//!   targets and timings as one instance read them, `sv` = the record's `ver` it read just before,
+//!   `n` = publications so far, `at` its clock. A holder needs a view with `sv` ≥ the version of
+//!   its own last write (its grant, or a touch after registering): that view was read after the
+//!   write, so after what the write followed. One instance refreshes at a time, at most once per
+//!   `VIEW_REFRESH` (a short lease in the same item), so the load balancer and EC2 see about one
+//!   read per second whatever the fleet's size.
 
 pub mod dynamo;
 
@@ -81,7 +91,15 @@ pub struct Holder {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Record {
     pub ver: u64,
+    /// Every entry, slots and exemptions (`Holder::kind` says which map it is stored in).
     pub holders: BTreeMap<String, Holder>,
+    /// Both maps exist (a claim can add to them).
+    #[serde(skip)]
+    pub complete: bool,
+    /// The pacing of `--leave-rate`: when the current window of `PACE_WINDOW` began (Unix ms on
+    /// the clock of the instance that began it; 0: never) and the permits granted in it.
+    pub window_start: u64,
+    pub window_grants: u32,
 }
 
 impl Record {
@@ -106,25 +124,53 @@ impl Holder {
     }
 }
 
-/// One conditional write.
+/// One conditional write. Every applied write bumps `ver` and returns the record after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Write {
-    /// The first entry of a new record: `IF attribute_not_exists(pk)`, `ver = 1`.
-    Create { id: String, holder: Holder },
-    /// Set my entry and drop expired ones: `IF ver = :ver`, `ver = ver + 1`.
-    Put { ver: u64, id: String, holder: Holder, prune: Vec<String> },
-    /// Renew an entry's expiry: `IF holders.id.tok = :tok`, `ver = ver + 1`.
-    Renew { id: String, tok: String, exp: u64 },
-    /// Remove an entry: `IF holders.id.tok = :tok`, `ver = ver + 1`.
-    Remove { id: String, tok: String },
+    /// Makes the record and its two maps exist (`SET holders = if_not_exists(holders, {})`, the
+    /// same for `exempt` and `ver`); unconditional, so it changes nothing when they exist already.
+    Init,
+    /// Adds my entry, a slot or an exemption by `holder.kind`: `IF` no entry of mine exists and,
+    /// for a slot, `size(holders) < :limit`; paced, it also counts the grant in the window.
+    Claim { id: String, holder: Holder, limit: usize, pace: Option<Pace> },
+    /// Renews an entry's expiry: `IF holders.id.tok = :tok` (or `exempt.id.tok`).
+    Renew { id: String, tok: String, exp: u64, kind: Kind },
+    /// Removes an entry: `IF holders.id.tok = :tok` (or `exempt.id.tok`).
+    Remove { id: String, tok: String, kind: Kind },
+}
+
+/// Strict mode's pacing window: at most `--leave-rate` × this many permits are granted in one.
+pub const PACE_WINDOW: Duration = Duration::from_secs(15);
+
+/// How a paced claim counts itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pace {
+    /// The window the claim read (`ws`; 0: none yet).
+    pub window_start: u64,
+    /// Begin a new window at the claim's time (`SET ws = :now, wn = 1 IF ws = :ws`), the read one
+    /// being over; else count in it (`SET wn = wn + 1 IF ws = :ws AND wn < :quota`).
+    pub new_window: bool,
+    pub quota: u32,
+}
+
+/// Permits a window of `PACE_WINDOW` allows at `rate` per second (at least one).
+pub fn pace_quota(rate: f64) -> u32 {
+    ((rate * PACE_WINDOW.as_secs_f64()).round() as u32).max(1)
 }
 
 /// How a conditional write ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Written {
-    Applied,
+    /// Applied; the record after the write.
+    Applied(Record),
     /// The condition failed; the record as it was, when the store returned it.
     Conflict(Option<Record>),
+}
+
+impl Written {
+    pub fn applied(&self) -> bool {
+        matches!(self, Written::Applied(_))
+    }
 }
 
 #[derive(Debug, Clone, Error)]
@@ -152,6 +198,31 @@ impl LeaseError {
     }
 }
 
+/// The shared view's item as stored: what one instance read, and the refresh lease.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Shared {
+    /// The permit record's `ver` read just before the view was read (0: never published).
+    pub seen_ver: u64,
+    /// Publications so far: a poller waits for a higher number to see a newer read.
+    pub n: u64,
+    /// When it was read, Unix ms on the reader's clock (for its age only).
+    pub at: u64,
+    /// The view itself (`crate::cycle::view`'s encoding).
+    pub data: String,
+    /// No other instance refreshes before this (Unix ms, on the taker's clock).
+    pub lease_until: u64,
+}
+
+/// One write to the shared view's item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedWrite {
+    /// Take the refresh: `SET lu = :until IF attribute_not_exists(lu) OR lu < :now`.
+    Lease { now: u64, until: u64 },
+    /// Publish a view: `SET sv, at, d, n = n + 1 IF attribute_not_exists(sv) OR sv <= :sv` (never
+    /// replaces a view read after a later permit write).
+    Publish { seen_ver: u64, at: u64, data: String },
+}
+
 /// Where the record lives.
 pub trait PermitStore: Send + Sync {
     /// The table's name, for messages.
@@ -160,32 +231,75 @@ pub trait PermitStore: Send + Sync {
     fn load<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Record>, LeaseError>>;
     /// One conditional write.
     fn write<'a>(&'a self, key: &'a str, write: Write) -> BoxFuture<'a, Result<Written, LeaseError>>;
+    /// A read of the shared view's item (eventually consistent is enough: a reader checks `sv`).
+    fn load_shared<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Shared>, LeaseError>>;
+    /// One conditional write to the shared view's item: true when applied.
+    fn write_shared<'a>(&'a self, key: &'a str, write: SharedWrite) -> BoxFuture<'a, Result<bool, LeaseError>>;
 }
 
-/// What an acquire should write, or why it may not.
+/// The shared view's key for the record `key`.
+pub fn view_key(key: &str) -> String {
+    format!("{key}#view")
+}
+
+/// What an acquire does next, from the record it read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
-    Write(Write),
+    /// The record or one of its maps does not exist yet.
+    Init,
+    /// Remove these entries first (expired, or mine from an earlier run), each if its token is
+    /// still the one read.
+    Remove(Vec<Write>),
+    /// Claim my entry.
+    Claim(Write),
     /// Every slot is taken by these (live) holders.
-    Refuse {
-        holders: Vec<String>,
-    },
+    Refuse { holders: Vec<String> },
+    /// Another permit was granted less than the pacing gap ago: not before this time (Unix ms).
+    Paced { until: u64 },
 }
 
-/// The acquire step, pure: from the record read at `now`, my new entry and the limit L.
-pub fn plan(record: Option<&Record>, me: &str, holder: Holder, limit: usize, now: u64, grace: Duration) -> Plan {
-    let empty = Record::default();
-    let current = record.unwrap_or(&empty);
+/// The acquire step, pure: from the record read at `now`, my new entry, the limit L and the
+/// pacing rate (`--leave-rate`; 0: unpaced).
+pub fn plan(
+    record: Option<&Record>,
+    me: &str,
+    holder: Holder,
+    limit: usize,
+    now: u64,
+    grace: Duration,
+    rate: f64,
+) -> Plan {
+    let Some(current) = record.filter(|r| r.complete) else {
+        if holder.kind == Kind::Slot && limit == 0 {
+            return Plan::Refuse { holders: Vec::new() };
+        }
+        return Plan::Init;
+    };
+    let removals: Vec<Write> = current
+        .holders
+        .iter()
+        .filter(|(id, h)| id.as_str() == me || !h.counts(now, grace))
+        .map(|(id, h)| Write::Remove { id: id.clone(), tok: h.tok.clone(), kind: h.kind })
+        .collect();
     let slots = current.other_slots(me, now, grace);
     if holder.kind == Kind::Slot && slots.len() >= limit {
         return Plan::Refuse { holders: slots };
     }
-    if record.is_none() {
-        return Plan::Write(Write::Create { id: me.into(), holder });
+    if !removals.is_empty() {
+        return Plan::Remove(removals);
     }
-    let prune =
-        current.holders.iter().filter(|(id, h)| id.as_str() != me && !h.counts(now, grace)).map(|(id, _)| id.clone());
-    Plan::Write(Write::Put { ver: current.ver, id: me.into(), holder, prune: prune.collect() })
+    let pace = if rate > 0.0 {
+        let (start, quota) = (current.window_start, pace_quota(rate));
+        let end = start.saturating_add(PACE_WINDOW.as_millis() as u64);
+        let new_window = start == 0 || now >= end;
+        if !new_window && current.window_grants >= quota {
+            return Plan::Paced { until: end };
+        }
+        Some(Pace { window_start: start, new_window, quota })
+    } else {
+        None
+    };
+    Plan::Claim(Write::Claim { id: me.into(), holder, limit, pace })
 }
 
 /// The live holders other than `me`: every decision counts them out, InService or not.
@@ -222,6 +336,9 @@ pub struct Permits {
     pub max_hold: Duration,
     /// Added to this machine's clock, in ms (tests model a skewed clock with it).
     pub skew_ms: i64,
+    /// Permits granted per second across the cluster, in windows of `PACE_WINDOW`
+    /// (`--leave-rate`); 0: unpaced.
+    pub leave_rate: f64,
     /// The wall clock expiry times are computed on: the system clock in production.
     pub clock: crate::clock::WallClock,
 }
@@ -229,7 +346,13 @@ pub struct Permits {
 /// The answer to an acquire.
 pub enum Acquired {
     Granted(Box<Permit>),
-    Refused { holders: Vec<String> },
+    Refused {
+        holders: Vec<String>,
+    },
+    /// Another permit was granted less than the pacing gap ago: ask again after `wait`.
+    Paced {
+        wait: Duration,
+    },
 }
 
 impl Permits {
@@ -250,35 +373,58 @@ impl Permits {
     /// Takes a permit of `kind` with `limit` slots (L), or says who holds them all.
     pub async fn acquire(&self, kind: Kind, limit: usize) -> Result<Acquired, LeaseError> {
         let tok = token();
-        let mut returned: Option<Record> = None;
-        let mut conflicts = 0;
+        let mut known: Option<Option<Record>> = None;
+        let (mut conflicts, mut rounds) = (0, 0);
         loop {
-            let record = match returned.take() {
-                Some(r) => Some(r),
+            let record = match known.take() {
+                Some(r) => r,
                 None => self.store.load(&self.key).await?,
             };
             let now = self.now();
             let holder = Holder { tok: tok.clone(), exp: now + Self::ms(self.duration), since: now, kind };
-            let write = match plan(record.as_ref(), &self.me, holder.clone(), limit, now, self.grace) {
+            let write = match plan(record.as_ref(), &self.me, holder.clone(), limit, now, self.grace, self.leave_rate) {
                 Plan::Refuse { holders } => return Ok(Acquired::Refused { holders }),
-                Plan::Write(w) => w,
+                Plan::Paced { until } => return Ok(Acquired::Paced { wait: Duration::from_millis(until - now) }),
+                Plan::Init => {
+                    if let Written::Applied(r) = self.store.write(&self.key, Write::Init).await? {
+                        known = Some(Some(r));
+                    }
+                    continue;
+                }
+                Plan::Remove(removals) => {
+                    // Expired entries, or mine from an earlier run: each removed if unchanged, then
+                    // the record is read again.
+                    for w in removals {
+                        self.store.write(&self.key, w).await?;
+                    }
+                    rounds += 1;
+                    if rounds > MAX_CONFLICTS {
+                        return Err(self.too_many(rounds));
+                    }
+                    continue;
+                }
+                Plan::Claim(w) => w,
             };
             match self.store.write(&self.key, write).await {
-                Ok(Written::Applied) => {
-                    let others = record.map(|r| others(&r, &self.me, now, self.grace)).unwrap_or_default();
-                    return Ok(Acquired::Granted(Box::new(self.granted(holder, others, conflicts))));
+                Ok(Written::Applied(after)) => {
+                    let others = others(&after, &self.me, now, self.grace);
+                    return Ok(Acquired::Granted(Box::new(self.granted(holder, others, conflicts, after.ver))));
                 }
                 Ok(Written::Conflict(old)) => {
+                    // Full by now, or an entry of mine appeared (a lost reply): the next round
+                    // tells which, from the record the store returned.
                     conflicts += 1;
                     if conflicts > MAX_CONFLICTS {
-                        return Err(LeaseError::Unavailable {
-                            table: self.store.table().into(),
-                            action: "acquire",
-                            detail: format!("{conflicts} conflicting writes in a row"),
-                        });
+                        return Err(self.too_many(conflicts));
                     }
-                    tokio::time::sleep(Duration::from_millis(fastrand::u64(10..=200))).await;
-                    returned = old;
+                    if let Some(r) = old.as_ref().and_then(|r| r.holders.get(&self.me)) {
+                        if r.tok == tok {
+                            let r = old.expect("checked");
+                            let others = others(&r, &self.me, self.now(), self.grace);
+                            return Ok(Acquired::Granted(Box::new(self.granted(holder, others, conflicts, r.ver))));
+                        }
+                    }
+                    known = old.map(Some);
                 }
                 Err(e) if e.is_retryable() => {
                     // The write may have been applied and only its reply lost: my token tells.
@@ -286,7 +432,7 @@ impl Permits {
                         Ok(Some(r)) if r.holders.get(&self.me).is_some_and(|h| h.tok == tok) => {
                             warn!(error = %e, "the permit write's reply was lost, but the write was applied");
                             let others = others(&r, &self.me, self.now(), self.grace);
-                            Ok(Acquired::Granted(Box::new(self.granted(holder, others, conflicts))))
+                            Ok(Acquired::Granted(Box::new(self.granted(holder, others, conflicts, r.ver))))
                         }
                         _ => Err(e),
                     };
@@ -296,30 +442,56 @@ impl Permits {
         }
     }
 
-    fn granted(&self, holder: Holder, others: BTreeSet<String>, conflicts: u32) -> Permit {
+    fn too_many(&self, conflicts: u32) -> LeaseError {
+        LeaseError::Unavailable {
+            table: self.store.table().into(),
+            action: "acquire",
+            detail: format!("{conflicts} conflicting writes in a row"),
+        }
+    }
+
+    fn granted(&self, holder: Holder, others: BTreeSet<String>, conflicts: u32, ver: u64) -> Permit {
         let health = Arc::new(Mutex::new(PermitHealth {
             trusted_until: holder.exp.saturating_sub(Self::ms(self.grace)),
             lost: None,
         }));
         info!(key = %self.key, instance_id = %self.me, kind = holder.kind.as_str(), others = others.len(), conflicts, "permit acquired");
         let heartbeat = tokio::spawn(heartbeat(self.clone(), holder.clone(), health.clone()));
-        Permit { holder, others, conflicts, permits: self.clone(), health, heartbeat }
+        Permit { holder, others, conflicts, ver, permits: self.clone(), health, heartbeat }
     }
 
-    /// Removes entry `id` if its token is still `tok`. True when removed, false when it was gone or
-    /// changed.
-    pub async fn remove(&self, id: &str, tok: &str) -> Result<bool, LeaseError> {
-        let write = Write::Remove { id: id.into(), tok: tok.into() };
-        Ok(self.store.write(&self.key, write).await? == Written::Applied)
+    /// Removes entry `id` of `kind` if its token is still `tok`. True when removed, false when it
+    /// was gone or changed.
+    pub async fn remove(&self, id: &str, tok: &str, kind: Kind) -> Result<bool, LeaseError> {
+        let write = Write::Remove { id: id.into(), tok: tok.into(), kind };
+        Ok(self.store.write(&self.key, write).await?.applied())
     }
 
     /// Removes this instance's own entry, whatever its token (one left by an earlier run).
     pub async fn remove_mine(&self) -> Result<bool, LeaseError> {
         let record = self.read().await?;
         match record.holders.get(&self.me) {
-            Some(h) => self.remove(&self.me, &h.tok).await,
+            Some(h) => self.remove(&self.me, &h.tok, h.kind).await,
             None => Ok(false),
         }
+    }
+
+    /// The shared view's item, if any.
+    pub async fn shared(&self) -> Result<Option<Shared>, LeaseError> {
+        self.store.load_shared(&view_key(&self.key)).await
+    }
+
+    /// Takes the right to refresh the shared view for `every`: false when another instance holds
+    /// it (or took it less than `every` ago).
+    pub async fn lease_view(&self, every: Duration) -> Result<bool, LeaseError> {
+        let now = self.now();
+        let write = SharedWrite::Lease { now, until: now + Self::ms(every) };
+        self.store.write_shared(&view_key(&self.key), write).await
+    }
+
+    /// Publishes a view read after the record's version `seen_ver`, at `at` (this clock).
+    pub async fn publish_view(&self, seen_ver: u64, at: u64, data: String) -> Result<bool, LeaseError> {
+        self.store.write_shared(&view_key(&self.key), SharedWrite::Publish { seen_ver, at, data }).await
     }
 }
 
@@ -338,6 +510,8 @@ pub struct Permit {
     pub others: BTreeSet<String>,
     /// Conflicting writes before it was granted.
     pub conflicts: u32,
+    /// The record's version right after the grant: a shared view read after it is fresh enough.
+    pub ver: u64,
     permits: Permits,
     health: Arc<Mutex<PermitHealth>>,
     heartbeat: tokio::task::JoinHandle<()>,
@@ -360,12 +534,17 @@ impl Permit {
             .then(|| format!("not renewed in time (trusted until {} ms, now {} ms)", h.trusted_until, now))
     }
 
+    /// A handle that renews this permit on demand (`Toucher::touch`).
+    pub fn toucher(&self) -> Toucher {
+        Toucher { permits: self.permits.clone(), holder: self.holder.clone(), health: self.health.clone() }
+    }
+
     /// Stops renewing and removes the entry (a few tries; if they all fail it expires by itself).
     pub async fn release(self) {
         self.heartbeat.abort();
         let mut pause = Duration::from_millis(500);
         for attempt in 1..=4 {
-            match self.permits.remove(&self.permits.me, &self.holder.tok).await {
+            match self.permits.remove(&self.permits.me, &self.holder.tok, self.holder.kind).await {
                 Ok(true) => {
                     info!(key = %self.permits.key, instance_id = %self.permits.me, "permit released");
                     return;
@@ -395,11 +574,48 @@ impl Drop for Permit {
     }
 }
 
+/// Renews a held permit on demand, apart from its heartbeat.
+#[derive(Clone)]
+pub struct Toucher {
+    permits: Permits,
+    holder: Holder,
+    health: Arc<Mutex<PermitHealth>>,
+}
+
+impl Toucher {
+    /// Renews the entry now and returns the record's version after the write: a shared view with
+    /// `seen_ver` at least that was read after this moment.
+    pub async fn touch(&self) -> Result<u64, LeaseError> {
+        let p = &self.permits;
+        let now = p.now();
+        let write = Write::Renew {
+            id: p.me.clone(),
+            tok: self.holder.tok.clone(),
+            exp: now + Permits::ms(p.duration),
+            kind: self.holder.kind,
+        };
+        match p.store.write(&p.key, write).await? {
+            Written::Applied(r) => {
+                let mut h = self.health.lock().unwrap();
+                h.trusted_until = h.trusted_until.max(now + Permits::ms(p.duration.saturating_sub(p.grace)));
+                Ok(r.ver)
+            }
+            Written::Conflict(_) => {
+                let why = "its entry was removed or taken over".to_string();
+                self.health.lock().unwrap().lost = Some(why.clone());
+                Err(LeaseError::Unavailable { table: p.store.table().into(), action: "renew", detail: why })
+            }
+        }
+    }
+}
+
 /// Renews `holder` every D/4 (sooner after a failed renewal) until the max hold; a conflict means
 /// the entry was removed or taken over: the permit is lost.
 async fn heartbeat(permits: Permits, holder: Holder, health: Arc<Mutex<PermitHealth>>) {
     let every = permits.duration / 4;
-    let mut next = every;
+    // The first renewal at a random point of the second half of the period: holders granted
+    // together (a fleet's first wave) do not renew together ever after.
+    let mut next = every.mul_f64(0.5 + fastrand::f64() * 0.5);
     loop {
         tokio::time::sleep(next).await;
         let now = permits.now();
@@ -407,10 +623,14 @@ async fn heartbeat(permits: Permits, holder: Holder, health: Arc<Mutex<PermitHea
             error!(key = %permits.key, instance_id = %permits.me, max_hold_s = permits.max_hold.as_secs(), "PERMIT HELD LONGER THAN --max-hold: no longer renewed; it expires and peers may leave");
             return;
         }
-        let write =
-            Write::Renew { id: permits.me.clone(), tok: holder.tok.clone(), exp: now + Permits::ms(permits.duration) };
+        let write = Write::Renew {
+            id: permits.me.clone(),
+            tok: holder.tok.clone(),
+            exp: now + Permits::ms(permits.duration),
+            kind: holder.kind,
+        };
         match permits.store.write(&permits.key, write).await {
-            Ok(Written::Applied) => {
+            Ok(Written::Applied(_)) => {
                 health.lock().unwrap().trusted_until =
                     now + Permits::ms(permits.duration.saturating_sub(permits.grace));
                 next = every;
@@ -442,7 +662,17 @@ mod tests {
     }
 
     fn record(entries: &[(&str, u64, Kind)]) -> Record {
-        Record { ver: 7, holders: entries.iter().map(|(id, exp, k)| (id.to_string(), holder(id, *exp, *k))).collect() }
+        Record {
+            ver: 7,
+            holders: entries.iter().map(|(id, exp, k)| (id.to_string(), holder(id, *exp, *k))).collect(),
+            complete: true,
+            window_start: 0,
+            window_grants: 0,
+        }
+    }
+
+    fn remove(id: &str, kind: Kind) -> Write {
+        Write::Remove { id: id.into(), tok: id.into(), kind }
     }
 
     #[test]
@@ -475,35 +705,63 @@ mod tests {
         let live: Vec<&String> = r.live(now, G).map(|(id, _)| id).collect();
         assert_eq!(live, ["b", "c"]);
         let mine = holder("t", now + D, Kind::Slot);
+        // Expired entries are removed first (each by its token), then the claim is planned again.
         assert_eq!(
-            plan(Some(&r), "me", mine.clone(), 3, now, G),
-            Plan::Write(Write::Put {
-                ver: 7,
-                id: "me".into(),
-                holder: mine.clone(),
-                prune: vec!["a".into(), "d".into()]
-            })
+            plan(Some(&r), "me", mine.clone(), 3, now, G, 0.0),
+            Plan::Remove(vec![remove("a", Kind::Slot), remove("d", Kind::Exempt)])
         );
-        assert_eq!(plan(Some(&r), "me", mine, 2, now, G), Plan::Refuse { holders: vec!["b".into(), "c".into()] });
+        assert_eq!(
+            plan(Some(&r), "me", mine.clone(), 2, now, G, 0.0),
+            Plan::Refuse { holders: vec!["b".into(), "c".into()] }
+        );
+        let pruned = record(&[("b", now - 30_000, Kind::Slot), ("c", now + 1, Kind::Slot)]);
+        assert_eq!(
+            plan(Some(&pruned), "me", mine.clone(), 3, now, G, 0.0),
+            Plan::Claim(Write::Claim { id: "me".into(), holder: mine.clone(), limit: 3, pace: None })
+        );
+        // Paced at 2 per second: 30 permits per 15 s window; the 31st waits for the next window,
+        // which the first claim after it begins.
+        assert_eq!(pace_quota(2.0), 30);
+        assert_eq!(pace_quota(0.01), 1, "at least one per window");
+        let claim =
+            |pace| Plan::Claim(Write::Claim { id: "me".into(), holder: mine.clone(), limit: 3, pace: Some(pace) });
+        let window = Record { window_start: now - 1000, window_grants: 29, ..pruned.clone() };
+        assert_eq!(
+            plan(Some(&window), "me", mine.clone(), 3, now, G, 2.0),
+            claim(Pace { window_start: now - 1000, new_window: false, quota: 30 })
+        );
+        let full = Record { window_grants: 30, ..window.clone() };
+        assert_eq!(plan(Some(&full), "me", mine.clone(), 3, now, G, 2.0), Plan::Paced { until: now + 14_000 });
+        let over = Record { window_start: now - 15_000, ..full };
+        assert_eq!(
+            plan(Some(&over), "me", mine.clone(), 3, now, G, 2.0),
+            claim(Pace { window_start: now - 15_000, new_window: true, quota: 30 })
+        );
+        assert_eq!(
+            plan(Some(&pruned), "me", mine.clone(), 3, now, G, 2.0),
+            claim(Pace { window_start: 0, new_window: true, quota: 30 })
+        );
     }
 
     #[test]
-    fn slots_are_capped_exemptions_are_not_and_my_old_entry_is_replaced() {
+    fn slots_are_capped_exemptions_are_not_and_my_old_entry_is_removed_first() {
         let now = 5_000_000;
         let r = record(&[("a", now + 10, Kind::Slot), ("me", now + 10, Kind::Slot), ("x", now + 10, Kind::Exempt)]);
         let slot = holder("new", now + D, Kind::Slot);
-        assert!(
-            matches!(plan(Some(&r), "me", slot.clone(), 2, now, G), Plan::Write(Write::Put { ref prune, .. }) if prune.is_empty())
-        );
-        assert_eq!(plan(Some(&r), "me", slot.clone(), 1, now, G), Plan::Refuse { holders: vec!["a".into()] });
+        assert_eq!(plan(Some(&r), "me", slot.clone(), 2, now, G, 0.0), Plan::Remove(vec![remove("me", Kind::Slot)]));
+        assert_eq!(plan(Some(&r), "me", slot.clone(), 1, now, G, 0.0), Plan::Refuse { holders: vec!["a".into()] });
         let exempt = holder("new", now + D, Kind::Exempt);
-        assert!(matches!(plan(Some(&r), "me", exempt.clone(), 0, now, G), Plan::Write(Write::Put { .. })));
-        assert_eq!(plan(None, "me", slot.clone(), 0, now, G), Plan::Refuse { holders: vec![] });
-        assert_eq!(
-            plan(None, "me", slot.clone(), 1, now, G),
-            Plan::Write(Write::Create { id: "me".into(), holder: slot })
-        );
-        assert!(matches!(plan(None, "me", exempt, 0, now, G), Plan::Write(Write::Create { .. })));
+        let mut without_me = r.clone();
+        without_me.holders.remove("me");
+        assert!(matches!(
+            plan(Some(&without_me), "me", exempt.clone(), 0, now, G, 0.0),
+            Plan::Claim(Write::Claim { .. })
+        ));
+        assert_eq!(plan(None, "me", slot.clone(), 0, now, G, 0.0), Plan::Refuse { holders: vec![] });
+        assert_eq!(plan(None, "me", slot.clone(), 1, now, G, 0.0), Plan::Init);
+        let incomplete = Record { complete: false, ..without_me.clone() };
+        assert_eq!(plan(Some(&incomplete), "me", slot, 1, now, G, 0.0), Plan::Init);
+        assert_eq!(plan(None, "me", exempt, 0, now, G, 0.0), Plan::Init);
         assert_eq!(others(&r, "me", now, G), ["a".to_string(), "x".to_string()].into());
     }
 
