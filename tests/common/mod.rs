@@ -91,6 +91,14 @@ impl Moto {
         Self::spawn(&mut cmd)
     }
 
+    /// `start_locked` behind one account's API throttling: `buckets` is
+    /// `family=size:refill,...` (`elb1`, `elb2`, `ec2`, `reg`; see `tests/fixtures/moto_locked.py`).
+    pub fn start_limited(record: &Path, buckets: &str) -> Moto {
+        let mut cmd = Command::new(python());
+        cmd.arg(fixture("moto_locked.py")).args(["127.0.0.1", "0"]).arg(record).args(["--buckets", buckets]);
+        Self::spawn(&mut cmd)
+    }
+
     /// Starts moto on a port the kernel picks (port 0) and reads the port it bound from its first
     /// line of output, printed once it listens: no free-port guess another test could take first.
     fn spawn(cmd: &mut Command) -> Moto {
@@ -214,6 +222,11 @@ pub struct Call {
     pub group: Option<String>,
     /// The Classic load balancer the call names.
     pub lb: Option<String>,
+    /// Behind `start_limited`: the call's throttling family, and whether it was throttled.
+    #[serde(default)]
+    pub family: Option<String>,
+    #[serde(default)]
+    pub throttled: Option<bool>,
 }
 
 /// Every call the recorder logged to `path`, in applied order.

@@ -1,0 +1,115 @@
+//! Issue #14, item 4, with real processes: twelve one-shot `elb-quorum restart --strict` started at
+//! the same moment, each its own instance (its own `--instance-id`, hostname and program under one
+//! real supervisord), against moto behind a rate-limiting proxy (`tests/fixtures/moto_locked.py
+//! --buckets`) that answers calls over one account's budget the way AWS does.
+//!
+//! The buckets are the budget a fleet may take (half of AWS's: the account's other tools need the
+//! rest): ELB `Describe*` 20 tokens + 5/s per API version, EC2 `Describe*` 50 + 10/s, registration
+//! calls 10 + 2.5/s. They are not scaled down by 12/1,000: strict mode's reads do not grow with the
+//! number of instances (one shared view, about two load-balancer reads per second at any size), so
+//! the fleet-wide budget is what twelve must keep, as a thousand must; and a registration bucket
+//! scaled to 12/1,000 (0.06/s) would make the test last over 400 s (benches/README.md shows the
+//! same floor at K = 1,000 in simulation).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+
+const TABLE: &str = "elb-quorum-permits";
+const K: usize = 12;
+const T: Duration = Duration::from_secs(60);
+
+/// The most calls of `family` (attempts, throttled or not) in any 10 s window.
+fn peak_in_10s(calls: &[Call], family: &str) -> usize {
+    let t: Vec<f64> = calls.iter().filter(|c| c.family.as_deref() == Some(family)).map(|c| c.t).collect();
+    (0..t.len()).map(|i| t[i..].iter().take_while(|x| **x < t[i] + 10.0).count()).max().unwrap_or(0)
+}
+
+#[test]
+fn twelve_strict_one_shots_at_once_stay_within_the_account_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("calls.jsonl");
+    let moto = Moto::start_limited(&record, "elb1=20:5,elb2=20:5,ec2=50:10,reg=10:2.5");
+    moto.permit_table(TABLE);
+    let (lb, ns) = unique_cluster();
+    let v = moto.fixture(&["create", "--lb", &lb, "--namespace", &ns, "--count", &K.to_string()]);
+    let members: Vec<String> = serde_json::from_value(v["members"].clone()).unwrap();
+    let hostnames: BTreeMap<String, String> = serde_json::from_value(v["hostnames"].clone()).unwrap();
+    let programs: String =
+        (0..K).map(|i| format!("[program:web{i}]\ncommand=sleep 100000\nstartsecs=1\nstopwaitsecs=5\n")).collect();
+    let sup = Supervisord::start(&programs, false, &moto.env());
+    let before: Vec<u32> = (0..K).map(|i| eventually(T, "web RUNNING", || sup.pid(&format!("web{i}")))).collect();
+    let mut env = moto.env();
+    env.extend(sup.client_env());
+
+    std::fs::write(&record, "").unwrap();
+    let children: Vec<_> = members
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let state = dir.path().join(format!("state-{i}"));
+            let program = format!("web{i}");
+            let args = [
+                "restart",
+                &program,
+                "--strict",
+                "--lease-table",
+                TABLE,
+                "--hostname",
+                &hostnames[id],
+                "--domain",
+                "example.com",
+                "--instance-id",
+                id,
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--check-interval",
+                "1",
+                "--poll-interval",
+                "1",
+                "--max-checks",
+                "300",
+            ];
+            bin_command(&args, &env)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    for (i, out) in outputs.iter().enumerate() {
+        assert_eq!(out.status.code(), Some(0), "instance {i} ({}): {}", members[i], text(&out.stderr));
+    }
+    for (i, pid) in before.iter().enumerate() {
+        let after = sup.pid(&format!("web{i}")).expect("RUNNING again");
+        assert_ne!(after, *pid, "web{i} restarted");
+    }
+
+    let calls: Vec<Call> =
+        std::fs::read_to_string(&record).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for id in &members {
+        let left = calls
+            .iter()
+            .filter(|c| {
+                c.instance.as_deref() == Some(id)
+                    && c.action == "DeregisterInstancesFromLoadBalancer"
+                    && c.status == 200
+            })
+            .count();
+        assert_eq!(left, 1, "{id} left exactly once");
+    }
+    let throttled: Vec<&Call> = calls.iter().filter(|c| c.throttled == Some(true)).collect();
+    let (elb, ec2) = (peak_in_10s(&calls, "elb1"), peak_in_10s(&calls, "ec2"));
+    eprintln!(
+        "{} calls; ELB Describe* peak {elb} per 10 s, EC2 {ec2} per 10 s; {} throttled",
+        calls.len(),
+        throttled.len()
+    );
+    assert!(elb <= 50, "ELB Describe*: {elb} calls in 10 s, above the fleet's 5/s");
+    assert!(ec2 <= 100, "EC2 Describe*: {ec2} calls in 10 s, above the fleet's 10/s");
+    assert!(throttled.iter().all(|c| c.family.as_deref() == Some("reg")), "no read was throttled: {throttled:?}");
+}
