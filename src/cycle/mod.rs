@@ -1059,7 +1059,11 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         let programs: Vec<String> = req.programs.iter().cloned().collect();
         let started = Instant::now();
         self.services.validate(&programs).await?;
-        self.resolve().await?;
+        // Strict mode resolves when it first reads an attachment (the view's refresh, or the
+        // holder before leaving): a fleet asked at once does not look its target groups up at once.
+        if self.permits.is_none() {
+            self.resolve().await?;
+        }
         let mut summary = Summary { programs: programs.clone(), ..Default::default() };
         let mut checks = 0;
         loop {
@@ -1154,6 +1158,11 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         permit: Option<&Permit>,
         summary: &mut Summary,
     ) -> Result<Left, CycleError> {
+        if permit.is_some() {
+            // The state file records target groups by ARN: look them up now (the view was read by
+            // whichever instance refreshed it).
+            self.resolve().await?;
+        }
         let plan = self.plan(observation)?;
         if self.dry_run {
             info!(attachments = %labels(&plan), instance_id = %self.me, "dry run: would deregister {}, restart {}, register again ({}); nothing changed", targets_of(&plan), programs.join(" "), self.hooks.describe());
