@@ -85,7 +85,9 @@ where
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = source {
         if let Some(c) = e.downcast_ref::<aws_credential_types::provider::error::CredentialsError>() {
-            return AwsFailure::Credentials(c.to_string());
+            // The provider's causes on one line (the SDK's own warning, which adds a debug dump of
+            // the same error, is kept for `--log-level debug`: see `logging`).
+            return AwsFailure::Credentials(crate::cycle::chain(c));
         }
         source = e.source();
     }

@@ -17,11 +17,16 @@ pub fn init(format: LogFormat, level: Option<&str>, target: Option<&str>) -> Res
         Some(l) => EnvFilter::try_new(l).map_err(|e| format!("--log-level {l:?}: {e}"))?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    // The AWS SDK logs every retry at info; keep its noise at warn unless asked.
+    // The AWS SDK logs every retry at info; keep its noise at warn unless asked. Its credential
+    // chain (and the profile provider) warn with a debug dump of the provider's error, which the
+    // product's own error line says in one line (`identity::aws_failure`): those warnings only at
+    // `--log-level debug`.
     let filter = if level.is_none() && std::env::var_os("RUST_LOG").is_none() {
         filter
             .add_directive("aws_smithy_runtime=warn".parse().expect("static directive"))
             .add_directive("aws_config=warn".parse().expect("static directive"))
+            .add_directive("aws_config::meta::credentials::chain=error".parse().expect("static directive"))
+            .add_directive("aws_config::profile::credentials=error".parse().expect("static directive"))
     } else {
         filter
     };

@@ -298,3 +298,46 @@ fn missing_credentials_say_so_at_once() {
         "{err}"
     );
 }
+
+/// A credential provider that fails (here a profile's `credential_process` exiting 1): at the
+/// default level, one line of the product's own names the cause, and the SDK's own warnings (the
+/// provider's error again, with a debug dump of it) are left out; `--log-level debug` shows them.
+#[test]
+fn a_failing_credential_provider_is_one_line_at_the_default_level() {
+    let moto = Moto::start();
+    let home = tempfile::tempdir().unwrap();
+    std::fs::create_dir(home.path().join(".aws")).unwrap();
+    std::fs::write(home.path().join(".aws/config"), "[default]\ncredential_process = /bin/false\nregion = us-east-1\n")
+        .unwrap();
+    let run = |extra: &[&str]| {
+        std::process::Command::new(bin())
+            .args(["status", "--lb", "web-example-com", "--instance-id", "i-1", "--hostname", "a.web.example.com"])
+            .args(["--members", "static:3"])
+            .args(extra)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", home.path())
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_ENDPOINT_URL", &moto.endpoint)
+            .env("ELB_QUORUM_LOG_TARGET", "stderr")
+            .env("ELB_QUORUM_STATE_DIR", home.path())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    let mentions: Vec<&str> = err.lines().filter(|l| l.contains("credential")).collect();
+    assert_eq!(mentions.len(), 1, "one line about credentials: {err}");
+    assert!(
+        mentions[0].starts_with("elb-quorum: ")
+            && mentions[0].contains("no usable AWS credentials")
+            && mentions[0].contains("external process exited"),
+        "the product's own line, with the cause: {err}"
+    );
+    assert_eq!(mentions[0].matches("an error occurred while loading credentials").count(), 1, "each cause once: {err}");
+    let out = run(&["--log-level", "debug"]);
+    let err = text(&out.stderr);
+    assert!(err.contains("provider failed to provide credentials"), "the SDK's warning at debug: {err}");
+}

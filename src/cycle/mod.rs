@@ -1777,13 +1777,19 @@ fn targets_of(plan: &[Taken]) -> String {
     plan.iter().flat_map(|t| &t.targets).map(Target::to_string).collect::<Vec<_>>().join(" ")
 }
 
-/// An error and its causes on one line, each once.
+/// An error and its causes on one line, each once (a cause that says what the one before it
+/// said, as the SDK's layered errors do, is left out).
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
+    let mut last = e.to_string();
+    let mut out = last.clone();
     let mut source = e.source();
     while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        let text = s.to_string();
+        if text != last && !last.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        last = text;
         source = s.source();
     }
     out
