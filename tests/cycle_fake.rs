@@ -620,6 +620,26 @@ mod strict {
         assert_eq!(holders(&store), Vec::<String>::new());
     }
 
+    /// Found by the fault campaign (seeds 355 and 431): a restarted listener whose one try to
+    /// remove its old entry met a 5xx left the entry to expire (D + G, 150 s, a slot the cluster
+    /// could not use). It tries again, as a release does.
+    #[tokio::test(start_paused = true)]
+    async fn removing_the_old_entry_at_start_is_tried_again_after_a_failure() {
+        let mut h = harness(4, S(0), S(5));
+        let store = FakeStore::new();
+        let old = Holder { tok: "old".into(), exp: u64::MAX / 2, since: 1, kind: Kind::Slot };
+        store.set_record(
+            KEY,
+            Record { ver: 4, holders: [(me(), old)].into(), complete: true, window_start: 0, window_grants: 0 },
+        );
+        store.fault(StoreOp::Remove, StoreFault::ServerError);
+        store.fault(StoreOp::Remove, StoreFault::Throttled);
+        strict(&mut h, &store);
+        assert!(!h.cycle.reconcile().await.unwrap());
+        assert_eq!(store_ops(&store, StoreOp::Remove), vec!["error", "error", "applied"]);
+        assert_eq!(holders(&store), Vec::<String>::new());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn past_the_max_hold_a_holder_stops_renewing() {
         let store = FakeStore::new();
