@@ -47,6 +47,8 @@ pub enum Fault {
     /// `InvalidTarget` after the call took the valid targets out anyway (moto does this for a
     /// `DeregisterTargets` batch with one invalid target).
     InvalidTargetApplied,
+    /// The call took effect, then its reply was lost: a timeout to the caller.
+    LostReply,
 }
 
 /// One target's registration.
@@ -149,6 +151,11 @@ impl FakeLb {
     pub fn inject(&self, op: Op, fault: Fault, n: usize) {
         let mut s = self.state.lock().unwrap();
         s.faults.entry(op).or_default().extend(std::iter::repeat_n(fault, n));
+    }
+
+    /// Drops the faults still queued for `op` (a fault that found no call in its time).
+    pub fn clear_faults(&self, op: Op) {
+        self.state.lock().unwrap().faults.remove(&op);
     }
 
     /// Marks an instance's process healthy or not (a stopped peer).
@@ -329,6 +336,9 @@ impl FakeLb {
             Some(Fault::Unreachable) => {
                 Err(LbError::Unreachable { lb, action, detail: "connection refused (fake)".into() })
             }
+            Some(Fault::LostReply) => {
+                Err(LbError::Unreachable { lb, action, detail: "timed out after the call took effect (fake)".into() })
+            }
             Some(Fault::NotFound) => Err(LbError::NotFound {
                 lb,
                 code: if classic { "LoadBalancerNotFound" } else { "TargetGroupNotFound" }.into(),
@@ -386,10 +396,19 @@ impl LoadBalancer for FakeLb {
     async fn deregister(&self, targets: &[Target]) -> Result<(), LbError> {
         self.budget(Op::Deregister).await?;
         self.wait().await;
-        let applied_anyway = self.state.lock().unwrap().faults.get(&Op::Deregister).and_then(|q| q.front()).copied()
-            == Some(Fault::InvalidTargetApplied);
-        if applied_anyway {
+        let next = self.state.lock().unwrap().faults.get(&Op::Deregister).and_then(|q| q.front()).copied();
+        if next == Some(Fault::InvalidTargetApplied) {
             self.force_out(targets);
+        }
+        if next == Some(Fault::LostReply) {
+            // Taken out (draining) as by a call that went through.
+            let mut s = self.state.lock().unwrap();
+            let now = Instant::now();
+            for t in targets {
+                if let Some(r) = s.targets.get_mut(t).filter(|r| r.registered) {
+                    (r.registered, r.deregistered_at) = (false, Some(now));
+                }
+            }
         }
         self.enter(Op::Deregister, targets)?;
         let mut s = self.state.lock().unwrap();
@@ -432,7 +451,11 @@ impl LoadBalancer for FakeLb {
     async fn register(&self, targets: &[Target]) -> Result<(), LbError> {
         self.budget(Op::Register).await?;
         self.wait().await;
-        self.enter(Op::Register, targets)?;
+        let lost = self.state.lock().unwrap().faults.get(&Op::Register).and_then(|q| q.front()).copied()
+            == Some(Fault::LostReply);
+        if !lost {
+            self.enter(Op::Register, targets)?;
+        }
         let mut s = self.state.lock().unwrap();
         for t in targets {
             s.procs.entry(t.instance_id.clone()).or_insert(Proc { healthy: true, az_ok: true });
@@ -446,6 +469,11 @@ impl LoadBalancer for FakeLb {
                 r.deregistered_at = None;
                 r.registered_at = Some(Instant::now());
             }
+        }
+        drop(s);
+        if lost {
+            // Registered, then the reply was lost.
+            return self.enter(Op::Register, targets);
         }
         Ok(())
     }
@@ -999,6 +1027,11 @@ impl FakeStore {
     /// The next call of `op` fails with `fault` (queued: one fault per call).
     pub fn fault(&self, op: StoreOp, fault: StoreFault) {
         self.inner.lock().unwrap().faults.entry(op).or_default().push_back(fault);
+    }
+
+    /// Drops the faults still queued for `op`.
+    pub fn clear_faults(&self, op: StoreOp) {
+        self.inner.lock().unwrap().faults.remove(&op);
     }
 
     /// Every call of `op` fails with `fault` from now on (`None`: none again).

@@ -1,6 +1,8 @@
 //! elb-quorum: restart an EC2 instance's supervisord programs without taking its load-balanced
 //! cluster below quorum. The binary (`main.rs`) wires these modules; tests and benchmarks use them.
 
+#[cfg(feature = "testing")]
+pub mod campaign;
 pub mod cli;
 pub mod clock;
 pub mod config;
