@@ -1152,14 +1152,15 @@ impl FakeStore {
         self.inner.lock().unwrap().shared.get(key).cloned()
     }
 
-    async fn do_load_shared(&self, key: &str) -> Result<Option<Shared>, LeaseError> {
+    /// One read (`op`): the latency, a scripted fault, else `value()`.
+    async fn read<T>(&self, op: StoreOp, value: impl FnOnce() -> T) -> Result<T, LeaseError> {
         tokio::time::sleep(self.latency).await;
-        if let Some(f) = self.take_fault(StoreOp::LoadView) {
-            self.log(StoreOp::LoadView, None, "error");
+        if let Some(f) = self.take_fault(op) {
+            self.log(op, None, "error");
             return Err(Self::error(f, "GetItem"));
         }
-        self.log(StoreOp::LoadView, None, "read");
-        Ok(self.shared(key))
+        self.log(op, None, "read");
+        Ok(value())
     }
 
     async fn do_write_shared(&self, key: &str, write: SharedWrite) -> Result<bool, LeaseError> {
@@ -1179,16 +1180,6 @@ impl FakeStore {
             Some(f) => Err(Self::error(f, "UpdateItem")),
             None => Ok(applied),
         }
-    }
-
-    async fn do_load(&self, key: &str) -> Result<Option<Record>, LeaseError> {
-        tokio::time::sleep(self.latency).await;
-        if let Some(f) = self.take_fault(StoreOp::Load) {
-            self.log(StoreOp::Load, None, "error");
-            return Err(Self::error(f, "GetItem"));
-        }
-        self.log(StoreOp::Load, None, "read");
-        Ok(self.record(key))
     }
 
     async fn do_write(&self, key: &str, write: Write) -> Result<Written, LeaseError> {
@@ -1218,13 +1209,13 @@ impl PermitStore for FakeStore {
         "fake-permits"
     }
     fn load<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Record>, LeaseError>> {
-        Box::pin(self.do_load(key))
+        Box::pin(self.read(StoreOp::Load, move || self.record(key)))
     }
     fn write<'a>(&'a self, key: &'a str, write: Write) -> BoxFuture<'a, Result<Written, LeaseError>> {
         Box::pin(self.do_write(key, write))
     }
     fn load_shared<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Shared>, LeaseError>> {
-        Box::pin(self.do_load_shared(key))
+        Box::pin(self.read(StoreOp::LoadView, move || self.shared(key)))
     }
     fn write_shared<'a>(&'a self, key: &'a str, write: SharedWrite) -> BoxFuture<'a, Result<bool, LeaseError>> {
         Box::pin(self.do_write_shared(key, write))

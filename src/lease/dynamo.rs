@@ -62,17 +62,23 @@ impl DynamoStore {
         }
     }
 
-    async fn load(&self, key: &str) -> Result<Option<Record>, LeaseError> {
+    /// The item `key`, if any: a strongly consistent read when `consistent`.
+    async fn get(&self, key: &str, consistent: bool) -> Result<Option<HashMap<String, AttributeValue>>, LeaseError> {
         let out = self
             .client
             .get_item()
             .table_name(&self.table)
             .key("pk", AttributeValue::S(key.into()))
-            .consistent_read(true)
+            .consistent_read(consistent)
             .send()
             .await
             .map_err(|e| self.map("GetItem", e))?;
-        out.item().map(decode).transpose().map_err(|detail| LeaseError::Malformed {
+        Ok(out.item)
+    }
+
+    async fn load(&self, key: &str) -> Result<Option<Record>, LeaseError> {
+        let item = self.get(key, true).await?;
+        item.as_ref().map(decode).transpose().map_err(|detail| LeaseError::Malformed {
             table: self.table.clone(),
             key: key.into(),
             detail,
@@ -178,15 +184,8 @@ impl DynamoStore {
     }
 
     async fn load_shared(&self, key: &str) -> Result<Option<Shared>, LeaseError> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key("pk", AttributeValue::S(key.into()))
-            .send()
-            .await
-            .map_err(|e| self.map("GetItem", e))?;
-        let Some(item) = out.item() else { return Ok(None) };
+        // Eventually consistent is enough: a reader checks the version the view followed.
+        let Some(item) = self.get(key, false).await? else { return Ok(None) };
         let num =
             |name: &str| number(item.get(name), name).or_else(|e| if item.contains_key(name) { Err(e) } else { Ok(0) });
         let malformed = |detail: String| LeaseError::Malformed { table: self.table.clone(), key: key.into(), detail };
