@@ -601,6 +601,7 @@ mod tests {
         let layer: Layer = toml::from_str(&uncommented).unwrap();
         assert!(layer.strict);
         assert_eq!((layer.lease_duration, layer.lease_grace, layer.max_hold), (Some(120.0), Some(30.0), Some(3600.0)));
+        assert_eq!(layer.leave_rate, Some(DEFAULT_LEAVE_RATE));
     }
 
     #[test]
