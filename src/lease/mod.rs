@@ -177,7 +177,7 @@ impl Written {
 pub enum LeaseError {
     #[error("permit table {table} does not exist: create it (README, \"Strict mode\") or fix --lease-table")]
     NoTable { table: String },
-    #[error("permit table {table}: {action} denied ({message}); the role needs dynamodb:GetItem and dynamodb:UpdateItem on it")]
+    #[error("permit table {table}: {action} denied ({message}); the role needs dynamodb:GetItem and dynamodb:UpdateItem on it, for the cluster's key and the same key + \"#view\" (README, \"Strict mode\")")]
     AccessDenied { table: String, action: &'static str, message: String },
     #[error("no AWS credentials for {action} on permit table {table}: {detail}")]
     Credentials { table: String, action: &'static str, detail: String },
