@@ -471,6 +471,8 @@ struct StrictView<'a> {
     now: u64,
     /// Slots not held by another live holder.
     free: usize,
+    /// The shared view's item, when there is one and it could be read.
+    view: Option<lease::Shared>,
 }
 
 async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
@@ -486,7 +488,8 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
             let record = p.read().await.map_err(|e| Failure::from(CycleError::from(e)))?;
             let now = p.now();
             let free = permits.saturating_sub(record.other_slots(&p.me, now, p.grace).len());
-            Some(StrictView { permits: p, record, now, free })
+            let view = p.shared().await.ok().flatten().filter(|s| s.n > 0);
+            Some(StrictView { permits: p, record, now, free, view })
         }
     };
     let others = match &strict {
@@ -539,7 +542,7 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
             "may_leave": may_leave,
             "refusal": refusal.as_ref().map(|e| chain(e)),
         });
-        if let Some(StrictView { permits: p, record, now, free }) = &strict {
+        if let Some(StrictView { permits: p, record, now, free, view }) = &strict {
             let holders: Vec<_> = record
                 .holders
                 .iter()
@@ -561,6 +564,12 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
                 "permits": permits,
                 "free": free,
                 "holders": holders,
+                "pace": pace_json(p, record, *now),
+                "view": view.as_ref().map(|v| serde_json::json!({
+                    "age_s": now.saturating_sub(v.at) as f64 / 1000.0,
+                    "publications": v.n,
+                    "read_after_version": v.seen_ver,
+                })),
             });
         }
         println!("{}", serde_json::to_string_pretty(&out).expect("json"));
@@ -609,8 +618,25 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
             println!("  this instance   {}", if me.is_empty() { "not registered".into() } else { me.join("; ") });
         }
         println!("max out at once   {permits}");
-        if let Some(StrictView { permits: p, record, now, free }) = &strict {
+        if let Some(StrictView { permits: p, record, now, free, view }) = &strict {
             println!("permits           {free} free of {permits} (table {}, key {})", settings.lease.table, p.key);
+            let pace = pace_json(p, record, *now);
+            match pace["quota"].as_u64() {
+                Some(q) => println!(
+                    "pace              {}/s: {q} per {} s window, {} granted in the current one",
+                    p.leave_rate,
+                    lease::PACE_WINDOW.as_secs(),
+                    pace["grants_in_window"]
+                ),
+                None => println!("pace              none (--leave-rate 0)"),
+            }
+            if let Some(v) = view {
+                println!(
+                    "shared view       read {:.1} s ago (publication {})",
+                    now.saturating_sub(v.at) as f64 / 1000.0,
+                    v.n
+                );
+            }
             for (id, h) in &record.holders {
                 let left = (h.exp as i64 - *now as i64) / 1000;
                 println!("  holder          {id} {} (expires in {left} s)", h.kind.as_str());
@@ -634,6 +660,19 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
         Some(e) => Err(e.into()),
         None => Ok(if may_leave { OK } else { NO_QUORUM }),
     }
+}
+
+/// Strict mode's pace (`--leave-rate`): the rate, the window's quota and the permits granted in
+/// the current window (0 once it is over).
+fn pace_json(p: &Permits, record: &lease::Record, now: u64) -> serde_json::Value {
+    let window = lease::PACE_WINDOW.as_millis() as u64;
+    let current = record.window_start > 0 && now < record.window_start.saturating_add(window);
+    serde_json::json!({
+        "leave_rate": p.leave_rate,
+        "window_s": lease::PACE_WINDOW.as_secs(),
+        "quota": (p.leave_rate > 0.0).then(|| lease::pace_quota(p.leave_rate)),
+        "grants_in_window": if current { record.window_grants } else { 0 },
+    })
 }
 
 /// This instance's zone and how many members share it, when the membership source knows zones.

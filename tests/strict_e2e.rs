@@ -138,6 +138,14 @@ fn six_strict_listeners_asked_at_once_never_take_the_cluster_below_quorum() {
     assert_eq!(status.status.code(), Some(0), "{}", text(&status.stderr));
     let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!((s["strict"]["permits"].as_u64(), s["strict"]["free"].as_u64()), (Some(1), Some(1)), "{s}");
+    // The pace (default 2/s: 30 per 15 s window) and the shared view the six listeners read.
+    assert_eq!(
+        (s["strict"]["pace"]["leave_rate"].as_f64(), s["strict"]["pace"]["quota"].as_u64()),
+        (Some(2.0), Some(30)),
+        "{s}"
+    );
+    assert!(s["strict"]["view"]["publications"].as_u64().is_some_and(|n| n >= 1), "{s}");
+    assert!(s["strict"]["view"]["read_after_version"].as_u64().is_some_and(|v| v >= 6), "six grants came first: {s}");
     assert_eq!(s["strict"]["holders"], serde_json::json!([]), "every permit released: {s}");
     assert_eq!(s["verdict"]["serving"].as_u64(), Some(6));
 }
