@@ -158,6 +158,11 @@ impl FakeLb {
         self.state.lock().unwrap().faults.remove(&op);
     }
 
+    /// The fault the next call of `op` meets, without taking it (`enter` takes it).
+    fn next_fault(&self, op: Op) -> Option<Fault> {
+        self.state.lock().unwrap().faults.get(&op).and_then(|q| q.front()).copied()
+    }
+
     /// Marks an instance's process healthy or not (a stopped peer).
     pub fn set_healthy(&self, id: &str, healthy: bool) {
         self.state.lock().unwrap().procs.get_mut(id).expect("known instance").healthy = healthy;
@@ -396,21 +401,15 @@ impl LoadBalancer for FakeLb {
     async fn deregister(&self, targets: &[Target]) -> Result<(), LbError> {
         self.budget(Op::Deregister).await?;
         self.wait().await;
-        let next = self.state.lock().unwrap().faults.get(&Op::Deregister).and_then(|q| q.front()).copied();
+        let next = self.next_fault(Op::Deregister);
         if next == Some(Fault::InvalidTargetApplied) {
             self.force_out(targets);
         }
-        if next == Some(Fault::LostReply) {
-            // Taken out (draining) as by a call that went through.
-            let mut s = self.state.lock().unwrap();
-            let now = Instant::now();
-            for t in targets {
-                if let Some(r) = s.targets.get_mut(t).filter(|r| r.registered) {
-                    (r.registered, r.deregistered_at) = (false, Some(now));
-                }
-            }
+        // A lost reply: the call goes through as below, then the caller sees the fault.
+        let lost = next == Some(Fault::LostReply);
+        if !lost {
+            self.enter(Op::Deregister, targets)?;
         }
-        self.enter(Op::Deregister, targets)?;
         let mut s = self.state.lock().unwrap();
         let now = Instant::now();
         // A target group refuses an unregistered target (the rest of the batch still goes out, as
@@ -436,6 +435,10 @@ impl LoadBalancer for FakeLb {
                 s.race = None;
             }
         }
+        drop(s);
+        if lost {
+            return self.enter(Op::Deregister, targets);
+        }
         match invalid {
             Some(t) => Err(LbError::InvalidTarget {
                 lb: self.label(),
@@ -451,8 +454,8 @@ impl LoadBalancer for FakeLb {
     async fn register(&self, targets: &[Target]) -> Result<(), LbError> {
         self.budget(Op::Register).await?;
         self.wait().await;
-        let lost = self.state.lock().unwrap().faults.get(&Op::Register).and_then(|q| q.front()).copied()
-            == Some(Fault::LostReply);
+        // A lost reply: the call goes through as below, then the caller sees the fault.
+        let lost = self.next_fault(Op::Register) == Some(Fault::LostReply);
         if !lost {
             self.enter(Op::Register, targets)?;
         }
@@ -472,7 +475,6 @@ impl LoadBalancer for FakeLb {
         }
         drop(s);
         if lost {
-            // Registered, then the reply was lost.
             return self.enter(Op::Register, targets);
         }
         Ok(())
@@ -1163,23 +1165,35 @@ impl FakeStore {
         Ok(value())
     }
 
+    /// One conditional write (`op`, on entry `id`): the latency, a scripted fault, else `apply()`
+    /// (whether it was applied says `applied`); a lost reply applies it and answers the fault.
+    async fn conditional<T>(
+        &self,
+        op: StoreOp,
+        id: Option<&str>,
+        apply: impl FnOnce() -> T,
+        applied: impl Fn(&T) -> bool,
+    ) -> Result<T, LeaseError> {
+        tokio::time::sleep(self.latency).await;
+        let fault = self.take_fault(op);
+        if let Some(f) = fault.filter(|f| *f != StoreFault::LostReply) {
+            self.log(op, id, "error");
+            return Err(Self::error(f, "UpdateItem"));
+        }
+        let written = apply();
+        self.log(op, id, if applied(&written) { "applied" } else { "conflict" });
+        match fault {
+            Some(f) => Err(Self::error(f, "UpdateItem")),
+            None => Ok(written),
+        }
+    }
+
     async fn do_write_shared(&self, key: &str, write: SharedWrite) -> Result<bool, LeaseError> {
         let op = match write {
             SharedWrite::Lease { .. } => StoreOp::LeaseView,
             SharedWrite::Publish { .. } => StoreOp::PublishView,
         };
-        tokio::time::sleep(self.latency).await;
-        let fault = self.take_fault(op);
-        if let Some(f) = fault.filter(|f| *f != StoreFault::LostReply) {
-            self.log(op, None, "error");
-            return Err(Self::error(f, "UpdateItem"));
-        }
-        let applied = self.apply_shared(key, write);
-        self.log(op, None, if applied { "applied" } else { "conflict" });
-        match fault {
-            Some(f) => Err(Self::error(f, "UpdateItem")),
-            None => Ok(applied),
-        }
+        self.conditional(op, None, || self.apply_shared(key, write), |applied| *applied).await
     }
 
     async fn do_write(&self, key: &str, write: Write) -> Result<Written, LeaseError> {
@@ -1189,18 +1203,7 @@ impl FakeStore {
             Write::Renew { id, .. } => (StoreOp::Renew, id.clone()),
             Write::Remove { id, .. } => (StoreOp::Remove, id.clone()),
         };
-        tokio::time::sleep(self.latency).await;
-        let fault = self.take_fault(op);
-        if let Some(f) = fault.filter(|f| *f != StoreFault::LostReply) {
-            self.log(op, Some(&id), "error");
-            return Err(Self::error(f, "UpdateItem"));
-        }
-        let written = self.apply(key, &write);
-        self.log(op, Some(&id), if written.applied() { "applied" } else { "conflict" });
-        match fault {
-            Some(f) => Err(Self::error(f, "UpdateItem")),
-            None => Ok(written),
-        }
+        self.conditional(op, Some(&id), || self.apply(key, &write), Written::applied).await
     }
 }
 

@@ -999,15 +999,12 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     async fn shared_round(&self) -> Option<Result<Vec<Vec<TargetHealth>>, CycleError>> {
         let cursor = self.cursor.lock().unwrap().clone()?;
         let permits = self.permits.as_ref()?;
-        Some(match self.shared_view(permits, cursor.need, cursor.last_n).await {
-            Ok((view, n)) => {
-                if let Some(c) = self.cursor.lock().unwrap().as_mut() {
-                    c.last_n = n;
-                }
-                Ok(view.listed)
+        Some(self.shared_view(permits, cursor.need, cursor.last_n).await.map(|(view, n)| {
+            if let Some(c) = self.cursor.lock().unwrap().as_mut() {
+                c.last_n = n;
             }
-            Err(e) => Err(e),
-        })
+            view.listed
+        }))
     }
 
     /// Attachment `i`'s targets this round: from the shared view when there is one.
@@ -1756,29 +1753,19 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// Strict mode: removes this instance's entry left by an earlier run (kill -9 while holding a
     /// permit), so that peers need not wait for it to expire. A store that cannot be reached is
     /// not fatal here (the entry expires); a missing table or a denial is.
-    /// A few tries, as a release makes them: one failed call should not keep a slot from the
-    /// cluster for the entry's lifetime (D + G).
+    /// A few tries, as a release makes them (`lease::removal_retried`).
     async fn forget_old_permit(&self) -> Result<(), CycleError> {
         let Some(permits) = &self.permits else { return Ok(()) };
-        let mut pause = Duration::from_millis(500);
-        for attempt in 1..=4 {
-            match permits.remove_mine().await {
-                Ok(true) => {
-                    warn!(key = %permits.key, instance_id = %self.me, "removed this instance's permit entry left by an earlier run");
-                    return Ok(());
-                }
-                Ok(false) => return Ok(()),
-                Err(e) if e.is_retryable() && attempt < 4 => {
-                    warn!(error = %e, attempt, "removing this instance's old permit entry failed; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause *= 2;
-                }
-                Err(e) if e.is_retryable() => {
-                    warn!(error = %e, "cannot remove this instance's old permit entry now; it expires by itself");
-                    return Ok(());
-                }
-                Err(e) => return Err(e.into()),
+        match crate::lease::removal_retried("removing this instance's old permit entry", || permits.remove_mine()).await
+        {
+            Ok(true) => {
+                warn!(key = %permits.key, instance_id = %self.me, "removed this instance's permit entry left by an earlier run")
             }
+            Ok(false) => {}
+            Err(e) if e.is_retryable() => {
+                warn!(error = %e, "cannot remove this instance's old permit entry now; it expires by itself")
+            }
+            Err(e) => return Err(e.into()),
         }
         Ok(())
     }

@@ -88,7 +88,6 @@ impl DynamoStore {
     async fn write(&self, key: &str, write: Write) -> Result<Written, LeaseError> {
         let n = |v: u64| AttributeValue::N(v.to_string());
         let s = |v: &str| AttributeValue::S(v.to_owned());
-        let map = |kind: Kind| if kind == Kind::Slot { "#h" } else { "#x" };
         let req = self
             .client
             .update_item()
@@ -107,7 +106,8 @@ impl DynamoStore {
                 .expression_attribute_values(":one", n(1)),
             Write::Claim { id, holder, limit, pace } => {
                 let mut condition = "attribute_not_exists(#h.#id) AND attribute_not_exists(#x.#id)".to_owned();
-                let mut update = format!("SET {}.#id = :e, #v = #v + :one", map(holder.kind));
+                let map = if holder.kind == Kind::Slot { "#h" } else { "#x" };
+                let mut update = format!("SET {map}.#id = :e, #v = #v + :one");
                 match &pace {
                     Some(Pace { new_window: true, .. }) => update.push_str(", #ws = :now, #wn = :one"),
                     Some(Pace { new_window: false, .. }) => update.push_str(", #wn = #wn + :one"),
@@ -148,7 +148,7 @@ impl DynamoStore {
             Write::Renew { id, tok, exp, kind } => req
                 .update_expression("SET #m.#id.#exp = :exp, #v = #v + :one")
                 .condition_expression("#m.#id.#tok = :tok")
-                .expression_attribute_names("#m", if kind == Kind::Slot { "holders" } else { "exempt" })
+                .expression_attribute_names("#m", map_name(kind))
                 .expression_attribute_names("#id", id)
                 .expression_attribute_names("#exp", "exp")
                 .expression_attribute_names("#tok", "tok")
@@ -158,7 +158,7 @@ impl DynamoStore {
             Write::Remove { id, tok, kind } => req
                 .update_expression("REMOVE #m.#id SET #v = #v + :one")
                 .condition_expression("#m.#id.#tok = :tok")
-                .expression_attribute_names("#m", if kind == Kind::Slot { "holders" } else { "exempt" })
+                .expression_attribute_names("#m", map_name(kind))
                 .expression_attribute_names("#id", id)
                 .expression_attribute_names("#tok", "tok")
                 .expression_attribute_values(":tok", s(&tok))
@@ -173,21 +173,17 @@ impl DynamoStore {
                     detail,
                 })
             }
-            Err(SdkError::ServiceError(se))
-                if matches!(se.err(), UpdateItemError::ConditionalCheckFailedException(_)) =>
-            {
-                let UpdateItemError::ConditionalCheckFailedException(c) = se.err() else { unreachable!() };
-                Ok(Written::Conflict(c.item().and_then(|item| decode(item).ok())))
-            }
-            Err(e) => Err(self.map("UpdateItem", e)),
+            Err(e) => match condition_failed(&e) {
+                Some(c) => Ok(Written::Conflict(c.item().and_then(|item| decode(item).ok()))),
+                None => Err(self.map("UpdateItem", e)),
+            },
         }
     }
 
     async fn load_shared(&self, key: &str) -> Result<Option<Shared>, LeaseError> {
         // Eventually consistent is enough: a reader checks the version the view followed.
         let Some(item) = self.get(key, false).await? else { return Ok(None) };
-        let num =
-            |name: &str| number(item.get(name), name).or_else(|e| if item.contains_key(name) { Err(e) } else { Ok(0) });
+        let num = |name: &str| number_or_zero(&item, name);
         let malformed = |detail: String| LeaseError::Malformed { table: self.table.clone(), key: key.into(), detail };
         let data = match item.get("d") {
             Some(AttributeValue::S(d)) => d.clone(),
@@ -228,11 +224,7 @@ impl DynamoStore {
         };
         match req.send().await {
             Ok(_) => Ok(true),
-            Err(SdkError::ServiceError(se))
-                if matches!(se.err(), UpdateItemError::ConditionalCheckFailedException(_)) =>
-            {
-                Ok(false)
-            }
+            Err(e) if condition_failed(&e).is_some() => Ok(false),
             Err(e) => Err(self.map("UpdateItem", e)),
         }
     }
@@ -272,18 +264,47 @@ fn number(v: Option<&AttributeValue>, what: &str) -> Result<u64, String> {
     }
 }
 
+/// Attribute `name` of `item` as a number, 0 when the item has none.
+fn number_or_zero(item: &HashMap<String, AttributeValue>, name: &str) -> Result<u64, String> {
+    if item.contains_key(name) {
+        number(item.get(name), name)
+    } else {
+        Ok(0)
+    }
+}
+
+/// The map an entry of `kind` is stored in.
+fn map_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Slot => "holders",
+        Kind::Exempt => "exempt",
+    }
+}
+
+/// The failed condition of a conditional write, if that is why it failed.
+fn condition_failed(
+    e: &SdkError<UpdateItemError, HttpResponse>,
+) -> Option<&aws_sdk_dynamodb::types::error::ConditionalCheckFailedException> {
+    match e {
+        SdkError::ServiceError(se) => match se.err() {
+            UpdateItemError::ConditionalCheckFailedException(c) => Some(c),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// The record from its item: slots in `holders`, exemptions in `exempt`. An entry's map decides its
 /// kind (an entry of kind `exempt` in `holders`, from a version before the two maps, counts as the
 /// slot it takes in `size(holders)`).
 fn decode(item: &HashMap<String, AttributeValue>) -> Result<Record, String> {
-    let ver = if item.contains_key("ver") { number(item.get("ver"), "ver")? } else { 0 };
-    let optional = |name: &str| if item.contains_key(name) { number(item.get(name), name) } else { Ok(0) };
+    let ver = number_or_zero(item, "ver")?;
     let mut record = Record {
         ver,
         holders: Default::default(),
         complete: item.contains_key("holders") && item.contains_key("exempt"),
-        window_start: optional("ws")?,
-        window_grants: optional("wn")?.try_into().map_err(|_| "wn is too large".to_string())?,
+        window_start: number_or_zero(item, "ws")?,
+        window_grants: number_or_zero(item, "wn")?.try_into().map_err(|_| "wn is too large".to_string())?,
     };
     for (name, kind) in [("holders", Kind::Slot), ("exempt", Kind::Exempt)] {
         let entries = match item.get(name) {

@@ -23,8 +23,8 @@
 //!   `n` = publications so far, `at` its clock. A holder needs a view with `sv` ≥ the version of
 //!   its own last write (its grant, or a touch after registering): that view was read after the
 //!   write, so after what the write followed. One instance refreshes at a time, at most once per
-//!   `VIEW_REFRESH` (a short lease in the same item), so the load balancer and EC2 see about one
-//!   read per second whatever the fleet's size.
+//!   `cycle::view::VIEW_REFRESH` per attachment (a short lease in the same item), so the load
+//!   balancer and EC2 see about two reads per second whatever the fleet's size.
 
 pub mod dynamo;
 
@@ -63,14 +63,6 @@ impl Kind {
         match self {
             Kind::Slot => "slot",
             Kind::Exempt => "exempt",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Kind> {
-        match s {
-            "slot" => Some(Kind::Slot),
-            "exempt" => Some(Kind::Exempt),
-            _ => None,
         }
     }
 }
@@ -456,7 +448,8 @@ impl Permits {
             lost: None,
         }));
         info!(key = %self.key, instance_id = %self.me, kind = holder.kind.as_str(), others = others.len(), conflicts, "permit acquired");
-        let heartbeat = tokio::spawn(heartbeat(self.clone(), holder.clone(), health.clone()));
+        let toucher = Toucher { permits: self.clone(), holder: holder.clone(), health: health.clone() };
+        let heartbeat = tokio::spawn(heartbeat(toucher));
         Permit { holder, others, conflicts, ver, permits: self.clone(), health, heartbeat }
     }
 
@@ -542,27 +535,13 @@ impl Permit {
     /// Stops renewing and removes the entry (a few tries; if they all fail it expires by itself).
     pub async fn release(self) {
         self.heartbeat.abort();
-        let mut pause = Duration::from_millis(500);
-        for attempt in 1..=4 {
-            match self.permits.remove(&self.permits.me, &self.holder.tok, self.holder.kind).await {
-                Ok(true) => {
-                    info!(key = %self.permits.key, instance_id = %self.permits.me, "permit released");
-                    return;
-                }
-                Ok(false) => {
-                    warn!(key = %self.permits.key, instance_id = %self.permits.me, "permit entry was already gone or taken over");
-                    return;
-                }
-                Err(e) if e.is_retryable() && attempt < 4 => {
-                    warn!(error = %e, attempt, "releasing the permit failed; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause *= 2;
-                }
-                Err(e) => {
-                    let exp = self.health.lock().unwrap().trusted_until + Permits::ms(self.permits.grace);
-                    error!(error = %e, "releasing the permit failed; the entry expires by itself (exp {exp} ms, dropped {} s later)", self.permits.grace.as_secs());
-                    return;
-                }
+        let (p, holder) = (&self.permits, &self.holder);
+        match removal_retried("releasing the permit", || p.remove(&p.me, &holder.tok, holder.kind)).await {
+            Ok(true) => info!(key = %p.key, instance_id = %p.me, "permit released"),
+            Ok(false) => warn!(key = %p.key, instance_id = %p.me, "permit entry was already gone or taken over"),
+            Err(e) => {
+                let exp = self.health.lock().unwrap().trusted_until + Permits::ms(p.grace);
+                error!(error = %e, "releasing the permit failed; the entry expires by itself (exp {exp} ms, dropped {} s later)", p.grace.as_secs());
             }
         }
     }
@@ -574,6 +553,30 @@ impl Drop for Permit {
     }
 }
 
+/// Runs a removal (`what`, for logs) up to four times, pausing 0.5 s (doubling) after a call the
+/// store throttled or failed on its side; returns the last answer. A release and a restarted
+/// listener's removal of its old entry both use it: one failed call should not keep a slot from
+/// the cluster for the entry's lifetime (D + G).
+pub async fn removal_retried<F, Fut>(what: &str, mut remove: F) -> Result<bool, LeaseError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool, LeaseError>>,
+{
+    let mut pause = Duration::from_millis(500);
+    let mut attempt = 1;
+    loop {
+        match remove().await {
+            Err(e) if e.is_retryable() && attempt < 4 => {
+                warn!(error = %e, attempt, "{what} failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                attempt += 1;
+            }
+            answer => return answer,
+        }
+    }
+}
+
 /// Renews a held permit on demand, apart from its heartbeat.
 #[derive(Clone)]
 pub struct Toucher {
@@ -582,10 +585,13 @@ pub struct Toucher {
     health: Arc<Mutex<PermitHealth>>,
 }
 
+/// Why a renewal that met a changed entry loses the permit.
+const TAKEN_OVER: &str = "its entry was removed or taken over";
+
 impl Toucher {
-    /// Renews the entry now and returns the record's version after the write: a shared view with
-    /// `seen_ver` at least that was read after this moment.
-    pub async fn touch(&self) -> Result<u64, LeaseError> {
+    /// One renewal: the record's version after it, or `None` when the entry was removed or taken
+    /// over (the permit is then lost for good, see `Permit::lost`).
+    async fn renew(&self) -> Result<Option<u64>, LeaseError> {
         let p = &self.permits;
         let now = p.now();
         let write = Write::Renew {
@@ -598,20 +604,30 @@ impl Toucher {
             Written::Applied(r) => {
                 let mut h = self.health.lock().unwrap();
                 h.trusted_until = h.trusted_until.max(now + Permits::ms(p.duration.saturating_sub(p.grace)));
-                Ok(r.ver)
+                Ok(Some(r.ver))
             }
             Written::Conflict(_) => {
-                let why = "its entry was removed or taken over".to_string();
-                self.health.lock().unwrap().lost = Some(why.clone());
-                Err(LeaseError::Unavailable { table: p.store.table().into(), action: "renew", detail: why })
+                self.health.lock().unwrap().lost = Some(TAKEN_OVER.into());
+                Ok(None)
             }
         }
+    }
+
+    /// Renews the entry now and returns the record's version after the write: a shared view with
+    /// `seen_ver` at least that was read after this moment.
+    pub async fn touch(&self) -> Result<u64, LeaseError> {
+        self.renew().await?.ok_or_else(|| LeaseError::Unavailable {
+            table: self.permits.store.table().into(),
+            action: "renew",
+            detail: TAKEN_OVER.into(),
+        })
     }
 }
 
 /// Renews `holder` every D/4 (sooner after a failed renewal) until the max hold; a conflict means
 /// the entry was removed or taken over: the permit is lost.
-async fn heartbeat(permits: Permits, holder: Holder, health: Arc<Mutex<PermitHealth>>) {
+async fn heartbeat(toucher: Toucher) {
+    let (permits, holder) = (&toucher.permits, &toucher.holder);
     let every = permits.duration / 4;
     // The first renewal at a random point of the second half of the period: holders granted
     // together (a fleet's first wave) do not renew together ever after.
@@ -623,21 +639,10 @@ async fn heartbeat(permits: Permits, holder: Holder, health: Arc<Mutex<PermitHea
             error!(key = %permits.key, instance_id = %permits.me, max_hold_s = permits.max_hold.as_secs(), "PERMIT HELD LONGER THAN --max-hold: no longer renewed; it expires and peers may leave");
             return;
         }
-        let write = Write::Renew {
-            id: permits.me.clone(),
-            tok: holder.tok.clone(),
-            exp: now + Permits::ms(permits.duration),
-            kind: holder.kind,
-        };
-        match permits.store.write(&permits.key, write).await {
-            Ok(Written::Applied(_)) => {
-                health.lock().unwrap().trusted_until =
-                    now + Permits::ms(permits.duration.saturating_sub(permits.grace));
-                next = every;
-            }
-            Ok(Written::Conflict(_)) => {
-                error!(key = %permits.key, instance_id = %permits.me, "PERMIT LOST: its entry was removed or taken over");
-                health.lock().unwrap().lost = Some("its entry was removed or taken over".into());
+        match toucher.renew().await {
+            Ok(Some(_)) => next = every,
+            Ok(None) => {
+                error!(key = %permits.key, instance_id = %permits.me, "PERMIT LOST: {TAKEN_OVER}");
                 return;
             }
             Err(e) => {
