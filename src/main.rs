@@ -13,7 +13,7 @@ use elb_quorum::cli::{Cli, Command, LeaseCommand};
 use elb_quorum::config::{ConfigError, MembersSource, Settings};
 use elb_quorum::cycle::state_file::LeaveVia;
 use elb_quorum::cycle::state_file::{StateFile, StateFileError};
-use elb_quorum::cycle::{chain, held_by, Cycle, CycleError, Outcome, Timing};
+use elb_quorum::cycle::{chain, held_by, Cycle, CycleError, Outcome, Recovery, Timing};
 use elb_quorum::identity::{self, Identity};
 use elb_quorum::lb::members::{AnyMembers, AsgMembers, Ec2NameMembers, GroupInfo, Membership, StaticMembers};
 use elb_quorum::lb::{Attachment, LoadBalancer, TargetState};
@@ -257,7 +257,13 @@ struct ListenHandler {
     shutdown: watch::Receiver<bool>,
     state: StateFile,
     cycle: tokio::sync::OnceCell<ProdCycle>,
+    /// After a failed attempt to finish an unfinished cycle, the idle watch tries again from then.
+    retry_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How long the idle watch waits after failing to finish an unfinished cycle (AWS refusing the
+/// registration, a ready check failing) before it tries again.
+const RECOVER_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Handler for ListenHandler {
     async fn startup(&self) {
@@ -285,6 +291,36 @@ impl Handler for ListenHandler {
         let Some(cycle) = self.cycle().await else { return };
         let result = cycle.run(&request).await;
         log_outcome(&result);
+    }
+
+    async fn idle(&self) {
+        // Nothing unfinished: one stat, no supervisord or AWS call.
+        if !self.state.path().exists() {
+            return;
+        }
+        if self.retry_at.lock().expect("retry lock").is_some_and(|t| std::time::Instant::now() < t) {
+            return;
+        }
+        // A one-shot `restart` is running its cycle: it finishes its own.
+        let Ok(_lock) = self.state.try_lock() else { return };
+        let Some(cycle) = self.cycle().await else { return };
+        let next = match cycle.recover().await {
+            Ok(Recovery::Back) => {
+                info!(outcome = "recovered", "the unfinished cycle is finished: back in service");
+                None
+            }
+            Ok(Recovery::Nothing | Recovery::StillDown) => None,
+            Err(e) => {
+                error!(
+                    outcome = "left-out",
+                    "finishing the unfinished cycle failed: {}; trying again in {} s",
+                    chain(&e),
+                    RECOVER_RETRY.as_secs()
+                );
+                Some(std::time::Instant::now() + RECOVER_RETRY)
+            }
+        };
+        *self.retry_at.lock().expect("retry lock") = next;
     }
 }
 
@@ -374,6 +410,7 @@ async fn listen(settings: Settings) -> Result<u8, Failure> {
         identity,
         shutdown: shutdown_rx,
         cycle: tokio::sync::OnceCell::new(),
+        retry_at: std::sync::Mutex::new(None),
     };
     let (worker, mut join) = worker::spawn(handler);
     // The protocol loop runs on its own thread with blocking I/O; this runtime keeps the worker and

@@ -17,12 +17,18 @@ use crate::trigger::RestartRequest;
 /// may deliver them from its buffer after the cycle ended).
 pub const OWN_EVENT_GRACE: Duration = Duration::from_secs(10);
 
+/// How often an idle worker looks for a cycle left unfinished (`Handler::idle`).
+pub const IDLE_WATCH: Duration = Duration::from_secs(5);
+
 /// What the worker runs.
 pub trait Handler: Send + Sync + 'static {
     /// Once, before any request (crash recovery).
     fn startup(&self) -> impl Future<Output = ()> + Send;
     /// One restart cycle.
     fn handle(&self, request: RestartRequest) -> impl Future<Output = ()> + Send;
+    /// Every `IDLE_WATCH` while no request waits: finishes a cycle left unfinished once it can (an
+    /// instance out with its programs RUNNING again). Must be cheap when there is nothing to do.
+    fn idle(&self) -> impl Future<Output = ()> + Send;
 }
 
 #[derive(Default)]
@@ -87,7 +93,10 @@ pub fn spawn<H: Handler>(handler: H) -> (WorkerHandle, JoinHandle<()>) {
                 inner.pending.take()
             };
             let Some(request) = request else {
-                h.notify.notified().await;
+                tokio::select! {
+                    _ = h.notify.notified() => {}
+                    _ = tokio::time::sleep(IDLE_WATCH) => handler.idle().await,
+                }
                 continue;
             };
             {

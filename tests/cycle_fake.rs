@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use elb_quorum::cycle::state_file::{Record, StateFile, Step, Taken};
-use elb_quorum::cycle::{Cycle, CycleError, Outcome};
+use elb_quorum::cycle::{Cycle, CycleError, Outcome, Recovery};
 use elb_quorum::fake::{fake_cycle, test_timing, FakeLb, FakeMembers, FakeServices, Fault, Op};
 use elb_quorum::lb::{Kind, LoadBalancer, Target};
 use elb_quorum::quorum::Reason;
@@ -358,6 +358,46 @@ async fn services_still_down_after_a_crash_stay_out_loudly() {
     *h.services.running.lock().unwrap() = true;
     assert!(h.cycle.reconcile().await.unwrap());
     assert!(h.lb.is_serving(&me()));
+}
+
+/// The listener's idle watch (`recover`): an instance left out because its programs did not come
+/// back asks only supervisord while they stay down (no load-balancer call at all), and comes back
+/// by itself once they are RUNNING again (an operator's `supervisorctl start`, a slow start that
+/// outlived the restart timeout). Why the fake: the exact call log, and no request in between.
+#[tokio::test(start_paused = true)]
+async fn the_idle_watch_brings_back_an_instance_whose_programs_run_again() {
+    let h = harness(4, S(0), S(5));
+    *h.services.fail.lock().unwrap() = true;
+    assert!(h.cycle.run(&web()).await.unwrap_err().left_out());
+    let calls = h.lb.calls().len();
+    for _ in 0..3 {
+        assert_eq!(h.cycle.recover().await.unwrap(), Recovery::StillDown);
+    }
+    assert_eq!(h.lb.calls().len(), calls, "no AWS call while the programs are down");
+    assert!(!h.lb.is_registered(&me()));
+    // The operator starts them: RUNNING, and the health check passes again.
+    *h.services.running.lock().unwrap() = true;
+    h.lb.set_healthy(&me(), true);
+    assert_eq!(h.cycle.recover().await.unwrap(), Recovery::Back);
+    assert!(h.lb.is_serving(&me()));
+    assert_eq!(h.cycle.state.load().unwrap(), None);
+    assert_eq!(*h.services.restarts.lock().unwrap(), 1, "the watch restarts nothing");
+    assert_eq!(h.cycle.recover().await.unwrap(), Recovery::Nothing);
+}
+
+/// A registration AWS refused for the whole retry budget leaves the instance out with its programs
+/// RUNNING; the idle watch registers it once AWS answers again.
+#[tokio::test(start_paused = true)]
+async fn the_idle_watch_registers_again_once_aws_answers() {
+    let h = harness(4, S(0), S(5));
+    h.lb.inject(Op::Register, Fault::Unreachable, 10_000);
+    assert!(h.cycle.run(&web()).await.unwrap_err().left_out());
+    assert!(!h.lb.is_registered(&me()) && *h.services.running.lock().unwrap());
+    assert!(h.cycle.recover().await.unwrap_err().left_out(), "still refused: still loud");
+    h.lb.clear_faults(Op::Register);
+    assert_eq!(h.cycle.recover().await.unwrap(), Recovery::Back);
+    assert!(h.lb.is_serving(&me()));
+    assert_eq!(*h.services.restarts.lock().unwrap(), 1);
 }
 
 /// A restart that fails without having stopped anything (the programs still RUNNING) must not leave

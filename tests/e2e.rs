@@ -25,6 +25,7 @@ fn node(moto: &Moto, lb: &str, ns: &str, ids: &[String], extra_args: &str) -> No
          [program:slow]\ncommand=sh -c 'hold() {{ i=0; while [ -e {{here}}/hold-slow ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; exit 0; }}; trap hold TERM; while :; do sleep 0.1; done'\nstartsecs=1\nstopwaitsecs=90\n\n\
          [program:talker]\ncommand=sh -c 'while :; do if [ -e {{here}}/ask ]; then rm -f {{here}}/ask; printf \"<!--XSUPERVISOR:BEGIN-->restart<!--XSUPERVISOR:END-->\"; fi; sleep 0.1; done'\nstdout_capture_maxbytes=1MB\nstartsecs=1\n\n\
          [program:gated]\ncommand=sleep 100000\nautorestart=false\nstartsecs=1\n\n\
+         [program:flaky]\ncommand=sh -c '[ -e {{here}}/broken ] && exit 1; exec sleep 100000'\nstartsecs=1\nstartretries=1\n\n\
          [eventlistener:elb-quorum]\ncommand={bin} listen --hostname node0.{ns} --domain example.com --instance-id {id} --program web --gate gated --check-interval 0.3 --max-checks 5 --poll-interval 0.2 --settle 0.2 --state-dir {{here}}/state {extra_args}\n\
          events=PROCESS_STATE,PROCESS_COMMUNICATION,REMOTE_COMMUNICATION,TICK_5\nbuffer_size=50\nstopwaitsecs=60\n\
          stderr_logfile={{here}}/listener.log\nenvironment=SUPERVISOR_USERNAME=\"{USER}\",SUPERVISOR_PASSWORD=\"{PASSWORD}\",ELB_QUORUM_LOG_TARGET=\"stderr\"\n",
@@ -32,7 +33,7 @@ fn node(moto: &Moto, lb: &str, ns: &str, ids: &[String], extra_args: &str) -> No
         id = ids[0],
     );
     let sup = Supervisord::start(&conf, false, &moto.env());
-    for p in ["web", "slow", "talker", "gated"] {
+    for p in ["web", "slow", "talker", "gated", "flaky"] {
         eventually(T, "programs RUNNING", || sup.pid(p));
     }
     eventually(T, "listener RUNNING", || sup.status("elb-quorum").contains("RUNNING").then_some(()));
@@ -223,6 +224,32 @@ fn kill_9_mid_cycle_is_reconciled_by_the_restarted_listener() {
         assert!(!n.sup.path("state/state.json").exists(), "{step}: state file cleared");
     }
     eventually(T, "the listener RUNNING again", || n.sup.status("elb-quorum").contains("RUNNING").then_some(()));
+}
+
+/// A program that does not come back leaves the instance out, loudly; once the operator fixes it
+/// and starts it, the idle listener sees it RUNNING and registers the instance by itself (no
+/// request, no restart of the listener).
+#[test]
+fn an_instance_left_out_comes_back_once_its_programs_run_again() {
+    let (moto, _, n) = setup();
+    std::fs::write(n.sup.path("broken"), "").unwrap();
+    request(&n, &["flaky"]);
+    let log = eventually(T, "the instance left out", || {
+        let l = n.log();
+        l.contains("outcome=\"left-out\"").then_some(l)
+    });
+    assert!(log.contains("LEFT DEREGISTERED"), "{log}");
+    assert!(n.sup.status("flaky").contains("FATAL"), "{}", n.sup.status("flaky"));
+    assert!(!n.in_service(&moto), "out while flaky is down");
+    std::fs::remove_file(n.sup.path("broken")).unwrap();
+    assert!(n.sup.ctl(&["start", "flaky"]).status.success());
+    let log = eventually(T, "back in service by itself", || {
+        let l = n.log();
+        l.contains("outcome=\"recovered\"").then_some(l)
+    });
+    assert!(n.in_service(&moto), "{log}");
+    assert!(!n.sup.path("state/state.json").exists(), "state file cleared");
+    assert_eq!(count(&log, "starting restart cycle"), 1, "no second cycle: {log}");
 }
 
 #[test]

@@ -104,6 +104,17 @@ pub struct Summary {
     pub races: u32,
 }
 
+/// What the idle listener's watch (`Cycle::recover`) found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// No cycle left unfinished.
+    Nothing,
+    /// Out, with the programs still not RUNNING: nothing to do yet.
+    StillDown,
+    /// The unfinished cycle is finished: the instance is back in service.
+    Back,
+}
+
 /// How a cycle ended without an error.
 #[derive(Debug, Clone)]
 pub enum Outcome {
@@ -1748,6 +1759,25 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         self.after_return(&record.programs).await;
         self.forget_old_permit().await?;
         Ok(true)
+    }
+
+    /// The idle listener's watch over an instance left out: programs that did not come back
+    /// (`services-down`), a registration AWS refused for the whole retry budget, or a one-shot
+    /// killed mid-cycle. When the state file names an unfinished cycle and its programs are RUNNING
+    /// (or it stopped before they went down), finishes it (`reconcile`). While the programs stay
+    /// down only supervisord is asked: no AWS call. The caller holds the state file's lock.
+    pub async fn recover(&self) -> Result<Recovery, CycleError> {
+        let record = match self.state.load() {
+            Ok(Some(r)) => r,
+            // A corrupt file was reported (and set aside) by the start's reconcile.
+            Ok(None) | Err(StateFileError::Corrupt { .. }) => return Ok(Recovery::Nothing),
+            Err(e) => return Err(e.into()),
+        };
+        if record.step == Step::ServicesDown && !self.services.running(&record.programs).await? {
+            return Ok(Recovery::StillDown);
+        }
+        info!(step = ?record.step, programs = %record.programs.join(" "), "the instance is out with its programs RUNNING: finishing the cycle");
+        Ok(if self.reconcile().await? { Recovery::Back } else { Recovery::Nothing })
     }
 
     /// Strict mode: removes this instance's entry left by an earlier run (kill -9 while holding a
