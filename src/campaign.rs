@@ -7,9 +7,12 @@
 //! Faults: the load balancer throttling, failing with 5xx or unreachable on any call, or losing
 //! the reply of a deregistration or registration that took effect; the permit
 //! store throttling, failing, timing out, or losing the reply of a write it applied; a peer's
-//! health flipping for a while; a program that fails to come back; a process killed (`kill -9`)
-//! at a random moment, its supervisord finishing the restart it was doing, and a fresh process
-//! reconciling from the state file; each instance's clock skewed within half the lease grace.
+//! health flipping for a while; a program that fails to come back, is slow to stop, or is killed
+//! while starting (supervisord starts it again), past the restart timeout (20–60 s) or not; a
+//! process killed (`kill -9`) at a random moment, its supervisord finishing the restart it was
+//! doing, and a fresh process reconciling from the state file; each instance's clock skewed within
+//! half the lease grace. Once the cycles end, each listener's idle watch (`Cycle::recover`, every
+//! 5 s) runs while faults go on, and once more when quiet.
 //!
 //! Invariants (numbered as in issue #15):
 //! 1. never more than L slots held (an instance that serves nothing already leaves under an
@@ -31,7 +34,7 @@ use tokio::time::Instant;
 
 use crate::cycle::state_file::StateFile;
 use crate::cycle::{CycleError, Outcome};
-use crate::fake::{fake_cycle, fake_permits, FakeLb, FakeServices, FakeStore, Fault, Op, StoreFault, StoreOp};
+use crate::fake::{fake_cycle, fake_permits, FakeLb, FakeServices, FakeStore, Fault, Hitch, Op, StoreFault, StoreOp};
 use crate::quorum::Rule;
 use crate::trigger::{Origin, RestartRequest};
 
@@ -78,8 +81,14 @@ pub async fn run_seed(seed: u64) -> SeedReport {
     let count =
         |r: &Arc<Mutex<SeedReport>>, kind: &'static str| *r.lock().unwrap().faults.entry(kind).or_default() += 1;
 
-    let services: Vec<FakeServices> =
-        ids.iter().map(|_| FakeServices::new(Duration::from_secs(fastrand::u64(1..=5)), &["web"])).collect();
+    let restart_timeout = Duration::from_secs(fastrand::u64(20..=60));
+    let services: Vec<FakeServices> = ids
+        .iter()
+        .map(|_| FakeServices {
+            timeout: restart_timeout,
+            ..FakeServices::new(Duration::from_secs(fastrand::u64(1..=5)), &["web"])
+        })
+        .collect();
     let skews: Vec<i64> = ids.iter().map(|_| fastrand::i64(-15_000..=15_000)).collect();
     let make = |i: usize| {
         let timing = crate::cycle::Timing {
@@ -190,16 +199,31 @@ pub async fn run_seed(seed: u64) -> SeedReport {
                         }
                     }
                     4 => {
-                        // A program fails to come back on its next restart(s), then recovers.
+                        // A program fails to come back on its next restart(s), then recovers; or
+                        // its next restart meets one slow to stop, or killed while starting: past
+                        // the restart timeout the cycle leaves the instance out, loudly.
                         let i = fastrand::usize(..services.len());
-                        *services[i].fail.lock().unwrap() = true;
+                        let d = Duration::from_secs(fastrand::u64(1..=60));
                         hit.lock().unwrap().insert(ids[i].clone());
-                        count(&report, "program-fails-to-start");
-                        let s = services[i].clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(Duration::from_secs(fastrand::u64(1..=10))).await;
-                            *s.fail.lock().unwrap() = false;
-                        });
+                        match fastrand::u8(0..3) {
+                            0 => {
+                                *services[i].fail.lock().unwrap() = true;
+                                count(&report, "program-fails-to-start");
+                                let s = services[i].clone();
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(Duration::from_secs(fastrand::u64(1..=10))).await;
+                                    *s.fail.lock().unwrap() = false;
+                                });
+                            }
+                            1 => {
+                                *services[i].hitch.lock().unwrap() = Some(Hitch::SlowStop(d));
+                                count(&report, "program-slow-stop");
+                            }
+                            _ => {
+                                *services[i].hitch.lock().unwrap() = Some(Hitch::KilledWhileStarting(d));
+                                count(&report, "program-killed-while-starting");
+                            }
+                        }
                     }
                     _ => {}
                 }
@@ -235,7 +259,7 @@ pub async fn run_seed(seed: u64) -> SeedReport {
         if !*services[v].running.lock().unwrap() {
             tokio::time::sleep(services[v].restart_time).await;
             if !*services[v].fail.lock().unwrap() {
-                *services[v].running.lock().unwrap() = true;
+                services[v].up();
                 lb.set_healthy(&ids[v], true);
             }
         }
@@ -244,11 +268,31 @@ pub async fn run_seed(seed: u64) -> SeedReport {
         let fresh = make(v);
         let _ = fresh.reconcile().await;
     }
+    // Each listener's idle watch (`recover`, every 5 s) while faults go on: an instance left out
+    // comes back once its programs run again (a start that outlived the restart timeout).
+    // Stops early once no state file is left.
+    let watch = |rounds: usize| {
+        let (make, base, ids) = (&make, &base, &ids);
+        async move {
+            for _ in 0..rounds {
+                if ids.iter().all(|id| matches!(StateFile::new(base.join(id)).load(), Ok(None))) {
+                    break;
+                }
+                tokio::time::sleep(crate::worker::IDLE_WATCH).await;
+                for i in 0..k {
+                    let _ = make(i).recover().await;
+                }
+            }
+        }
+    };
+    watch(24).await;
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = sampler.await;
     let _ = injector.await;
-    // Quiet: flips heal, failing programs recover; let the last renewals and releases land.
+    // Quiet: flips heal, failing programs recover; let the last renewals and releases land, and
+    // the watch look once more.
     tokio::time::sleep(Duration::from_secs(20)).await;
+    watch(1).await;
     let elapsed = start.elapsed();
 
     let mut report = report.lock().unwrap().clone();

@@ -872,11 +872,26 @@ impl Membership for FakeGroup {
     }
 }
 
+/// What the next restart of fake programs meets (then it is cleared).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hitch {
+    /// The stop takes this long (a program slow to stop, up to its `stopwaitsecs`). Past the
+    /// restart timeout supervisord's stop ends with the programs STOPPED: nothing starts them.
+    SlowStop(Duration),
+    /// The process is killed while starting and supervisord starts it again (BACKOFF): RUNNING
+    /// this much later, after the restart timeout if that is shorter.
+    KilledWhileStarting(Duration),
+}
+
 /// Programs that take `restart_time` to restart; `fail` makes restarts fail; `running` is what
-/// `running()` answers. Marks the instance's process unhealthy in the fake LB while restarting.
+/// `running()` answers; `hitch` delays the next restart, and past `timeout` it fails as
+/// supervisord's client does (`RestartTimeout`). Marks the instance's process unhealthy in the
+/// fake LB while restarting.
 #[derive(Clone)]
 pub struct FakeServices {
     pub restart_time: Duration,
+    pub timeout: Duration,
+    pub hitch: Arc<Mutex<Option<Hitch>>>,
     pub fail: Arc<Mutex<bool>>,
     /// Restarts fail without having stopped anything (e.g. the program vanished meanwhile).
     pub fail_before_stop: Arc<Mutex<bool>>,
@@ -891,12 +906,22 @@ impl FakeServices {
     pub fn new(restart_time: Duration, known: &[&str]) -> Self {
         Self {
             restart_time,
+            timeout: Duration::from_secs(120),
+            hitch: Arc::default(),
             fail: Arc::default(),
             fail_before_stop: Arc::default(),
             running: Arc::new(Mutex::new(true)),
             restarts: Arc::default(),
             known: known.iter().map(|s| s.to_string()).collect(),
             lbs: Vec::new(),
+        }
+    }
+
+    /// RUNNING, and healthy again in every attachment.
+    pub fn up(&self) {
+        *self.running.lock().unwrap() = true;
+        for (lb, me) in &self.lbs {
+            lb.set_healthy(me, true);
         }
     }
 }
@@ -915,7 +940,31 @@ impl Services for FakeServices {
             lb.set_healthy(me, false);
         }
         *self.running.lock().unwrap() = false;
-        tokio::time::sleep(self.restart_time).await;
+        let (total, started) = match self.hitch.lock().unwrap().take() {
+            None => (self.restart_time, true),
+            Some(Hitch::SlowStop(d)) => (d + self.restart_time, d < self.timeout),
+            Some(Hitch::KilledWhileStarting(d)) => (self.restart_time + d, true),
+        };
+        if total > self.timeout {
+            tokio::time::sleep(self.timeout).await;
+            if started {
+                // supervisord goes on starting them: RUNNING later, unless they fail.
+                let me = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(total - me.timeout).await;
+                    *me.restarts.lock().unwrap() += 1;
+                    if !*me.fail.lock().unwrap() {
+                        me.up();
+                    }
+                });
+            }
+            return Err(SupervisorError::RestartTimeout {
+                programs: programs.join(" "),
+                after: self.timeout,
+                states: if started { "STARTING" } else { "STOPPING" }.into(),
+            });
+        }
+        tokio::time::sleep(total).await;
         *self.restarts.lock().unwrap() += 1;
         if *self.fail_before_stop.lock().unwrap() {
             *self.running.lock().unwrap() = true;
@@ -931,10 +980,7 @@ impl Services for FakeServices {
                 detail: " (fake)".into(),
             });
         }
-        *self.running.lock().unwrap() = true;
-        for (lb, me) in &self.lbs {
-            lb.set_healthy(me, true);
-        }
+        self.up();
         Ok(())
     }
 
