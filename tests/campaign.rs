@@ -27,3 +27,15 @@ fn five_hundred_seeds_of_faults_break_no_invariant() {
     // Not a campaign of cycles that all stop early: most requests restart their programs.
     assert!(done * 10 >= cycles * 7, "{done} of {cycles} requests done");
 }
+
+/// Seeds that broke invariant 2 before the idle watch existed: a program killed while starting
+/// came up after the restart timeout, and its instance stayed deregistered while RUNNING.
+#[test]
+fn seeds_that_left_a_running_instance_out_before_the_idle_watch() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+    for seed in [2, 22, 49] {
+        let r = rt.block_on(run_seed(seed));
+        assert!(r.faults.keys().any(|k| k.starts_with("program-")), "seed {seed}: {:?}", r.faults);
+        assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
+    }
+}
