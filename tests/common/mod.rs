@@ -418,8 +418,13 @@ pub fn unsafe_kill(pid: u32, sig: &str) {
 pub fn bin_command(args: &[&str], env: &[(String, String)]) -> Command {
     let mut cmd = Command::new(bin());
     // A state directory of its own unless the test names one (flag or env): never the machine's
-    // /var/lib/elb-quorum, whose lock another test (or another test run) may hold.
-    let state = std::env::temp_dir().join(format!("elb-quorum-test-state-{}-{}", std::process::id(), unique()));
+    // /var/lib/elb-quorum, whose lock another test (or another test run) may hold. Under the
+    // build's own scratch directory (target/tmp), not /tmp, where each run would leave some.
+    let state = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "elb-quorum-test-state-{}-{}",
+        std::process::id(),
+        unique()
+    ));
     cmd.args(args)
         .env_remove("AWS_PROFILE")
         .env_remove("SUPERVISOR_SERVER_URL")
