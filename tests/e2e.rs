@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use elb_quorum::config::SupervisorSettings;
+use elb_quorum::cycle::state_file::StateFile;
 use elb_quorum::secret::Secret;
 use elb_quorum::supervisor::SupervisorClient;
 
@@ -214,11 +215,16 @@ fn kill_9_mid_cycle_is_reconciled_by_the_restarted_listener() {
     // Killed right after deregistering, and right before registering: the state file the cycle
     // writes before each step, with the emulator in the matching state.
     for step in ["deregistering", "registering"] {
+        // The lock is held while the record is written and the listener killed, as the cycle holds
+        // it: with the lock free, the running listener's idle watch would finish the cycle itself.
+        let state = StateFile::new(n.sup.path("state"));
+        let lock = eventually(T, "the state file's lock", || state.try_lock().ok());
         moto.fixture(&["deregister", &n.lb, &n.id]);
         let record = serde_json::json!({"step": step, "instance_id": n.id, "lb": n.lb, "programs": ["web"], "since": 1, "pid": 1});
         std::fs::write(n.sup.path("state/state.json"), record.to_string()).unwrap();
         let before = count(&n.log(), "reconciled");
         unsafe_kill(n.listener_pid(), "KILL");
+        drop(lock);
         eventually(T, "reconciled again", || (count(&n.log(), "reconciled") > before).then_some(()));
         assert!(n.in_service(&moto), "{step}");
         assert!(!n.sup.path("state/state.json").exists(), "{step}: state file cleared");
