@@ -131,7 +131,9 @@ async fn build_for(
     let mut specs = identity.attachments.clone();
     let mut key = identity.cluster_key().to_owned();
     if let AnyMembers::Asg(_) = &members {
-        let group = members.group().await.map_err(|e| Failure::from(CycleError::from(e)))?;
+        let group = elb_quorum::lb::members::retry_at_start("looking the Auto Scaling group up", || members.group())
+            .await
+            .map_err(|e| Failure::from(CycleError::from(e)))?;
         key = format!("asg:{}", group.name);
         if specs.is_empty() {
             specs = group_attachments(&group);

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::time::Duration;
 
 use thiserror::Error;
 
@@ -67,6 +68,37 @@ pub enum MembersError {
     /// The source cannot do this (Standby needs an Auto Scaling group).
     #[error("{0} needs --members asg (an Auto Scaling group)")]
     Unsupported(&'static str),
+}
+
+/// How long a process goes on retrying its start-up lookup of the Auto Scaling group
+/// (`retry_at_start`).
+pub const START_RETRY_FOR: Duration = Duration::from_secs(300);
+/// The largest pause between two tries of the start-up lookup.
+pub const START_RETRY_MAX_PAUSE: Duration = Duration::from_secs(30);
+
+/// Runs a lookup every process makes before anything else (the Auto Scaling group: its name,
+/// attachments and sizes). A fleet asked at once makes them all in the same second, against one
+/// Auto Scaling bucket per account: a throttled, failing or unreachable call is tried again after
+/// a pause drawn in 0..P, P from 1 s doubling to `START_RETRY_MAX_PAUSE` (full jitter spreads the
+/// fleet over the bucket's refill), for up to `START_RETRY_FOR`; anything else fails at once.
+pub async fn retry_at_start<T, F, Fut>(what: &str, mut call: F) -> Result<T, MembersError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, MembersError>>,
+{
+    let start = tokio::time::Instant::now();
+    let mut cap = Duration::from_secs(1);
+    loop {
+        match call().await {
+            Err(e) if e.is_retryable() && start.elapsed() < START_RETRY_FOR => {
+                let pause = cap.mul_f64(fastrand::f64());
+                tracing::info!(error = %e, "{what} failed; trying again in {:.1} s", pause.as_secs_f64());
+                tokio::time::sleep(pause).await;
+                cap = (cap * 2).min(START_RETRY_MAX_PAUSE);
+            }
+            result => return result,
+        }
+    }
 }
 
 impl MembersError {
@@ -364,6 +396,41 @@ impl Membership for AsgMembers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// The start-up lookup: transient failures are tried again with growing, jittered pauses; a
+    /// permanent one fails at once; transient ones fail once `START_RETRY_FOR` is spent.
+    #[tokio::test(start_paused = true)]
+    async fn the_start_up_lookup_is_retried_only_while_it_may_heal() {
+        let tries = AtomicU32::new(0);
+        let start = tokio::time::Instant::now();
+        let r = retry_at_start("lookup", || async {
+            match tries.fetch_add(1, Ordering::SeqCst) {
+                0..=5 => Err(MembersError::Transient("Rate exceeded".into())),
+                _ => Ok(7),
+            }
+        })
+        .await;
+        assert_eq!(r, Ok(7));
+        assert_eq!(tries.load(Ordering::SeqCst), 7);
+        assert!(start.elapsed() <= Duration::from_secs(1 + 2 + 4 + 8 + 16 + 30), "{:?}", start.elapsed());
+
+        let tries = AtomicU32::new(0);
+        let r: Result<(), _> = retry_at_start("lookup", || async {
+            tries.fetch_add(1, Ordering::SeqCst);
+            Err(MembersError::Configuration("there is no Auto Scaling group web".into()))
+        })
+        .await;
+        assert!(r.unwrap_err().is_configuration());
+        assert_eq!(tries.load(Ordering::SeqCst), 1, "a permanent error is not retried");
+
+        let start = tokio::time::Instant::now();
+        let r: Result<(), _> =
+            retry_at_start("lookup", || async { Err(MembersError::Transient("Rate exceeded".into())) }).await;
+        assert!(r.unwrap_err().is_retryable());
+        let spent = start.elapsed();
+        assert!(spent >= START_RETRY_FOR && spent <= START_RETRY_FOR + START_RETRY_MAX_PAUSE, "{spent:?}");
+    }
 
     #[test]
     fn namespace_match() {
