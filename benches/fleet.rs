@@ -11,7 +11,9 @@
 //!   acquire, most instances out at once.
 //! - Throttled world (`Throttle::aws`: AWS's per-account buckets, the SDK's attempts; members read
 //!   through EC2's budget): K = 12, 100 and 1,000, strict and not, 3 seeds; or only the
-//!   configurations asked for with `-- --fleet K[,K...] [--strict] [--json] [--seeds N]`.
+//!   configurations asked for with `-- --fleet K[,K...] [--strict] [--json] [--seeds N]
+//!   [--leave-rate R] [--registration SIZE,REFILL] [--members asg]` (`asg`: members and
+//!   attachments from the Auto Scaling group, its one shared bucket assumed at 40 + 10/s).
 
 use std::time::Duration;
 
@@ -40,6 +42,7 @@ fn params(k: usize, drain: u64, restart: u64, health: u64, settle: f64) -> Fleet
         throttle: false,
         registration: None,
         leave_rate: 0.0,
+        members: Api::Ec2Describe,
     }
 }
 
@@ -62,6 +65,8 @@ struct BudgetArgs {
     leave_rate: f64,
     /// The registration calls' bucket, size and refill per second (default: `Api::bucket`).
     registration: Option<(f64, f64)>,
+    /// `--members asg`: members and attachments from the Auto Scaling group (default: ec2-name).
+    members: Api,
 }
 
 fn budget_args() -> Option<BudgetArgs> {
@@ -78,6 +83,11 @@ fn budget_args() -> Option<BudgetArgs> {
             let (size, refill) = v.split_once(',').expect("--registration SIZE,REFILL");
             (size.parse().expect("SIZE"), refill.parse().expect("REFILL"))
         }),
+        members: match value("--members").as_deref() {
+            None | Some("ec2-name") => Api::Ec2Describe,
+            Some("asg") => Api::AutoScaling,
+            Some(other) => panic!("--members ec2-name|asg, not {other}"),
+        },
     })
 }
 
@@ -168,6 +178,7 @@ fn main() {
             json: false,
             leave_rate: DEFAULT_LEAVE_RATE,
             registration: None,
+            members: Api::Ec2Describe,
         },
     );
 }
@@ -177,7 +188,12 @@ fn main() {
 fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
     if !b.json {
         println!("throttled world (AWS's buckets: ELB Describe* 40 + 10/s, EC2 DescribeInstances 100 + 20/s, registration 20 + 5/s;");
-        println!("  the SDK's 5 attempts each; members read through EC2; same fleet settings, settle 5 s without --strict; {} seeds)", b.seeds);
+        let asg = b.members == Api::AutoScaling;
+        println!(
+            "  the SDK's 5 attempts each; members read through {}; same fleet settings, settle 5 s without --strict; {} seeds)",
+            if asg { "Auto Scaling (40 + 10/s assumed), each process looking its group up first" } else { "EC2" },
+            b.seeds
+        );
         println!(
             "{:>5} {:>6} {:>10} {:>10} {:>8} {:>12} {:>14} {:>14} {:>10} {:>7} {:>12} {:>11} {:>10}",
             "K",
@@ -187,7 +203,7 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
             "most out",
             "fewest/req",
             "ELB desc/s pk",
-            "EC2 desc/s pk",
+            if asg { "ASG/s pk" } else { "EC2 desc/s pk" },
             "lost",
             "gave up",
             "writes/s pk",
@@ -202,6 +218,7 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
                 strict: strict.then(|| Duration::from_millis(45)),
                 leave_rate: b.leave_rate,
                 registration: b.registration,
+                members: b.members,
                 ..params(k, 20, 10, 15, if strict { 0.0 } else { 5.0 })
             };
             let reports: Vec<FleetReport> = (0..b.seeds)
@@ -225,6 +242,8 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
                 "required": reports[0].required,
                 "elb_describe_peak_per_s": round(worst(|r| r.elb_describe_peak_per_s)),
                 "ec2_describe_peak_per_s": round(worst(|r| r.ec2_describe_peak_per_s)),
+                "members": if b.members == Api::AutoScaling { "asg" } else { "ec2-name" },
+                "autoscaling_peak_per_s": round(worst(|r| r.autoscaling_peak_per_s)),
                 "checks_lost_to_throttling": reports.iter().map(|r| r.calls_lost_to_throttling).sum::<usize>(),
                 "throttled_attempts": reports.iter().map(|r| r.throttled_attempts).sum::<usize>(),
                 "registration_calls_lost": reports.iter().map(|r| r.registration_calls_lost).sum::<usize>(),
@@ -247,7 +266,7 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
                     f("fewest_serving"),
                     f("required"),
                     f("elb_describe_peak_per_s"),
-                    f("ec2_describe_peak_per_s"),
+                    f(if b.members == Api::AutoScaling { "autoscaling_peak_per_s" } else { "ec2_describe_peak_per_s" }),
                     f("checks_lost_to_throttling"),
                     f("gave_up"),
                     f("store_writes_peak_per_s"),

@@ -270,12 +270,16 @@ pub async fn run_seed(seed: u64) -> SeedReport {
     }
     // Each listener's idle watch (`recover`, every 5 s) while faults go on: an instance left out
     // comes back once its programs run again (a start that outlived the restart timeout).
-    // Stops early once no state file is left.
+    // Stops early once nothing is left for it: no state file, or programs down for good.
     let watch = |rounds: usize| {
-        let (make, base, ids) = (&make, &base, &ids);
+        let (make, base, ids, services) = (&make, &base, &ids, &services);
         async move {
             for _ in 0..rounds {
-                if ids.iter().all(|id| matches!(StateFile::new(base.join(id)).load(), Ok(None))) {
+                let settled = ids.iter().zip(services).all(|(id, s)| {
+                    matches!(StateFile::new(base.join(id)).load(), Ok(None))
+                        || !(*s.running.lock().unwrap() || *s.coming_up.lock().unwrap())
+                });
+                if settled {
                     break;
                 }
                 tokio::time::sleep(crate::worker::IDLE_WATCH).await;
@@ -285,7 +289,7 @@ pub async fn run_seed(seed: u64) -> SeedReport {
             }
         }
     };
-    watch(24).await;
+    watch(12).await;
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = sampler.await;
     let _ = injector.await;

@@ -504,23 +504,24 @@ impl Membership for FakeMembers {
     }
 }
 
-/// A fixed member list read, with a throttle, through EC2's `DescribeInstances` budget
-/// (`Api::Ec2Describe`) as `--members ec2-name` reads it: one call per read (one page up to 1,000
-/// instances). Without one, never throttled.
+/// A fixed member list read, with a throttle, the way `--members ec2-name` reads it (`api`
+/// `Ec2Describe`: one `DescribeInstances` per read, one page up to 1,000 instances) or `--members
+/// asg` does (`AutoScaling`: one `DescribeAutoScalingGroups` per read). Without a throttle, never
+/// throttled.
 #[derive(Debug, Clone)]
 pub struct ThrottledMembers {
     pub ids: BTreeSet<String>,
     pub throttle: Option<Throttle>,
+    pub api: Api,
 }
 
 impl Membership for ThrottledMembers {
     async fn members(&self) -> Result<Roster, MembersError> {
         let Some(throttle) = &self.throttle else { return Ok(Roster::of(Members::Ids(self.ids.clone()))) };
-        for _ in 0..self.ids.len().div_ceil(1000).max(1) {
-            throttle.call(Api::Ec2Describe).await.map_err(|()| {
-                MembersError::Transient(
-                    "EC2 DescribeInstances failed: RequestLimitExceeded (fake account budget)".into(),
-                )
+        let pages = if self.api == Api::Ec2Describe { self.ids.len().div_ceil(1000).max(1) } else { 1 };
+        for _ in 0..pages {
+            throttle.call(self.api).await.map_err(|()| {
+                MembersError::Transient(format!("{:?} failed: throttled (fake account budget)", self.api))
             })?;
         }
         Ok(Roster::of(Members::Ids(self.ids.clone())))
@@ -543,16 +544,20 @@ pub enum Api {
     ElbV2Mutate,
     /// EC2 `DescribeInstances`.
     Ec2Describe,
+    /// Every EC2 Auto Scaling call, reads and `EnterStandby`/`ExitStandby` alike: one shared bucket.
+    AutoScaling,
 }
 
 impl Api {
     /// Bucket size and refill per second. `Describe*`: AWS's ELB and EC2 documentation (40 and
     /// 10/s for each ELB API version; 100 and 20/s for `DescribeInstances`). The registration calls'
     /// buckets are not in the documentation this project could read: 20 and 5/s, half the
-    /// `Describe*` figures, a conservative choice (benches/README.md).
+    /// `Describe*` figures, a conservative choice (benches/README.md). EC2 Auto Scaling throttles
+    /// every call of the account from one shared bucket (its API reference); the size is not in
+    /// what this project could read either: ELB's `Describe*` figures, 40 and 10/s, assumed.
     pub fn bucket(self) -> (f64, f64) {
         match self {
-            Api::ElbV1Describe | Api::ElbV2Describe => (40.0, 10.0),
+            Api::ElbV1Describe | Api::ElbV2Describe | Api::AutoScaling => (40.0, 10.0),
             Api::ElbV1Mutate | Api::ElbV2Mutate => (20.0, 5.0),
             Api::Ec2Describe => (100.0, 20.0),
         }
@@ -892,6 +897,8 @@ pub struct FakeServices {
     pub restart_time: Duration,
     pub timeout: Duration,
     pub hitch: Arc<Mutex<Option<Hitch>>>,
+    /// Programs supervisord is still starting after a restart timed out (they come up later).
+    pub coming_up: Arc<Mutex<bool>>,
     pub fail: Arc<Mutex<bool>>,
     /// Restarts fail without having stopped anything (e.g. the program vanished meanwhile).
     pub fail_before_stop: Arc<Mutex<bool>>,
@@ -908,6 +915,7 @@ impl FakeServices {
             restart_time,
             timeout: Duration::from_secs(120),
             hitch: Arc::default(),
+            coming_up: Arc::default(),
             fail: Arc::default(),
             fail_before_stop: Arc::default(),
             running: Arc::new(Mutex::new(true)),
@@ -950,12 +958,14 @@ impl Services for FakeServices {
             if started {
                 // supervisord goes on starting them: RUNNING later, unless they fail.
                 let me = self.clone();
+                *me.coming_up.lock().unwrap() = true;
                 tokio::spawn(async move {
                     tokio::time::sleep(total - me.timeout).await;
                     *me.restarts.lock().unwrap() += 1;
                     if !*me.fail.lock().unwrap() {
                         me.up();
                     }
+                    *me.coming_up.lock().unwrap() = false;
                 });
             }
             return Err(SupervisorError::RestartTimeout {
@@ -1336,6 +1346,10 @@ pub struct FleetParams {
     pub registration: Option<(f64, f64)>,
     /// Strict mode: `--leave-rate` (permits per second across the fleet; 0: unpaced).
     pub leave_rate: f64,
+    /// How members are read: `Api::Ec2Describe` (`--members ec2-name`) or `Api::AutoScaling`
+    /// (`--members asg`, attachments from the group: each process first looks its group up,
+    /// `DescribeAutoScalingInstances` then `DescribeAutoScalingGroups`, before any other call).
+    pub members: Api,
 }
 
 /// What a fleet run measured.
@@ -1367,6 +1381,8 @@ pub struct FleetReport {
     /// versions) and EC2 `Describe*`, throttled attempts included (AWS counts them too).
     pub elb_describe_peak_per_s: f64,
     pub ec2_describe_peak_per_s: f64,
+    /// Auto Scaling attempts per second in the busiest 10 s window (`--members asg`).
+    pub autoscaling_peak_per_s: f64,
     /// Attempts AWS throttled, and calls that failed after all the SDK's attempts (each a check
     /// or a poll lost).
     pub throttled_attempts: usize,
@@ -1433,9 +1449,30 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
                 leave_rate: p.leave_rate,
                 ..fake_permits(s, "fleet", id)
             }));
-        let cycle =
-            cycle.with_members(ThrottledMembers { ids: ids.iter().cloned().collect(), throttle: throttle.clone() });
+        let cycle = cycle.with_members(ThrottledMembers {
+            ids: ids.iter().cloned().collect(),
+            throttle: throttle.clone(),
+            api: p.members,
+        });
+        let (throttle, members) = (throttle.clone(), p.members);
         tasks.push(tokio::spawn(async move {
+            // `--members asg`: the process's group lookup (`DescribeAutoScalingInstances`, then
+            // `DescribeAutoScalingGroups`), retried as the product does; failing it for good, the
+            // process ends (exit 3) with nothing changed.
+            if let (Some(t), Api::AutoScaling) = (&throttle, members) {
+                let found = std::sync::atomic::AtomicBool::new(false); // the name is kept once found
+                let throttled = || MembersError::Transient("Auto Scaling: throttled".into());
+                let lookup = crate::lb::members::retry_at_start("the group lookup", || async {
+                    if !found.load(std::sync::atomic::Ordering::SeqCst) {
+                        t.call(Api::AutoScaling).await.map_err(|()| throttled())?;
+                        found.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    t.call(Api::AutoScaling).await.map_err(|()| throttled())
+                });
+                if lookup.await.is_err() {
+                    return (Ok(Outcome::Aborted), 0);
+                }
+            }
             let r = cycle.run(&RestartRequest::new(["web".to_string()], Origin::Remote)).await;
             let restarts = *services.restarts.lock().unwrap();
             (r, restarts)
@@ -1458,7 +1495,7 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
     let permits = p.rule.permits(p.k).max(1);
     let waves = p.k.div_ceil(permits) as u32;
     let (throttled_attempts, _) = throttle.as_ref().map_or((0, 0), |t| t.throttled(&ALL_APIS));
-    let reads = [Api::ElbV1Describe, Api::ElbV2Describe, Api::Ec2Describe];
+    let reads = [Api::ElbV1Describe, Api::ElbV2Describe, Api::Ec2Describe, Api::AutoScaling];
     let calls_lost_to_throttling = throttle.as_ref().map_or(0, |t| t.throttled(&reads).1);
     let registration_calls_lost = throttle.as_ref().map_or(0, |t| t.throttled(&[Api::ElbV1Mutate, Api::ElbV2Mutate]).1);
     FleetReport {
@@ -1488,6 +1525,9 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
         ec2_describe_peak_per_s: throttle
             .as_ref()
             .map_or(0.0, |t| t.peak_per_s(&[Api::Ec2Describe], Duration::from_secs(10))),
+        autoscaling_peak_per_s: throttle
+            .as_ref()
+            .map_or(0.0, |t| t.peak_per_s(&[Api::AutoScaling], Duration::from_secs(10))),
         throttled_attempts,
         calls_lost_to_throttling,
         registration_calls_lost,
@@ -1502,5 +1542,5 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
     }
 }
 
-const ALL_APIS: [Api; 5] =
-    [Api::ElbV1Describe, Api::ElbV2Describe, Api::ElbV1Mutate, Api::ElbV2Mutate, Api::Ec2Describe];
+const ALL_APIS: [Api; 6] =
+    [Api::ElbV1Describe, Api::ElbV2Describe, Api::ElbV1Mutate, Api::ElbV2Mutate, Api::Ec2Describe, Api::AutoScaling];

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use elb_quorum::cycle::Timing;
-use elb_quorum::fake::{simulate_fleet, FleetParams};
+use elb_quorum::fake::{simulate_fleet, Api, FleetParams};
 use elb_quorum::quorum::Rule;
 
 fn params(k: usize, settle: u64) -> FleetParams {
@@ -29,6 +29,7 @@ fn params(k: usize, settle: u64) -> FleetParams {
         throttle: false,
         registration: None,
         leave_rate: 0.0,
+        members: Api::Ec2Describe,
     }
 }
 
