@@ -305,7 +305,11 @@ impl Handler for ListenHandler {
         }
         // A one-shot `restart` is running its cycle: it finishes its own.
         let Ok(_lock) = self.state.try_lock() else { return };
-        let Some(cycle) = self.cycle().await else { return };
+        let Some(cycle) = self.cycle().await else {
+            // Logged by `cycle()`; not again every 5 s.
+            *self.retry_at.lock().expect("retry lock") = Some(std::time::Instant::now() + RECOVER_RETRY);
+            return;
+        };
         let next = match cycle.recover().await {
             Ok(Recovery::Back) => {
                 info!(outcome = "recovered", "the unfinished cycle is finished: back in service");
