@@ -39,3 +39,14 @@ fn seeds_that_left_a_running_instance_out_before_the_idle_watch() {
         assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
     }
 }
+
+/// Seed 5139 broke invariant 3: a process killed while holding a slot, its program then failing
+/// to come back; the fresh process's reconcile left the instance out (loudly) but kept the old
+/// permit entry, which a cycle ending the same way releases.
+#[test]
+fn a_reconcile_that_leaves_the_instance_out_removes_the_old_permit_entry() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+    let r = rt.block_on(run_seed(5139));
+    assert_eq!(r.faults.get("kill-9"), Some(&1), "{:?}", r.faults);
+    assert!(r.violations.is_empty(), "{:?}", r.violations);
+}

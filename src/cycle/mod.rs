@@ -1725,6 +1725,17 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             return Ok(false);
         }
         warn!(step = ?record.step, programs = %record.programs.join(" "), attachments = %labels(&record.attachments), "a previous run stopped mid-cycle; finishing it");
+        // Whatever the outcome, the earlier run's permit entry goes, as a cycle releases its
+        // permit however it ends (one left out with its programs down holds no slot either).
+        let finished = self.finish(&record).await;
+        let forgotten = self.forget_old_permit().await;
+        finished?;
+        forgotten?;
+        Ok(true)
+    }
+
+    /// `reconcile` once the record is this instance's: programs back, ready check, rejoin.
+    async fn finish(&self, record: &Record) -> Result<(), CycleError> {
         let running = self.services.running(&record.programs).await?;
         if !running {
             if record.step == Step::ServicesDown {
@@ -1744,7 +1755,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         }
         // The ready check passed already only once the record says Registering.
         if record.step != Step::Registering {
-            self.ready_check(&record).await?;
+            self.ready_check(record).await?;
         }
         let mut timings = Vec::with_capacity(record.attachments.len());
         for taken in &record.attachments {
@@ -1757,8 +1768,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         self.rejoin(record.via, &record.attachments, &timings).await?;
         info!(attachments = %labels(&record.attachments), instance_id = %self.me, via = ?record.via, "reconciled: registered and serving again");
         self.after_return(&record.programs).await;
-        self.forget_old_permit().await?;
-        Ok(true)
+        Ok(())
     }
 
     /// The idle listener's watch over an instance left out: programs that did not come back
