@@ -711,6 +711,8 @@ struct GroupState {
     calls: Vec<(Duration, GroupOp)>,
     /// Targets an instance had in each attachment (by index) when it entered Standby.
     parked: BTreeMap<String, Vec<(usize, Vec<Target>)>>,
+    /// Attachments added to the group after it was made (`FakeGroup::attach`).
+    attached: Vec<AttachmentSpec>,
 }
 
 /// An Auto Scaling group in memory, for what moto cannot show: `EnteringStandby`, Standby taking
@@ -744,12 +746,34 @@ impl FakeGroup {
                 faults: BTreeMap::new(),
                 calls: vec![],
                 parked: BTreeMap::new(),
+                attached: vec![],
             })),
         }
     }
 
     pub fn set_min(&self, min: i32) {
         self.state.lock().unwrap().min = min;
+    }
+
+    /// Attaches one more load balancer or target group to the group (an operator's change).
+    pub fn attach(&self, spec: AttachmentSpec) {
+        self.state.lock().unwrap().attached.push(spec);
+    }
+
+    fn info(&self, s: &GroupState) -> GroupInfo {
+        let names = |kind| {
+            let own = self.lbs.iter().filter(|l| l.spec().kind == kind).map(|l| l.id());
+            own.chain(s.attached.iter().filter(|a| a.kind == kind).map(|a| a.name.clone())).collect()
+        };
+        GroupInfo {
+            name: self.name.clone(),
+            load_balancers: names(Kind::Classic),
+            target_groups: names(Kind::TargetGroup),
+            min_size: s.min,
+            desired: s.desired,
+            health_check_type: "ELB".into(),
+            health_check_grace_s: 300,
+        }
     }
 
     /// The next `n` calls of `op` fail with `fault`.
@@ -804,6 +828,7 @@ impl Membership for FakeGroup {
             roster.zones.insert(id.clone(), zone.clone());
             roster.lifecycle.insert(id.clone(), state.clone());
         }
+        roster.group = Some(Box::new(self.info(&s)));
         Ok(roster)
     }
 
@@ -818,16 +843,7 @@ impl Membership for FakeGroup {
     async fn group(&self) -> Result<GroupInfo, MembersError> {
         self.enter(GroupOp::Describe)?;
         let s = self.state.lock().unwrap();
-        let names = |kind| self.lbs.iter().filter(|l| l.spec().kind == kind).map(|l| l.id()).collect();
-        Ok(GroupInfo {
-            name: self.name.clone(),
-            load_balancers: names(Kind::Classic),
-            target_groups: names(Kind::TargetGroup),
-            min_size: s.min,
-            desired: s.desired,
-            health_check_type: "ELB".into(),
-            health_check_grace_s: 300,
-        })
+        Ok(self.info(&s))
     }
 
     async fn enter_standby(&self, me: &str) -> Result<(), MembersError> {

@@ -15,9 +15,10 @@ use elb_quorum::cycle::state_file::LeaveVia;
 use elb_quorum::cycle::state_file::{StateFile, StateFileError};
 use elb_quorum::cycle::{chain, held_by, Cycle, CycleError, Outcome, Recovery, Timing};
 use elb_quorum::identity::{self, Identity};
-use elb_quorum::lb::members::{AnyMembers, AsgMembers, Ec2NameMembers, GroupInfo, Membership, StaticMembers};
+use elb_quorum::lb::members::{
+    retry_at_start, AnyMembers, AsgMembers, Ec2NameMembers, GroupInfo, Membership, StaticMembers, GROUP_CACHE_FILE,
+};
 use elb_quorum::lb::{Attachment, LoadBalancer, TargetState};
-use elb_quorum::lb::{AttachmentSpec, Kind};
 use elb_quorum::lease::dynamo::DynamoStore;
 use elb_quorum::lease::{self, Permits};
 use elb_quorum::listener::{self, End, Signal};
@@ -124,19 +125,35 @@ async fn build_for(
     let members = match &settings.members {
         MembersSource::Static(n) => AnyMembers::Static(StaticMembers(*n)),
         MembersSource::Ec2Name => AnyMembers::Ec2Name(Ec2NameMembers::new(&aws, identity.namespace.clone())),
-        MembersSource::Asg(named) => {
-            AnyMembers::Asg(AsgMembers::new(&aws, named.clone(), identity.instance_id.clone()))
-        }
+        MembersSource::Asg(named) => AnyMembers::Asg(
+            AsgMembers::new(&aws, named.clone(), identity.instance_id.clone())
+                .with_cache(settings.state_dir.join(GROUP_CACHE_FILE)),
+        ),
     };
     let mut specs = identity.attachments.clone();
     let mut key = identity.cluster_key().to_owned();
-    if let AnyMembers::Asg(_) = &members {
-        let group = elb_quorum::lb::members::retry_at_start("looking the Auto Scaling group up", || members.group())
-            .await
-            .map_err(|e| Failure::from(CycleError::from(e)))?;
+    let from_group = specs.is_empty() && matches!(members, AnyMembers::Asg(_));
+    if let AnyMembers::Asg(asg) = &members {
+        let failed = |e| Failure::from(CycleError::from(e));
+        // Strict mode: the group as the cluster's shared view last found it, when the view lists
+        // this instance (no Auto Scaling call; every check compares it with the group's
+        // attachments read after the grant); else the group itself.
+        let shared = match settings.strict {
+            true => {
+                let name = retry_at_start("looking the Auto Scaling group up", || asg.name()).await.map_err(failed)?;
+                let key = format!("asg:{name}");
+                group_from_view(&permits(settings, &key, &identity.instance_id, &aws), &name, &identity.instance_id)
+                    .await
+            }
+            false => None,
+        };
+        let group = match shared {
+            Some(g) => g,
+            None => retry_at_start("looking the Auto Scaling group up", || members.group()).await.map_err(failed)?,
+        };
         key = format!("asg:{}", group.name);
         if specs.is_empty() {
-            specs = group_attachments(&group);
+            specs = group.attachments();
             if specs.is_empty() {
                 return Err(Failure::usage(format!(
                     "Auto Scaling group {} has no load balancer or target group attached: give --lb or --target-group",
@@ -169,16 +186,19 @@ async fn build_for(
             .with_leave_via(settings.leave_via)
             .with_zone_quorum(settings.zone_quorum_ppm)
             .with_metrics(settings.metrics_file.as_ref().map(|p| std::sync::Arc::new(Metrics::open(p))))
-            .with_hooks(settings.hooks.clone());
+            .with_hooks(settings.hooks.clone())
+            .with_attachments_from_group(from_group);
     info!(attachments = %cycle.attachments(), leave_via = ?settings.leave_via, instance_id = %identity.instance_id, hostname = %identity.hostname, members = %cycle.members.describe(), quorum_ppm = settings.rule.quorum_ppm, dry_run = settings.dry_run, strict = settings.strict, "elb-quorum {}", env!("CARGO_PKG_VERSION"));
     Ok(cycle)
 }
 
-/// The attachments of an Auto Scaling group: its Classic load balancers, then its target groups.
-fn group_attachments(group: &GroupInfo) -> Vec<AttachmentSpec> {
-    let classic = group.load_balancers.iter().map(|n| AttachmentSpec { kind: Kind::Classic, name: n.clone() });
-    let groups = group.target_groups.iter().map(|n| AttachmentSpec { kind: Kind::TargetGroup, name: n.clone() });
-    classic.chain(groups).collect()
+/// Strict mode: Auto Scaling group `name` as the cluster's shared view holds it (read with the
+/// members by the last refresh), when it does and lists `me`; a missing, older or unreadable view
+/// is `None`.
+async fn group_from_view(permits: &Permits, name: &str, me: &str) -> Option<GroupInfo> {
+    let shared = permits.shared().await.ok()??;
+    let view = elb_quorum::cycle::view::View::decode(&shared.data).ok()?;
+    view.roster.group.filter(|g| g.name == name && view.roster.lifecycle.contains_key(me)).map(|g| *g)
 }
 
 /// Strict mode's permits: the DynamoDB table, keyed by the cluster (its namespace, or
@@ -258,7 +278,9 @@ struct ListenHandler {
     identity: Identity,
     shutdown: watch::Receiver<bool>,
     state: StateFile,
-    cycle: tokio::sync::OnceCell<ProdCycle>,
+    /// Built at the first need, kept; built again when the Auto Scaling group's attachments it was
+    /// built on have changed.
+    cycle: std::sync::Mutex<Option<std::sync::Arc<ProdCycle>>>,
     /// After a failed attempt to finish an unfinished cycle, the idle watch tries again from then.
     retry_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
@@ -291,7 +313,14 @@ impl Handler for ListenHandler {
         }
         let Some(_lock) = self.lock().await else { return };
         let Some(cycle) = self.cycle().await else { return };
-        let result = cycle.run(&request).await;
+        let mut result = cycle.run(&request).await;
+        if let Err(e @ CycleError::GroupChanged { .. }) = &result {
+            // Nothing changed: read the group again and ask once more.
+            warn!("{e}; building the cycle again");
+            *self.cycle.lock().expect("cycle lock") = None;
+            let Some(cycle) = self.cycle().await else { return };
+            result = cycle.run(&request).await;
+        }
         log_outcome(&result);
     }
 
@@ -331,11 +360,17 @@ impl Handler for ListenHandler {
 }
 
 impl ListenHandler {
-    async fn cycle(&self) -> Option<&ProdCycle> {
-        let built =
-            self.cycle.get_or_try_init(|| build_for(&self.settings, &self.identity, self.shutdown.clone())).await;
-        match built {
-            Ok(c) => Some(c),
+    async fn cycle(&self) -> Option<std::sync::Arc<ProdCycle>> {
+        if let Some(c) = self.cycle.lock().expect("cycle lock").clone() {
+            return Some(c);
+        }
+        // Only the worker calls the handler, one call at a time: no second build can race this one.
+        match build_for(&self.settings, &self.identity, self.shutdown.clone()).await {
+            Ok(c) => {
+                let c = std::sync::Arc::new(c);
+                *self.cycle.lock().expect("cycle lock") = Some(c.clone());
+                Some(c)
+            }
             Err(f) => {
                 error!("{}", f.message);
                 None
@@ -415,7 +450,7 @@ async fn listen(settings: Settings) -> Result<u8, Failure> {
         settings: settings.clone(),
         identity,
         shutdown: shutdown_rx,
-        cycle: tokio::sync::OnceCell::new(),
+        cycle: std::sync::Mutex::new(None),
         retry_at: std::sync::Mutex::new(None),
     };
     let (worker, mut join) = worker::spawn(handler);
@@ -456,7 +491,7 @@ async fn restart(settings: Settings, programs: Vec<String>) -> Result<u8, Failur
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let _signals = signals(shutdown_tx)?;
-    let (cycle, _identity) = build(&settings, shutdown_rx).await?;
+    let (cycle, _identity) = build(&settings, shutdown_rx.clone()).await?;
     let _lock = cycle.state.try_lock().map_err(|e| Failure::runtime(chain(&e)))?;
     match cycle.reconcile().await {
         // The instance is out with its programs down: this restart is what brings it back.
@@ -465,7 +500,12 @@ async fn restart(settings: Settings, programs: Vec<String>) -> Result<u8, Failur
         Ok(_) => {}
     }
     let request = RestartRequest::new(programs, Origin::Cli);
-    let result = cycle.run(&request).await;
+    let mut result = cycle.run(&request).await;
+    if let Err(e @ CycleError::GroupChanged { .. }) = &result {
+        // Nothing changed: read the group again and ask once more (the state file's lock is held).
+        warn!("{e}; building the cycle again");
+        result = build(&settings, shutdown_rx).await?.0.run(&request).await;
+    }
     log_outcome(&result);
     match result? {
         Outcome::Done(s) => {

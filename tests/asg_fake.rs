@@ -246,3 +246,40 @@ async fn a_throttled_membership_read_is_a_failed_check() {
     assert_eq!(s.checks, 3);
     back_in_service(&h, 4);
 }
+
+/// Why the fake: moto cannot attach a target group to a group between two reads of one process.
+/// A cycle built on the group's attachments (no --lb or --target-group) compares them with the
+/// group's at every check, in both modes (strict: the shared view read after the grant carries the
+/// group as the refresh read it): changed, it refuses to leave, with nothing changed.
+#[tokio::test(start_paused = true)]
+async fn a_change_to_the_groups_attachments_stops_a_cycle_built_on_the_old_ones() {
+    use elb_quorum::fake::{fake_permits, FakeStore};
+    use elb_quorum::lb::{AttachmentSpec, Kind};
+    for strict in [false, true] {
+        let mut h = harness(4, LeaveVia::Deregister);
+        h.cycle.from_group = true;
+        let store = FakeStore::new();
+        if strict {
+            h.cycle.permits = Some(fake_permits(&store, "asg:web-asg", &me()));
+        }
+        // Unchanged: the cycle runs.
+        assert!(matches!(h.cycle.run(&web()).await.unwrap(), Outcome::Done(_)), "strict {strict}");
+        back_in_service(&h, 4);
+        let deregistrations = |h: &Harness| h.cycle.lbs.iter().map(|lb| lb.count(Op::Deregister, None)).sum::<usize>();
+        let before = deregistrations(&h);
+        assert_eq!(before, 2, "strict {strict}: left both target groups once");
+
+        h.group.attach(AttachmentSpec { kind: Kind::TargetGroup, name: "arn:aws:elasticloadbalancing:admin".into() });
+        let e = h.cycle.run(&web()).await.unwrap_err();
+        let CycleError::GroupChanged { group, now, then } = &e else { panic!("strict {strict}: {e}") };
+        assert_eq!(group, "web-asg");
+        assert!(now.contains("admin") && !then.contains("admin"), "{e}");
+        assert!(e.to_string().contains("nothing changed"), "{e}");
+        assert_eq!(deregistrations(&h), before, "strict {strict}: nothing left");
+        assert_eq!(*h.services.restarts.lock().unwrap(), 1, "strict {strict}: no restart");
+        back_in_service(&h, 4);
+        if strict {
+            assert!(store.record("asg:web-asg").is_none_or(|r| r.holders.is_empty()), "permit released");
+        }
+    }
+}

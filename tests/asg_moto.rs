@@ -178,3 +178,62 @@ fn the_listener_cycles_in_an_auto_scaling_group() {
     assert!(log.contains(&format!("load balancer {lb}")) && log.contains("4 members"), "{log}");
     assert_eq!(moto.health(&lb).get(&ids[0]).map(String::as_str), Some("InService"));
 }
+
+/// What a process asks Auto Scaling before its first check. The first one-shot looks the group up
+/// (`DescribeAutoScalingInstances`, then `DescribeAutoScalingGroups`) and keeps the group's name
+/// in the state directory; the next one asks nothing for the name, and in strict mode takes the
+/// group's attachments from the shared view the first one's refreshes left, so that every
+/// `DescribeAutoScalingGroups` it makes is a refresh of that view (one per publication). A name
+/// kept for another instance (an image made of a running instance) is not used.
+#[test]
+fn the_group_is_looked_up_once_and_then_kept() {
+    let r = recorded_group(0);
+    let (record, moto, group, ids, sup, env) = (&r.record, &r.moto, &r.group, &r.ids, &r.sup, &r.env);
+    moto.permit_table("permits");
+    let state = sup.path("state");
+    let one_shot = |id: &str| {
+        let out = run_bin(
+            &[
+                "restart",
+                "web",
+                "--members",
+                "asg",
+                "--strict",
+                "--lease-table",
+                "permits",
+                "--instance-id",
+                id,
+                "--hostname",
+                "host",
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--poll-interval",
+                "0.2",
+                "--check-interval",
+                "0.5",
+            ],
+            env,
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let calls = recorded(record);
+        std::fs::write(record, "").unwrap();
+        let count = |action: &str| calls.iter().filter(|c| c.action == action).count();
+        let publications = calls.iter().filter(|c| c.kind.as_deref() == Some("view-publish")).count();
+        (count("DescribeAutoScalingInstances"), count("DescribeAutoScalingGroups"), publications)
+    };
+    let cache = state.join("asg-group");
+
+    let (instances, groups, publications) = one_shot(&ids[0]);
+    assert_eq!(instances, 1, "the first run looks the group up");
+    assert!(publications >= 1 && groups == publications + 1, "{groups} group reads, {publications} publications");
+    assert_eq!(std::fs::read_to_string(&cache).unwrap(), format!("{} {group}\n", ids[0]));
+
+    let (instances, groups, publications) = one_shot(&ids[0]);
+    assert_eq!(instances, 0, "the name is kept");
+    assert_eq!(groups, publications, "every group read is a view refresh: the attachments came from the view");
+
+    // Another instance's line (the state directory copied with an image): looked up again, kept anew.
+    let (instances, _, _) = one_shot(&ids[1]);
+    assert_eq!(instances, 1);
+    assert_eq!(std::fs::read_to_string(&cache).unwrap(), format!("{} {group}\n", ids[1]));
+}

@@ -29,7 +29,9 @@ use tracing::{error, info, warn};
 use crate::config::{DRAIN_MARGIN, HEALTH_MARGIN};
 use crate::hooks::{self, Context as HookContext, HookError, Hooks, Phase};
 use crate::lb::members::{MembersError, Membership, Roster};
-use crate::lb::{Kind as AttachmentKind, LbError, LbTimings, LoadBalancer, Target, TargetHealth, TargetState};
+use crate::lb::{
+    AttachmentSpec, Kind as AttachmentKind, LbError, LbTimings, LoadBalancer, Target, TargetHealth, TargetState,
+};
 use crate::lease::{Acquired, Kind, LeaseError, Permit, Permits, Toucher};
 use crate::quorum::{combine, decide, holds_without_me, Decision, Members, Reason, Rule, Snapshot, Verdict, Zone};
 use crate::supervisor::{Services, SupervisorError};
@@ -207,6 +209,9 @@ pub enum CycleError {
     },
     #[error("instance {instance} is registered with {lb} again but not serving: {detail}")]
     NotInService { lb: String, instance: String, detail: String },
+    /// The attachments came from the Auto Scaling group, and the group's have changed since.
+    #[error("the attachments of Auto Scaling group {group} changed since this process read them (now: {now}; then: {then}); nothing changed: ask again (the listener reads them again at the next request)")]
+    GroupChanged { group: String, now: String, then: String },
 }
 
 impl CycleError {
@@ -387,6 +392,9 @@ pub struct Cycle<L, M, S> {
     pub hooks: Hooks,
     /// Strict mode, while a permit is held: where this holder stands in the shared view.
     cursor: std::sync::Mutex<Option<Cursor>>,
+    /// The attachments are the Auto Scaling group's (no --lb or --target-group): a check whose
+    /// members' read shows the group's attachments changed refuses to leave (`GroupChanged`).
+    pub from_group: bool,
 }
 
 /// Strict mode, while a permit is held: the shared view this holder may use.
@@ -477,6 +485,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             metrics: None,
             hooks: Hooks::default(),
             cursor: std::sync::Mutex::new(None),
+            from_group: false,
         }
     }
 
@@ -499,11 +508,18 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             metrics: self.metrics,
             hooks: self.hooks,
             cursor: self.cursor,
+            from_group: self.from_group,
         }
     }
 
     pub fn with_hooks(mut self, hooks: Hooks) -> Self {
         self.hooks = hooks;
+        self
+    }
+
+    /// The attachments are the Auto Scaling group's: every check compares them with the group's.
+    pub fn with_attachments_from_group(mut self, from_group: bool) -> Self {
+        self.from_group = from_group;
         self
     }
 
@@ -670,6 +686,23 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// nothing changed, a target group that does not list this instance and a target that can
     /// never serve again.
     pub fn plan(&self, obs: &Observation) -> Result<Vec<Taken>, CycleError> {
+        if let Some(group) = obs.roster.group.as_ref().filter(|_| self.from_group) {
+            let label = |specs: &mut Vec<String>| {
+                specs.sort();
+                specs.join(", ")
+            };
+            let now = label(&mut group.attachments().iter().map(|a| a.to_string()).collect());
+            let then = label(
+                &mut self
+                    .lbs
+                    .iter()
+                    .map(|l| AttachmentSpec { kind: l.spec().kind, name: l.id() }.to_string())
+                    .collect(),
+            );
+            if now != then {
+                return Err(CycleError::GroupChanged { group: group.name.clone(), now, then });
+            }
+        }
         let mut plan = Vec::with_capacity(self.lbs.len());
         for (lb, listed) in self.lbs.iter().zip(&obs.listed) {
             if let Some(h) =

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::lb::members::Roster;
+use crate::lb::members::{GroupInfo, Roster};
 use crate::lb::{LbTimings, Target, TargetHealth, TargetState};
 use crate::quorum::Members;
 
@@ -50,6 +50,9 @@ struct Wire {
     z: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     l: BTreeMap<String, String>,
+    /// The Auto Scaling group as the members' read found it (its attachments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    g: Option<Box<GroupInfo>>,
     a: Vec<WireLb>,
     t: u64,
 }
@@ -93,7 +96,15 @@ impl View {
                 WireLb { s, r, o, d: t.drain.map(|d| d.as_millis() as u64), h: t.healthy_after.as_millis() as u64 }
             })
             .collect();
-        let wire = Wire { m, c, z: self.roster.zones.clone(), l: self.roster.lifecycle.clone(), a, t: self.timings_at };
+        let wire = Wire {
+            m,
+            c,
+            z: self.roster.zones.clone(),
+            l: self.roster.lifecycle.clone(),
+            g: self.roster.group.clone(),
+            a,
+            t: self.timings_at,
+        };
         serde_json::to_string(&wire).expect("a view always serializes")
     }
 
@@ -122,7 +133,12 @@ impl View {
             timings
                 .push(LbTimings { drain: lb.d.map(Duration::from_millis), healthy_after: Duration::from_millis(lb.h) });
         }
-        Ok(View { roster: Roster { members, zones: w.z, lifecycle: w.l }, listed, timings, timings_at: w.t })
+        Ok(View {
+            roster: Roster { members, zones: w.z, lifecycle: w.l, group: w.g },
+            listed,
+            timings,
+            timings_at: w.t,
+        })
     }
 }
 
@@ -156,6 +172,13 @@ mod tests {
                 members: Members::Ids(ids.iter().cloned().collect()),
                 zones: BTreeMap::from([(ids[0].clone(), "us-east-1a".into())]),
                 lifecycle: BTreeMap::new(),
+                group: Some(Box::new(GroupInfo {
+                    name: "web".into(),
+                    target_groups: vec!["arn:aws:elasticloadbalancing:us-east-1:1:targetgroup/web/2".into()],
+                    health_check_type: "ELB".into(),
+                    health_check_grace_s: 300,
+                    ..GroupInfo::default()
+                })),
             },
             listed: vec![tg, classic],
             timings: vec![

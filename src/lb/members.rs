@@ -11,6 +11,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::identity::AwsFailure;
+use crate::lb::{AttachmentSpec, Kind};
 use crate::quorum::Members;
 
 /// Instance states that still belong to the cluster (terminated and shutting-down do not).
@@ -24,12 +25,15 @@ pub struct Roster {
     pub zones: BTreeMap<String, String>,
     /// Instance id → Auto Scaling lifecycle state (`InService`, `Standby`, ...); empty elsewhere.
     pub lifecycle: BTreeMap<String, String>,
+    /// Auto Scaling: the group as the same read found it (its attachments), so that a cycle built
+    /// on the group's attachments sees them change.
+    pub group: Option<Box<GroupInfo>>,
 }
 
 impl Roster {
     /// Members only, no zones or lifecycle.
     pub fn of(members: Members) -> Self {
-        Roster { members, zones: BTreeMap::new(), lifecycle: BTreeMap::new() }
+        Roster { members, zones: BTreeMap::new(), lifecycle: BTreeMap::new(), group: None }
     }
 
     /// `id`'s Availability Zone and the members in it (`id` included), when the source knows it.
@@ -134,7 +138,7 @@ impl MembersError {
 }
 
 /// What an Auto Scaling group says about itself.
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct GroupInfo {
     pub name: String,
     /// Classic load balancers attached to the group.
@@ -152,6 +156,54 @@ impl GroupInfo {
     /// The group replaces instances that fail the load balancer's health check.
     pub fn uses_elb_health(&self) -> bool {
         self.health_check_type.split(',').any(|t| t.trim() == "ELB")
+    }
+
+    /// Its attachments: the Classic load balancers, then the target groups.
+    pub fn attachments(&self) -> Vec<AttachmentSpec> {
+        let classic = self.load_balancers.iter().map(|n| AttachmentSpec { kind: Kind::Classic, name: n.clone() });
+        let groups = self.target_groups.iter().map(|n| AttachmentSpec { kind: Kind::TargetGroup, name: n.clone() });
+        classic.chain(groups).collect()
+    }
+
+    fn of(name: String, g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Self {
+        GroupInfo {
+            name,
+            load_balancers: g.load_balancer_names().to_vec(),
+            target_groups: g.target_group_arns().to_vec(),
+            min_size: g.min_size().unwrap_or(0),
+            desired: g.desired_capacity().unwrap_or(0),
+            health_check_type: g.health_check_type().unwrap_or("EC2").to_owned(),
+            health_check_grace_s: g.health_check_grace_period().unwrap_or(0),
+        }
+    }
+}
+
+/// The file in the state directory that keeps this instance's Auto Scaling group's name, so that
+/// a process does not ask Auto Scaling again at every start (one line: instance id, group name).
+pub const GROUP_CACHE_FILE: &str = "asg-group";
+
+/// The group name `path` keeps for instance `me` (another instance's line, from an image made of a
+/// running instance, does not count).
+pub fn read_group_cache(path: &std::path::Path, me: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let (id, name) = text.trim().split_once(' ')?;
+    (id == me && !name.is_empty() && !name.contains(char::is_whitespace)).then(|| name.to_owned())
+}
+
+/// Keeps `name` for `me` (atomically: a temporary file renamed, the directory made as the state
+/// file makes it); best effort, a failure is logged and only costs the next start one more call.
+pub fn write_group_cache(path: &std::path::Path, me: &str, name: &str) {
+    use std::os::unix::fs::DirBuilderExt;
+    let tmp = path.with_file_name(format!(".{GROUP_CACHE_FILE}.{}", std::process::id()));
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let written = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .and_then(|()| std::fs::write(&tmp, format!("{me} {name}\n")))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        tracing::debug!(path = %path.display(), error = %e, "keeping the Auto Scaling group's name failed");
     }
 }
 
@@ -230,7 +282,7 @@ impl Membership for Ec2NameMembers {
                 ids.insert(inst.id);
             }
         }
-        Ok(Roster { members: Members::Ids(ids), zones, lifecycle: BTreeMap::new() })
+        Ok(Roster { members: Members::Ids(ids), zones, lifecycle: BTreeMap::new(), group: None })
     }
 
     fn describe(&self) -> String {
@@ -252,23 +304,56 @@ pub fn counts_as_member(lifecycle: &str) -> bool {
 pub struct AsgMembers {
     client: aws_sdk_autoscaling::Client,
     /// The group, once known.
-    name: std::sync::Arc<tokio::sync::OnceCell<String>>,
+    name: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     named: Option<String>,
     me: String,
+    /// Where this instance's own group's name is kept between processes (`GROUP_CACHE_FILE`).
+    cache: Option<std::path::PathBuf>,
+    /// The own group's name came from `cache`: a read of the group that does not list this
+    /// instance drops it.
+    cached: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AsgMembers {
     pub fn new(config: &aws_config::SdkConfig, named: Option<String>, me: impl Into<String>) -> Self {
-        Self { client: aws_sdk_autoscaling::Client::new(config), name: std::sync::Arc::default(), named, me: me.into() }
+        Self {
+            client: aws_sdk_autoscaling::Client::new(config),
+            name: std::sync::Arc::default(),
+            named,
+            me: me.into(),
+            cache: None,
+            cached: std::sync::Arc::default(),
+        }
     }
 
-    /// The group's name: this instance's own group (`DescribeAutoScalingInstances`), checked
-    /// against the one named. A named group this instance is not in is looked up by name instead.
-    pub async fn name(&self) -> Result<&str, MembersError> {
-        self.name.get_or_try_init(|| self.find()).await.map(String::as_str)
+    /// Keeps this instance's own group's name in `path` between processes.
+    pub fn with_cache(mut self, path: std::path::PathBuf) -> Self {
+        self.cache = Some(path);
+        self
     }
 
-    async fn find(&self) -> Result<String, MembersError> {
+    /// The group's name: this instance's own group (kept in the cache file, else
+    /// `DescribeAutoScalingInstances`), checked against the one named. A named group this instance
+    /// is not in is looked up by name instead.
+    pub async fn name(&self) -> Result<String, MembersError> {
+        if let Some(name) = self.known() {
+            return Ok(name);
+        }
+        let name = self.find(true).await?;
+        *self.name.lock().expect("name lock") = Some(name.clone());
+        Ok(name)
+    }
+
+    fn known(&self) -> Option<String> {
+        self.name.lock().expect("name lock").clone()
+    }
+
+    async fn find(&self, use_cache: bool) -> Result<String, MembersError> {
+        let kept = self.cache.as_deref().filter(|_| use_cache).and_then(|p| read_group_cache(p, &self.me));
+        if let Some(own) = kept.filter(|own| self.named.as_ref().is_none_or(|n| n == own)) {
+            self.cached.store(true, std::sync::atomic::Ordering::SeqCst);
+            return Ok(own);
+        }
         let what = format!("Auto Scaling DescribeAutoScalingInstances for {}", self.me);
         let out = self
             .client
@@ -278,6 +363,9 @@ impl AsgMembers {
             .await
             .map_err(|e| MembersError::from_aws(&what, crate::identity::aws_failure(&e)))?;
         let mine = out.auto_scaling_instances().first().and_then(|i| i.auto_scaling_group_name()).map(str::to_owned);
+        if let (Some(path), Some(own)) = (&self.cache, &mine) {
+            write_group_cache(path, &self.me, own);
+        }
         match (&self.named, mine) {
             (None, Some(g)) => Ok(g),
             (None, None) => Err(MembersError::Configuration(format!(
@@ -319,12 +407,32 @@ impl AsgMembers {
     fn call_error(&self, action: &str, e: AwsFailure) -> MembersError {
         MembersError::from_aws(&format!("Auto Scaling {action} for {}", self.me), e)
     }
+
+    /// The group this instance counts, read now. A name from the cache file whose group does not
+    /// list this instance (detached, moved to another group) is dropped and looked up again.
+    async fn read_group(&self) -> Result<(String, aws_sdk_autoscaling::types::AutoScalingGroup), MembersError> {
+        let name = self.name().await?;
+        let group = self.describe_group(&name).await?;
+        let listed = group.instances().iter().any(|i| i.instance_id() == Some(self.me.as_str()));
+        if listed || !self.cached.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Ok((name, group));
+        }
+        if let Some(path) = &self.cache {
+            let _ = std::fs::remove_file(path);
+        }
+        tracing::info!(group = %name, instance_id = %self.me, "Auto Scaling group {name}, kept from an earlier run, does not list this instance: looking its group up again");
+        let again = self.find(false).await?;
+        *self.name.lock().expect("name lock") = Some(again.clone());
+        match again == name {
+            true => Ok((name, group)),
+            false => Ok((again.clone(), self.describe_group(&again).await?)),
+        }
+    }
 }
 
 impl Membership for AsgMembers {
     async fn members(&self) -> Result<Roster, MembersError> {
-        let name = self.name().await?.to_owned();
-        let group = self.describe_group(&name).await?;
+        let (name, group) = self.read_group().await?;
         let mut roster = Roster::of(Members::Ids(BTreeSet::new()));
         let Members::Ids(ids) = &mut roster.members else { unreachable!() };
         for inst in group.instances() {
@@ -338,15 +446,16 @@ impl Membership for AsgMembers {
                 roster.zones.insert(id.to_owned(), zone.to_owned());
             }
         }
+        roster.group = Some(Box::new(GroupInfo::of(name, &group)));
         Ok(roster)
     }
 
     fn group_name(&self) -> Option<String> {
-        self.name.get().or(self.named.as_ref()).cloned()
+        self.known().or(self.named.clone())
     }
 
     fn describe(&self) -> String {
-        match (self.name.get(), &self.named) {
+        match (self.known(), &self.named) {
             (Some(n), _) => format!("asg:{n}"),
             (None, Some(n)) => format!("asg:{n}"),
             (None, None) => "asg (this instance's group)".into(),
@@ -354,21 +463,12 @@ impl Membership for AsgMembers {
     }
 
     async fn group(&self) -> Result<GroupInfo, MembersError> {
-        let name = self.name().await?.to_owned();
-        let g = self.describe_group(&name).await?;
-        Ok(GroupInfo {
-            name,
-            load_balancers: g.load_balancer_names().to_vec(),
-            target_groups: g.target_group_arns().to_vec(),
-            min_size: g.min_size().unwrap_or(0),
-            desired: g.desired_capacity().unwrap_or(0),
-            health_check_type: g.health_check_type().unwrap_or("EC2").to_owned(),
-            health_check_grace_s: g.health_check_grace_period().unwrap_or(0),
-        })
+        let (name, g) = self.read_group().await?;
+        Ok(GroupInfo::of(name, &g))
     }
 
     async fn enter_standby(&self, me: &str) -> Result<(), MembersError> {
-        let name = self.name().await?.to_owned();
+        let name = self.name().await?;
         self.client
             .enter_standby()
             .auto_scaling_group_name(name)
@@ -381,7 +481,7 @@ impl Membership for AsgMembers {
     }
 
     async fn exit_standby(&self, me: &str) -> Result<(), MembersError> {
-        let name = self.name().await?.to_owned();
+        let name = self.name().await?;
         self.client
             .exit_standby()
             .auto_scaling_group_name(name)
@@ -397,6 +497,24 @@ impl Membership for AsgMembers {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// The kept group name: written (the directory made), read back for this instance only;
+    /// another instance's line, an empty or malformed file, or none at all is no name.
+    #[test]
+    fn the_group_name_is_kept_for_this_instance_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state").join(GROUP_CACHE_FILE);
+        assert_eq!(read_group_cache(&path, "i-1"), None);
+        write_group_cache(&path, "i-1", "web-asg");
+        assert_eq!(read_group_cache(&path, "i-1").as_deref(), Some("web-asg"));
+        assert_eq!(read_group_cache(&path, "i-2"), None, "another instance's");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777, 0o700);
+        for bad in ["", "i-1", "i-1 ", "i-1 a b", "i-1web-asg"] {
+            std::fs::write(&path, bad).unwrap();
+            assert_eq!(read_group_cache(&path, "i-1"), None, "{bad:?}");
+        }
+    }
 
     /// The start-up lookup: transient failures are tried again with growing, jittered pauses; a
     /// permanent one fails at once; transient ones fail once `START_RETRY_FOR` is spent.
