@@ -993,6 +993,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// the lease; within `VIEW_WAIT`.
     async fn shared_view(&self, permits: &Permits, need: u64, after_n: u64) -> Result<(View, u64), CycleError> {
         let deadline = Instant::now() + VIEW_WAIT;
+        let mut spread = false;
         loop {
             let current = permits.shared().await?;
             if let Some(s) = current.as_ref().filter(|s| s.n > after_n && s.seen_ver >= need && !s.data.is_empty()) {
@@ -1000,15 +1001,16 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 return Ok((view, s.n));
             }
             // Take the refresh only when the item says nobody holds it (so that a crowd of
-            // pollers does not write at once); a cluster's very first view waits a random moment
-            // first, so that instances asked at once do not all try.
-            let free = match &current {
-                Some(s) => s.lease_until < permits.now(),
-                None => {
-                    tokio::time::sleep(FIRST_VIEW_SPREAD.mul_f64(fastrand::f64())).await;
-                    permits.shared().await?.is_none_or(|s| s.lease_until < permits.now())
-                }
-            };
+            // pollers does not write at once); the cluster's first view in a while (none yet, or
+            // one older than `VIEW_MAX_AGE`: instances asked at once all find it so) waits a random
+            // moment first, so that they do not all try.
+            let max_age = VIEW_MAX_AGE.as_millis() as u64;
+            if !spread && current.as_ref().is_none_or(|s| permits.now().saturating_sub(s.at) > max_age) {
+                spread = true;
+                tokio::time::sleep(FIRST_VIEW_SPREAD.mul_f64(fastrand::f64())).await;
+                continue;
+            }
+            let free = current.as_ref().is_none_or(|s| s.lease_until < permits.now());
             if free && permits.lease_view(VIEW_REFRESH * self.lbs.len().max(1) as u32).await? {
                 let seen_ver = permits.read().await?.ver;
                 let at = permits.now();
