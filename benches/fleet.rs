@@ -12,8 +12,9 @@
 //! - Throttled world (`Throttle::aws`: AWS's per-account buckets, the SDK's attempts; members read
 //!   through EC2's budget): K = 12, 100 and 1,000, strict and not, 3 seeds; or only the
 //!   configurations asked for with `-- --fleet K[,K...] [--strict] [--json] [--seeds N]
-//!   [--leave-rate R] [--registration SIZE,REFILL] [--members asg]` (`asg`: members and
-//!   attachments from the Auto Scaling group, its one shared bucket assumed at 40 + 10/s).
+//!   [--leave-rate R] [--registration SIZE,REFILL] [--members asg] [--ran-before]` (`asg`: members
+//!   and attachments from the Auto Scaling group, its one shared bucket assumed at 40 + 10/s;
+//!   `--ran-before`: a later restart of the fleet, not its first).
 
 use std::time::Duration;
 
@@ -43,6 +44,7 @@ fn params(k: usize, drain: u64, restart: u64, health: u64, settle: f64) -> Fleet
         registration: None,
         leave_rate: 0.0,
         members: Api::Ec2Describe,
+        ran_before: false,
     }
 }
 
@@ -67,6 +69,9 @@ struct BudgetArgs {
     registration: Option<(f64, f64)>,
     /// `--members asg`: members and attachments from the Auto Scaling group (default: ec2-name).
     members: Api,
+    /// `--ran-before`: the fleet ran before (strict: the stale shared view its last restart left;
+    /// `--members asg`: the group's name kept); else its first run.
+    ran_before: bool,
 }
 
 fn budget_args() -> Option<BudgetArgs> {
@@ -88,6 +93,7 @@ fn budget_args() -> Option<BudgetArgs> {
             Some("asg") => Api::AutoScaling,
             Some(other) => panic!("--members ec2-name|asg, not {other}"),
         },
+        ran_before: args.iter().any(|a| a == "--ran-before"),
     })
 }
 
@@ -179,6 +185,7 @@ fn main() {
             leave_rate: DEFAULT_LEAVE_RATE,
             registration: None,
             members: Api::Ec2Describe,
+            ran_before: false,
         },
     );
 }
@@ -219,6 +226,7 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
                 leave_rate: b.leave_rate,
                 registration: b.registration,
                 members: b.members,
+                ran_before: b.ran_before,
                 ..params(k, 20, 10, 15, if strict { 0.0 } else { 5.0 })
             };
             let reports: Vec<FleetReport> = (0..b.seeds)
@@ -243,6 +251,7 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
                 "elb_describe_peak_per_s": round(worst(|r| r.elb_describe_peak_per_s)),
                 "ec2_describe_peak_per_s": round(worst(|r| r.ec2_describe_peak_per_s)),
                 "members": if b.members == Api::AutoScaling { "asg" } else { "ec2-name" },
+                "ran_before": b.ran_before,
                 "autoscaling_peak_per_s": round(worst(|r| r.autoscaling_peak_per_s)),
                 "checks_lost_to_throttling": reports.iter().map(|r| r.calls_lost_to_throttling).sum::<usize>(),
                 "throttled_attempts": reports.iter().map(|r| r.throttled_attempts).sum::<usize>(),

@@ -515,16 +515,33 @@ pub struct ThrottledMembers {
     pub api: Api,
 }
 
+impl ThrottledMembers {
+    /// What one read finds: the members, and for `AutoScaling` their lifecycle and the group
+    /// ("fleet", with the fleet's Classic load balancer), as `AsgMembers` reads them.
+    pub fn roster(&self) -> Roster {
+        let mut roster = Roster::of(Members::Ids(self.ids.clone()));
+        if self.api == Api::AutoScaling {
+            roster.lifecycle = self.ids.iter().map(|id| (id.clone(), "InService".to_owned())).collect();
+            roster.group = Some(Box::new(GroupInfo {
+                name: "fleet".into(),
+                load_balancers: vec!["fleet".into()],
+                ..GroupInfo::default()
+            }));
+        }
+        roster
+    }
+}
+
 impl Membership for ThrottledMembers {
     async fn members(&self) -> Result<Roster, MembersError> {
-        let Some(throttle) = &self.throttle else { return Ok(Roster::of(Members::Ids(self.ids.clone()))) };
+        let Some(throttle) = &self.throttle else { return Ok(self.roster()) };
         let pages = if self.api == Api::Ec2Describe { self.ids.len().div_ceil(1000).max(1) } else { 1 };
         for _ in 0..pages {
             throttle.call(self.api).await.map_err(|()| {
                 MembersError::Transient(format!("{:?} failed: throttled (fake account budget)", self.api))
             })?;
         }
-        Ok(Roster::of(Members::Ids(self.ids.clone())))
+        Ok(self.roster())
     }
     fn describe(&self) -> String {
         format!("fake-ec2:{}", self.ids.len())
@@ -1366,6 +1383,10 @@ pub struct FleetParams {
     /// (`--members asg`, attachments from the group: each process first looks its group up,
     /// `DescribeAutoScalingInstances` then `DescribeAutoScalingGroups`, before any other call).
     pub members: Api,
+    /// The fleet ran before: strict mode finds the shared view its last restart left (stale; with
+    /// `--members asg` holding the group), and `--members asg` the group's name kept in each state
+    /// directory. Else the fleet's first run: no view, every process looks its group up.
+    pub ran_before: bool,
 }
 
 /// What a fleet run measured.
@@ -1451,6 +1472,15 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
         })
     };
     let store = p.strict.map(|latency| FakeStore { latency, ..FakeStore::new() });
+    let members = ThrottledMembers { ids: ids.iter().cloned().collect(), throttle: throttle.clone(), api: p.members };
+    if let (Some(store), true) = (&store, p.ran_before) {
+        // The view the fleet's last restart left: the group in it, long stale.
+        let (listed, timings) =
+            (vec![lb.list(Instant::now())], vec![LbTimings { drain: Some(p.drain), healthy_after: p.healthy_after }]);
+        let view = crate::cycle::view::View { roster: members.roster(), listed, timings, timings_at: 0 };
+        let old = Shared { seen_ver: 0, n: 1, at: 0, data: view.encode(), lease_until: 0 };
+        store.inner.lock().unwrap().shared.insert(crate::lease::view_key("fleet"), old);
+    }
     // One wall clock for the whole simulated fleet, as NTP gives real ones.
     let clock = crate::clock::WallClock::tokio();
     let mut tasks = Vec::new();
@@ -1465,27 +1495,38 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
                 leave_rate: p.leave_rate,
                 ..fake_permits(s, "fleet", id)
             }));
-        let cycle = cycle.with_members(ThrottledMembers {
-            ids: ids.iter().cloned().collect(),
-            throttle: throttle.clone(),
-            api: p.members,
-        });
-        let (throttle, members) = (throttle.clone(), p.members);
+        let cycle = cycle.with_members(members.clone());
+        let (throttle, api, kept, store) = (throttle.clone(), p.members, p.ran_before, store.clone());
         tasks.push(tokio::spawn(async move {
-            // `--members asg`: the process's group lookup (`DescribeAutoScalingInstances`, then
-            // `DescribeAutoScalingGroups`), retried as the product does; failing it for good, the
-            // process ends (exit 3) with nothing changed.
-            if let (Some(t), Api::AutoScaling) = (&throttle, members) {
-                let found = std::sync::atomic::AtomicBool::new(false); // the name is kept once found
+            // `--members asg`: the process's group lookup as `build_for` makes it: the name
+            // (`DescribeAutoScalingInstances`, unless kept), then the group (strict mode: from the
+            // shared view when it holds it; else `DescribeAutoScalingGroups`), retried as the
+            // product does; failing it for good, the process ends (exit 3) with nothing changed.
+            if let (Some(t), Api::AutoScaling) = (&throttle, api) {
+                let found = std::sync::atomic::AtomicBool::new(kept);
                 let throttled = || MembersError::Transient("Auto Scaling: throttled".into());
-                let lookup = crate::lb::members::retry_at_start("the group lookup", || async {
+                let name = crate::lb::members::retry_at_start("the group's name", || async {
                     if !found.load(std::sync::atomic::Ordering::SeqCst) {
                         t.call(Api::AutoScaling).await.map_err(|()| throttled())?;
                         found.store(true, std::sync::atomic::Ordering::SeqCst);
                     }
-                    t.call(Api::AutoScaling).await.map_err(|()| throttled())
+                    Ok(())
                 });
-                if lookup.await.is_err() {
+                let mut failed = name.await.is_err();
+                let shared = match (&store, failed) {
+                    (Some(s), false) => s.load_shared(&crate::lease::view_key("fleet")).await.ok().flatten(),
+                    _ => None,
+                };
+                let in_view = shared
+                    .and_then(|s| crate::cycle::view::View::decode(&s.data).ok())
+                    .is_some_and(|v| v.roster.group.is_some());
+                if !failed && !in_view {
+                    let group = crate::lb::members::retry_at_start("the group", || async {
+                        t.call(Api::AutoScaling).await.map_err(|()| throttled())
+                    });
+                    failed = group.await.is_err();
+                }
+                if failed {
                     return (Ok(Outcome::Aborted), 0);
                 }
             }

@@ -30,6 +30,7 @@ fn params(k: usize, settle: u64) -> FleetParams {
         registration: None,
         leave_rate: 0.0,
         members: Api::Ec2Describe,
+        ran_before: false,
     }
 }
 
