@@ -196,7 +196,7 @@ pub struct Layer {
     /// Prometheus text file for node_exporter's textfile collector, rewritten atomically after every check and cycle [default: none]
     #[arg(long, global = true, env = "ELB_QUORUM_METRICS_FILE", value_name = "PATH")]
     pub metrics_file: Option<PathBuf>,
-    /// Directory for the crash-safety state file and the lock [default: /var/lib/elb-quorum]
+    /// Directory for the crash-safety state file, the lock and (--members asg) the group's name [default: /var/lib/elb-quorum]
     #[arg(long, global = true, env = "ELB_QUORUM_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Log format: text or json [default: text]
