@@ -31,7 +31,7 @@ pub struct Roster {
 }
 
 impl Roster {
-    /// Members only, no zones or lifecycle.
+    /// Members only, no zones, lifecycle or group.
     pub fn of(members: Members) -> Self {
         Roster { members, zones: BTreeMap::new(), lifecycle: BTreeMap::new(), group: None }
     }
