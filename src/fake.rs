@@ -708,6 +708,22 @@ pub fn peak_rate(times: &[Duration], window: Duration) -> f64 {
     best as f64 / window.as_secs_f64()
 }
 
+/// The largest sum of weights within any `window`, per second.
+pub fn peak_sum(events: &[(Duration, f64)], window: Duration) -> f64 {
+    let mut events = events.to_vec();
+    events.sort_by_key(|e| e.0);
+    let (mut best, mut sum, mut j) = (0.0f64, 0.0, 0);
+    for i in 0..events.len() {
+        while j < events.len() && events[j].0 < events[i].0 + window {
+            sum += events[j].1;
+            j += 1;
+        }
+        best = best.max(sum);
+        sum -= events[i].1;
+    }
+    best / window.as_secs_f64()
+}
+
 /// Which Auto Scaling call a scripted fault applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum GroupOp {
@@ -1076,6 +1092,22 @@ pub struct StoreCall {
     pub id: Option<String>,
     /// `read`, `applied`, `conflict` or `error`.
     pub result: &'static str,
+    /// Reads: the item's size in bytes (its JSON's), 0 for a missing item.
+    pub bytes: usize,
+}
+
+impl StoreCall {
+    /// The read units DynamoDB charges for this call: one per 4 KB of the item (at least one) for a
+    /// strongly consistent read (the record's), half that for an eventually consistent one (the
+    /// shared view's); none for a write.
+    pub fn read_units(&self) -> f64 {
+        let per_4k = match self.op {
+            StoreOp::Load => 1.0,
+            StoreOp::LoadView => 0.5,
+            _ => return 0.0,
+        };
+        self.bytes.div_ceil(4096).max(1) as f64 * per_4k
+    }
 }
 
 #[derive(Debug)]
@@ -1154,7 +1186,7 @@ impl FakeStore {
     fn log(&self, op: StoreOp, id: Option<&str>, result: &'static str) {
         let mut st = self.inner.lock().unwrap();
         let at = st.start.elapsed();
-        st.calls.push(StoreCall { at, op, id: id.map(str::to_owned), result });
+        st.calls.push(StoreCall { at, op, id: id.map(str::to_owned), result, bytes: 0 });
     }
 
     fn error(fault: StoreFault, action: &'static str) -> LeaseError {
@@ -1244,14 +1276,23 @@ impl FakeStore {
     }
 
     /// One read (`op`): the latency, a scripted fault, else `value()`.
-    async fn read<T>(&self, op: StoreOp, value: impl FnOnce() -> T) -> Result<T, LeaseError> {
+    async fn read<T>(
+        &self,
+        op: StoreOp,
+        value: impl FnOnce() -> T,
+        bytes: impl Fn(&T) -> usize,
+    ) -> Result<T, LeaseError> {
         tokio::time::sleep(self.latency).await;
         if let Some(f) = self.take_fault(op) {
             self.log(op, None, "error");
             return Err(Self::error(f, "GetItem"));
         }
         self.log(op, None, "read");
-        Ok(value())
+        let value = value();
+        if let Some(c) = self.inner.lock().unwrap().calls.last_mut() {
+            c.bytes = bytes(&value);
+        }
+        Ok(value)
     }
 
     /// One conditional write (`op`, on entry `id`): the latency, a scripted fault, else `apply()`
@@ -1301,13 +1342,18 @@ impl PermitStore for FakeStore {
         "fake-permits"
     }
     fn load<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Record>, LeaseError>> {
-        Box::pin(self.read(StoreOp::Load, move || self.record(key)))
+        let bytes = |r: &Option<Record>| r.as_ref().map_or(0, |r| serde_json::to_string(r).map_or(0, |j| j.len()));
+        Box::pin(self.read(StoreOp::Load, move || self.record(key), bytes))
     }
     fn write<'a>(&'a self, key: &'a str, write: Write) -> BoxFuture<'a, Result<Written, LeaseError>> {
         Box::pin(self.do_write(key, write))
     }
     fn load_shared<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Shared>, LeaseError>> {
-        Box::pin(self.read(StoreOp::LoadView, move || self.shared(key)))
+        Box::pin(self.read(
+            StoreOp::LoadView,
+            move || self.shared(key),
+            |s: &Option<Shared>| s.as_ref().map_or(0, |s| s.data.len() + 64),
+        ))
     }
     fn write_shared<'a>(&'a self, key: &'a str, write: SharedWrite) -> BoxFuture<'a, Result<bool, LeaseError>> {
         Box::pin(self.do_write_shared(key, write))
@@ -1433,6 +1479,10 @@ pub struct FleetReport {
     pub store_writes_peak_per_s: f64,
     /// Permit-store reads (the record's and the shared view's) in the busiest second.
     pub store_reads_peak_per_s: f64,
+    /// DynamoDB read units those reads would cost in the busiest second of the busier item (the
+    /// record or the view; `StoreCall::read_units`): one partition key takes at most about 3,000
+    /// per second.
+    pub store_read_units_peak_per_s: f64,
 }
 
 /// Runs the fleet on tokio's clock (call inside a runtime with paused time for instant results).
@@ -1595,6 +1645,14 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
         store_reads_peak_per_s: store.as_ref().map_or(0.0, |s| {
             let reads: Vec<Duration> = s.calls().iter().filter(|c| c.op.is_read()).map(|c| c.at).collect();
             peak_rate(&reads, Duration::from_secs(1))
+        }),
+        store_read_units_peak_per_s: store.as_ref().map_or(0.0, |s| {
+            // Per item (the record, the view: two partition keys), the busier one.
+            let item = |op: StoreOp| -> Vec<(Duration, f64)> {
+                s.calls().iter().filter(|c| c.op == op).map(|c| (c.at, c.read_units())).collect()
+            };
+            let second = Duration::from_secs(1);
+            peak_sum(&item(StoreOp::Load), second).max(peak_sum(&item(StoreOp::LoadView), second))
         }),
     }
 }
