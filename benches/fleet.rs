@@ -260,6 +260,7 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
                 "store_writes_peak_per_s": round(worst(|r| r.store_writes_peak_per_s)),
                 "store_reads_peak_per_s": round(worst(|r| r.store_reads_peak_per_s)),
                 "store_read_units_peak_per_s": round(worst(|r| r.store_read_units_peak_per_s)),
+                "store_write_units_peak_per_s": round(worst(|r| r.store_write_units_peak_per_s)),
                 "conflicts_per_acquire": round(
                     reports.iter().map(|r| r.conflicts as f64).sum::<f64>()
                         / reports.iter().map(|r| r.acquires as f64).sum::<f64>().max(1.0)

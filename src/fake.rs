@@ -1092,7 +1092,8 @@ pub struct StoreCall {
     pub id: Option<String>,
     /// `read`, `applied`, `conflict` or `error`.
     pub result: &'static str,
-    /// Reads: the item's size in bytes (its JSON's), 0 for a missing item.
+    /// The item's size in bytes (its JSON's; a write's, the larger of before and after), 0 for a
+    /// missing item.
     pub bytes: usize,
 }
 
@@ -1107,6 +1108,15 @@ impl StoreCall {
             _ => return 0.0,
         };
         self.bytes.div_ceil(4096).max(1) as f64 * per_4k
+    }
+
+    /// The write units DynamoDB charges for this call, applied or refused by its condition: one per
+    /// 1 KB of the item (at least one); none for a read.
+    pub fn write_units(&self) -> f64 {
+        match self.op.is_read() {
+            true => 0.0,
+            false => self.bytes.div_ceil(1024).max(1) as f64,
+        }
     }
 }
 
@@ -1303,6 +1313,7 @@ impl FakeStore {
         id: Option<&str>,
         apply: impl FnOnce() -> T,
         applied: impl Fn(&T) -> bool,
+        bytes: impl Fn() -> usize,
     ) -> Result<T, LeaseError> {
         tokio::time::sleep(self.latency).await;
         let fault = self.take_fault(op);
@@ -1310,8 +1321,13 @@ impl FakeStore {
             self.log(op, id, "error");
             return Err(Self::error(f, "UpdateItem"));
         }
+        let before = bytes();
         let written = apply();
         self.log(op, id, if applied(&written) { "applied" } else { "conflict" });
+        let size = before.max(bytes());
+        if let Some(c) = self.inner.lock().unwrap().calls.last_mut() {
+            c.bytes = size;
+        }
         match fault {
             Some(f) => Err(Self::error(f, "UpdateItem")),
             None => Ok(written),
@@ -1323,7 +1339,8 @@ impl FakeStore {
             SharedWrite::Lease { .. } => StoreOp::LeaseView,
             SharedWrite::Publish { .. } => StoreOp::PublishView,
         };
-        self.conditional(op, None, || self.apply_shared(key, write), |applied| *applied).await
+        let bytes = || self.shared(key).map_or(0, |s| s.data.len() + 64);
+        self.conditional(op, None, || self.apply_shared(key, write), |applied| *applied, bytes).await
     }
 
     async fn do_write(&self, key: &str, write: Write) -> Result<Written, LeaseError> {
@@ -1333,7 +1350,8 @@ impl FakeStore {
             Write::Renew { id, .. } => (StoreOp::Renew, id.clone()),
             Write::Remove { id, .. } => (StoreOp::Remove, id.clone()),
         };
-        self.conditional(op, Some(&id), || self.apply(key, &write), Written::applied).await
+        let bytes = || self.record(key).map_or(0, |r| serde_json::to_string(&r).map_or(0, |j| j.len()));
+        self.conditional(op, Some(&id), || self.apply(key, &write), Written::applied, bytes).await
     }
 }
 
@@ -1483,6 +1501,9 @@ pub struct FleetReport {
     /// record or the view; `StoreCall::read_units`): one partition key takes at most about 3,000
     /// per second.
     pub store_read_units_peak_per_s: f64,
+    /// The same for write units (`StoreCall::write_units`): one partition key takes at most about
+    /// 1,000 per second.
+    pub store_write_units_peak_per_s: f64,
 }
 
 /// Runs the fleet on tokio's clock (call inside a runtime with paused time for instant results).
@@ -1653,6 +1674,14 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
             };
             let second = Duration::from_secs(1);
             peak_sum(&item(StoreOp::Load), second).max(peak_sum(&item(StoreOp::LoadView), second))
+        }),
+        store_write_units_peak_per_s: store.as_ref().map_or(0.0, |s| {
+            let item = |view: bool| -> Vec<(Duration, f64)> {
+                let of_view = |op| matches!(op, StoreOp::LeaseView | StoreOp::PublishView);
+                s.calls().iter().filter(|c| of_view(c.op) == view).map(|c| (c.at, c.write_units())).collect()
+            };
+            let second = Duration::from_secs(1);
+            peak_sum(&item(false), second).max(peak_sum(&item(true), second))
         }),
     }
 }
