@@ -168,15 +168,36 @@ fn standby_below_the_minimum_size_is_refused() {
 /// request by deregistering and ends InService. (moto keeps a group's instance listed in the
 /// group's Classic load balancer after deregistering it, so this cycle waits out its drain bound,
 /// 15 s, instead of seeing the instance leave.)
+/// The listener takes its attachments from the group, and keeps them between requests: a load
+/// balancer attached to the group meanwhile is found at the next request's check (the group's
+/// attachments changed: nothing left), the listener builds its cycle again and restarts over both.
 #[test]
 fn the_listener_cycles_in_an_auto_scaling_group() {
     let moto = Moto::start();
     let (group, lb) = names();
     let ids = moto.asg(&group, 4, &lb, 0);
-    let (_sup, _, log) =
+    let (sup, _, log) =
         listener_restarts_web(&moto, &format!("--members asg --instance-id {} --hostname host", ids[0]));
     assert!(log.contains(&format!("load balancer {lb}")) && log.contains("4 members"), "{log}");
     assert_eq!(moto.health(&lb).get(&ids[0]).map(String::as_str), Some("InService"));
+
+    let second = format!("{lb}-2");
+    moto.fixture(&["asg-attach", &group, &second]);
+    let before = sup.pid("web").expect("web RUNNING");
+    let mut env = sup.client_env();
+    env.extend(moto.env());
+    let out = run_bin(&["request", "web"], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    eventually(T, "a second finished cycle", || (count(&sup.read("listener.log"), "cycle done") >= 2).then_some(()));
+    let log = sup.read("listener.log");
+    let changed = log.find("building the cycle again").expect("the change was seen");
+    let done = log.rfind("cycle done").unwrap();
+    assert!(changed < done, "{log}");
+    assert!(log[changed..].contains(&format!("load balancer {second}")), "the rebuilt cycle has both: {log}");
+    assert_ne!(sup.pid("web"), Some(before), "web restarted once more");
+    for name in [&lb, &second] {
+        assert_eq!(moto.health(name).get(&ids[0]).map(String::as_str), Some("InService"), "{name}");
+    }
 }
 
 /// What a process asks Auto Scaling before its first check. The first one-shot looks the group up
