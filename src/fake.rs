@@ -1097,6 +1097,17 @@ pub struct StoreCall {
     pub bytes: usize,
 }
 
+/// The permit record's size as DynamoDB would count it, about its JSON's.
+fn record_bytes(r: Option<&Record>) -> usize {
+    r.map_or(0, |r| serde_json::to_string(r).map_or(0, |j| j.len()))
+}
+
+/// The shared view's item size: the view, and about 64 bytes for its key and numbers (`n`, `sv`,
+/// `at`, `lu`).
+fn shared_bytes(s: Option<&Shared>) -> usize {
+    s.map_or(0, |s| s.data.len() + 64)
+}
+
 impl StoreCall {
     /// The read units DynamoDB charges for this call: one per 4 KB of the item (at least one) for a
     /// strongly consistent read (the record's), half that for an eventually consistent one (the
@@ -1339,7 +1350,7 @@ impl FakeStore {
             SharedWrite::Lease { .. } => StoreOp::LeaseView,
             SharedWrite::Publish { .. } => StoreOp::PublishView,
         };
-        let bytes = || self.shared(key).map_or(0, |s| s.data.len() + 64);
+        let bytes = || shared_bytes(self.shared(key).as_ref());
         self.conditional(op, None, || self.apply_shared(key, write), |applied| *applied, bytes).await
     }
 
@@ -1350,7 +1361,7 @@ impl FakeStore {
             Write::Renew { id, .. } => (StoreOp::Renew, id.clone()),
             Write::Remove { id, .. } => (StoreOp::Remove, id.clone()),
         };
-        let bytes = || self.record(key).map_or(0, |r| serde_json::to_string(&r).map_or(0, |j| j.len()));
+        let bytes = || record_bytes(self.record(key).as_ref());
         self.conditional(op, Some(&id), || self.apply(key, &write), Written::applied, bytes).await
     }
 }
@@ -1360,18 +1371,13 @@ impl PermitStore for FakeStore {
         "fake-permits"
     }
     fn load<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Record>, LeaseError>> {
-        let bytes = |r: &Option<Record>| r.as_ref().map_or(0, |r| serde_json::to_string(r).map_or(0, |j| j.len()));
-        Box::pin(self.read(StoreOp::Load, move || self.record(key), bytes))
+        Box::pin(self.read(StoreOp::Load, move || self.record(key), |r: &Option<Record>| record_bytes(r.as_ref())))
     }
     fn write<'a>(&'a self, key: &'a str, write: Write) -> BoxFuture<'a, Result<Written, LeaseError>> {
         Box::pin(self.do_write(key, write))
     }
     fn load_shared<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Shared>, LeaseError>> {
-        Box::pin(self.read(
-            StoreOp::LoadView,
-            move || self.shared(key),
-            |s: &Option<Shared>| s.as_ref().map_or(0, |s| s.data.len() + 64),
-        ))
+        Box::pin(self.read(StoreOp::LoadView, move || self.shared(key), |s: &Option<Shared>| shared_bytes(s.as_ref())))
     }
     fn write_shared<'a>(&'a self, key: &'a str, write: SharedWrite) -> BoxFuture<'a, Result<bool, LeaseError>> {
         Box::pin(self.do_write_shared(key, write))
