@@ -1580,30 +1580,27 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
             // shared view when it holds it; else `DescribeAutoScalingGroups`), retried as the
             // product does; failing it for good, the process ends (exit 3) with nothing changed.
             if let (Some(t), Api::AutoScaling) = (&throttle, api) {
-                let found = std::sync::atomic::AtomicBool::new(kept);
-                let throttled = || MembersError::Transient("Auto Scaling: throttled".into());
-                let name = crate::lb::members::retry_at_start("the group's name", || async {
-                    if !found.load(std::sync::atomic::Ordering::SeqCst) {
-                        t.call(Api::AutoScaling).await.map_err(|()| throttled())?;
-                        found.store(true, std::sync::atomic::Ordering::SeqCst);
-                    }
-                    Ok(())
-                });
-                let mut failed = name.await.is_err();
-                let shared = match (&store, failed) {
-                    (Some(s), false) => s.load_shared(&crate::lease::view_key("fleet")).await.ok().flatten(),
-                    _ => None,
-                };
-                let in_view = shared
-                    .and_then(|s| crate::cycle::view::View::decode(&s.data).ok())
-                    .is_some_and(|v| v.roster.group.is_some());
-                if !failed && !in_view {
-                    let group = crate::lb::members::retry_at_start("the group", || async {
+                let lookup = || {
+                    crate::lb::members::retry_at_start("the group lookup", || async {
+                        let throttled = || MembersError::Transient("Auto Scaling: throttled".into());
                         t.call(Api::AutoScaling).await.map_err(|()| throttled())
-                    });
-                    failed = group.await.is_err();
-                }
-                if failed {
+                    })
+                };
+                let started = async {
+                    if !kept {
+                        lookup().await?;
+                    }
+                    let shared = match &store {
+                        Some(s) => s.load_shared(&crate::lease::view_key("fleet")).await.ok().flatten(),
+                        None => None,
+                    };
+                    let view = shared.and_then(|s| crate::cycle::view::View::decode(&s.data).ok());
+                    if view.is_none_or(|v| v.roster.group.is_none()) {
+                        lookup().await?;
+                    }
+                    Ok::<(), MembersError>(())
+                };
+                if started.await.is_err() {
                     return (Ok(Outcome::Aborted), 0);
                 }
             }
