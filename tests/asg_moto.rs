@@ -184,12 +184,7 @@ fn the_listener_cycles_in_an_auto_scaling_group() {
     let second = format!("{lb}-2");
     moto.fixture(&["asg-attach", &group, &second]);
     let before = sup.pid("web").expect("web RUNNING");
-    let mut env = sup.client_env();
-    env.extend(moto.env());
-    let out = run_bin(&["request", "web"], &env);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    eventually(T, "a second finished cycle", || (count(&sup.read("listener.log"), "cycle done") >= 2).then_some(()));
-    let log = sup.read("listener.log");
+    let log = request_web(&sup, &moto, 2);
     let changed = log.find("building the cycle again").expect("the change was seen");
     let done = log.rfind("cycle done").unwrap();
     assert!(changed < done, "{log}");

@@ -28,6 +28,19 @@ fn peak_in_10s(calls: &[Call], family: &str) -> usize {
     (0..t.len()).map(|i| t[i..].iter().take_while(|x| **x < t[i] + 10.0).count()).max().unwrap_or(0)
 }
 
+/// `K` programs `web0`... under one real supervisord (moto's endpoints in its environment), all
+/// RUNNING: the supervisord, their pids, and the environment a one-shot needs (moto's and the
+/// supervisord client's).
+fn twelve_programs(moto: &Moto) -> (Supervisord, Vec<u32>, Vec<(String, String)>) {
+    let programs: String =
+        (0..K).map(|i| format!("[program:web{i}]\ncommand=sleep 100000\nstartsecs=1\nstopwaitsecs=5\n")).collect();
+    let sup = Supervisord::start(&programs, false, &moto.env());
+    let pids = (0..K).map(|i| eventually(T, "web RUNNING", || sup.pid(&format!("web{i}")))).collect();
+    let mut env = moto.env();
+    env.extend(sup.client_env());
+    (sup, pids, env)
+}
+
 /// Starts `elb-quorum restart --strict` for every (instance, its own arguments) at the same moment,
 /// instance i restarting `web{i}` with its own state directory under `dir`; each must end with
 /// exit 0, its program restarted. Returns the pids after.
@@ -94,12 +107,7 @@ fn twelve_strict_one_shots_at_once_stay_within_the_account_budget() {
     let v = moto.fixture(&["create", "--lb", &lb, "--namespace", &ns, "--count", &K.to_string()]);
     let members: Vec<String> = serde_json::from_value(v["members"].clone()).unwrap();
     let hostnames: BTreeMap<String, String> = serde_json::from_value(v["hostnames"].clone()).unwrap();
-    let programs: String =
-        (0..K).map(|i| format!("[program:web{i}]\ncommand=sleep 100000\nstartsecs=1\nstopwaitsecs=5\n")).collect();
-    let sup = Supervisord::start(&programs, false, &moto.env());
-    let before: Vec<u32> = (0..K).map(|i| eventually(T, "web RUNNING", || sup.pid(&format!("web{i}")))).collect();
-    let mut env = moto.env();
-    env.extend(sup.client_env());
+    let (sup, before, env) = twelve_programs(&moto);
 
     std::fs::write(&record, "").unwrap();
     let ids: Vec<(String, Vec<String>)> = members
@@ -152,12 +160,7 @@ fn an_auto_scaling_fleet_asks_auto_scaling_only_for_the_shared_view_once_it_ran(
     let n = unique();
     let (group, lb) = (format!("fleet{n}"), format!("fleet{n}-lb"));
     let members = moto.asg(&group, K, &lb, 0);
-    let programs: String =
-        (0..K).map(|i| format!("[program:web{i}]\ncommand=sleep 100000\nstartsecs=1\nstopwaitsecs=5\n")).collect();
-    let sup = Supervisord::start(&programs, false, &moto.env());
-    let mut pids: Vec<u32> = (0..K).map(|i| eventually(T, "web RUNNING", || sup.pid(&format!("web{i}")))).collect();
-    let mut env = moto.env();
-    env.extend(sup.client_env());
+    let (sup, mut pids, env) = twelve_programs(&moto);
     let ids: Vec<(String, Vec<String>)> = members
         .iter()
         .map(|id| (id.clone(), vec!["--members".into(), "asg".into(), "--hostname".into(), "host".into()]))

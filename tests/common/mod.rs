@@ -500,12 +500,20 @@ pub fn listener_restarts_web(moto: &Moto, listen_args: &str) -> (Supervisord, u3
     let sup = Supervisord::start(&conf, false, &moto.env());
     let before = eventually(t, "web RUNNING", || sup.pid("web"));
     eventually(t, "listener RUNNING", || sup.status("elb-quorum").contains("RUNNING").then_some(()));
+    let log = request_web(&sup, moto, 1);
+    assert_ne!(sup.pid("web"), Some(before), "web restarted");
+    (sup, before, log)
+}
+
+/// Asks the listener under `sup` to restart `web` (`elb-quorum request web`, exit 0) and waits until
+/// its log shows `cycles` finished cycles in all. Returns the listener's log.
+pub fn request_web(sup: &Supervisord, moto: &Moto, cycles: usize) -> String {
     let mut env = sup.client_env();
     env.extend(moto.env());
     let out = run_bin(&["request", "web"], &env);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    eventually(t, "a finished cycle", || (count(&sup.read("listener.log"), "cycle done") >= 1).then_some(()));
-    let log = sup.read("listener.log");
-    assert_ne!(sup.pid("web"), Some(before), "web restarted");
-    (sup, before, log)
+    eventually(Duration::from_secs(60), "a finished cycle", || {
+        (count(&sup.read("listener.log"), "cycle done") >= cycles).then_some(())
+    });
+    sup.read("listener.log")
 }
