@@ -194,7 +194,7 @@ fn main() {
 /// object per configuration with `--json`, else a table.
 fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
     if !b.json {
-        println!("throttled world (AWS's buckets: ELB Describe* 40 + 10/s, EC2 DescribeInstances 100 + 20/s, registration 20 + 5/s;");
+        println!("throttled world (AWS's buckets: ELB Describe* 40 + 10/s, EC2 DescribeInstances 100 + 20/s, registration 20 + 4/s;");
         let asg = b.members == Api::AutoScaling;
         println!(
             "  the SDK's 5 attempts each; members read through {}; same fleet settings, settle 5 s without --strict; {} seeds)",
@@ -255,6 +255,8 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
                 "autoscaling_peak_per_s": round(worst(|r| r.autoscaling_peak_per_s)),
                 "checks_lost_to_throttling": reports.iter().map(|r| r.calls_lost_to_throttling).sum::<usize>(),
                 "throttled_attempts": reports.iter().map(|r| r.throttled_attempts).sum::<usize>(),
+                "registration_peak_per_s": round(worst(|r| r.registration_peak_per_s)),
+                "registration_throttled": reports.iter().map(|r| r.registration_throttled).sum::<usize>(),
                 "registration_calls_lost": reports.iter().map(|r| r.registration_calls_lost).sum::<usize>(),
                 "gave_up": reports.iter().map(|r| r.failures).sum::<usize>(),
                 "store_writes_peak_per_s": round(worst(|r| r.store_writes_peak_per_s)),

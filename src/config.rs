@@ -52,8 +52,9 @@ pub const DEFAULT_LEASE_GRACE: f64 = 30.0;
 /// Strict mode: H, the longest a permit is renewed. Longer than a whole cycle: draining (up to 300 s
 /// by default on a Classic ELB, 3600 s at most) + restart + coming back InService.
 pub const DEFAULT_MAX_HOLD: f64 = 3600.0;
-/// Strict mode's leaves per second across a cluster: four registration calls per second, below
-/// the registration budget assumed for an account (benches/README.md, "Fleets under throttling").
+/// Strict mode's leaves per second across a cluster: four registration calls per second, the
+/// refill of an account's registration bucket (20 + 4/s per API version; benches/README.md,
+/// "Fleets under AWS's API throttling"); 1 leaves half of it to the account's other tools.
 pub const DEFAULT_LEAVE_RATE: f64 = 2.0;
 /// Where supervisord listens when neither flag nor `SUPERVISOR_SERVER_URL` says.
 pub const DEFAULT_SUPERVISOR_URL: &str = "unix:///var/run/supervisor.sock";
@@ -153,7 +154,7 @@ pub struct Layer {
     /// Strict mode: longest a permit is renewed, in seconds [default: 3600]
     #[arg(long, global = true, env = "ELB_QUORUM_MAX_HOLD", value_name = "SECS")]
     pub max_hold: Option<f64>,
-    /// Strict mode: permits granted per second across the whole cluster, 0 for no pacing; each leave costs two calls of the account's shared registration budget [default: 2]
+    /// Strict mode: permits granted per second across the whole cluster (up to 15 s worth at once after a pause), 0 for no pacing; each leave costs two calls per attachment of the account's registration budget, 20 + 4/s per API version: 2 can take all of it, 1 half [default: 2]
     #[arg(long, global = true, env = "ELB_QUORUM_LEAVE_RATE", value_name = "PER_SEC")]
     pub leave_rate: Option<f64>,
     /// Make every check and log what would be done; change nothing

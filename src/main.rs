@@ -706,9 +706,10 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
             let pace = pace_json(p, record, *now);
             match pace["quota"].as_u64() {
                 Some(q) => println!(
-                    "pace              {}/s: {q} per {} s window, {} granted in the current one",
+                    "pace              {}/s in {} s windows, at most {} at once: {q} in this window, {} granted",
                     p.leave_rate,
                     lease::PACE_WINDOW.as_secs(),
+                    pace["burst"],
                     pace["grants_in_window"]
                 ),
                 None => println!("pace              none (--leave-rate 0)"),
@@ -745,15 +746,18 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
     }
 }
 
-/// Strict mode's pace (`--leave-rate`): the rate, the window's quota and the permits granted in
-/// the current window (0 once it is over).
+/// Strict mode's pace (`--leave-rate`): the rate, the burst, the current window's quota (or the
+/// quota a window begun now would have, once it is over) and the permits granted in it (0 once it
+/// is over).
 fn pace_json(p: &Permits, record: &lease::Record, now: u64) -> serde_json::Value {
-    let window = lease::PACE_WINDOW.as_millis() as u64;
+    let (rate, window) = (p.leave_rate, lease::PACE_WINDOW.as_millis() as u64);
     let current = record.window_start > 0 && now < record.window_start.saturating_add(window);
+    let quota = if current { record.quota(rate) } else { record.next_quota(rate, now) };
     serde_json::json!({
-        "leave_rate": p.leave_rate,
+        "leave_rate": rate,
         "window_s": lease::PACE_WINDOW.as_secs(),
-        "quota": (p.leave_rate > 0.0).then(|| lease::pace_quota(p.leave_rate)),
+        "burst": (rate > 0.0).then(|| lease::pace_burst(rate)),
+        "quota": (rate > 0.0).then_some(quota),
         "grants_in_window": if current { record.window_grants } else { 0 },
     })
 }

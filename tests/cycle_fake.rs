@@ -634,6 +634,7 @@ mod strict {
                 complete: true,
                 window_start: 0,
                 window_grants: 0,
+                window_quota: None,
             },
         );
         strict(&mut h, &store);
@@ -648,6 +649,7 @@ mod strict {
                 complete: true,
                 window_start: 0,
                 window_grants: 0,
+                window_quota: None,
             },
         );
         h.cycle.state.save(&record(Step::Deregistering, &me())).unwrap();
@@ -670,7 +672,14 @@ mod strict {
         let old = Holder { tok: "old".into(), exp: u64::MAX / 2, since: 1, kind: Kind::Slot };
         store.set_record(
             KEY,
-            Record { ver: 4, holders: [(me(), old)].into(), complete: true, window_start: 0, window_grants: 0 },
+            Record {
+                ver: 4,
+                holders: [(me(), old)].into(),
+                complete: true,
+                window_start: 0,
+                window_grants: 0,
+                window_quota: None,
+            },
         );
         store.fault(StoreOp::Remove, StoreFault::ServerError);
         store.fault(StoreOp::Remove, StoreFault::Throttled);
@@ -722,6 +731,7 @@ mod strict {
                 complete: true,
                 window_start: 0,
                 window_grants: 0,
+                window_quota: None,
             },
         );
         strict(&mut h, &store);

@@ -142,7 +142,7 @@ async fn throttle_buckets_refill_and_the_sdk_attempts_each_take_a_token() {
         lost += usize::from(task.await.unwrap().is_err());
     }
     assert_eq!(t.throttled(&[Api::ElbV2Mutate]).1 - lost_before, lost);
-    assert!(lost > 0, "200 registration calls at once on a bucket of 20 + 5/s lose some");
+    assert!(lost > 0, "200 registration calls at once on a bucket of 20 + 4/s lose some");
     // What AWS saw: never more successful attempts than the bucket allows.
     assert!(t.peak_per_s(&[Api::ElbV1Describe], Duration::from_secs(10)) >= 4.1, "41 calls in the first 10 s");
 
@@ -155,7 +155,8 @@ async fn throttle_buckets_refill_and_the_sdk_attempts_each_take_a_token() {
 /// Issue #14's goals, scaled to what the test command can run: K = 100 strict in the throttled
 /// world (AWS's account buckets, the SDK's attempts, members through EC2's budget; the default
 /// `--leave-rate`), three seeds. The makespan goal is the issue's (1.10 × the waves of L); the
-/// rate goals are the fleet-wide ones (ELB `Describe*` ≤ 5/s and EC2 ≤ 10/s in every 10 s window).
+/// rate goals are the fleet-wide ones (ELB `Describe*` ≤ 5/s and EC2 ≤ 10/s in every 10 s window),
+/// and the registration calls within the account's registration bucket.
 /// K = 1,000 runs in `cargo bench --bench fleet` (benches/README.md).
 #[tokio::test(start_paused = true)]
 async fn a_strict_fleet_of_100_stays_within_the_account_budgets() {
@@ -175,6 +176,9 @@ async fn a_strict_fleet_of_100_stays_within_the_account_budgets() {
         assert!(r.min_serving >= r.required && r.most_out <= r.permits, "{why}");
         assert!(r.makespan.as_secs_f64() <= 1.10 * r.theoretical.as_secs_f64(), "{why}");
         assert!(r.elb_describe_peak_per_s <= 5.0 && r.ec2_describe_peak_per_s <= 10.0, "{why}");
+        // The registration bucket (20 + 4/s): the pace keeps the fleet within it; an attempt
+        // throttled in a wave's first second is retried by the SDK, none is lost.
+        assert!(r.registration_peak_per_s <= 4.0 && r.registration_calls_lost == 0, "{why}");
         assert!(r.conflicts <= r.acquires, "at most one conflict per granted acquire: {why}");
         assert!(r.store_writes_peak_per_s <= 200.0, "{why}");
     }

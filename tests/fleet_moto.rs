@@ -5,7 +5,7 @@
 //!
 //! The buckets are the budget a fleet may take (half of AWS's: the account's other tools need the
 //! rest): ELB `Describe*` 20 tokens + 5/s per API version, EC2 `Describe*` 50 + 10/s, registration
-//! calls 10 + 2.5/s. They are not scaled down by 12/1,000: strict mode's reads do not grow with the
+//! calls 10 + 2/s. They are not scaled down by 12/1,000: strict mode's reads do not grow with the
 //! number of instances (one shared view, about two load-balancer reads per second at any size), so
 //! the fleet-wide budget is what twelve must keep, as a thousand must; and a registration bucket
 //! scaled to 12/1,000 (0.06/s) would make the test last over 400 s (benches/README.md shows the
@@ -101,7 +101,7 @@ fn at_once(
 fn twelve_strict_one_shots_at_once_stay_within_the_account_budget() {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("calls.jsonl");
-    let moto = Moto::start_limited(&record, "elb1=20:5,elb2=20:5,ec2=50:10,reg=10:2.5");
+    let moto = Moto::start_limited(&record, "elb1=20:5,elb2=20:5,ec2=50:10,reg=10:2");
     moto.permit_table(TABLE);
     let (lb, ns) = unique_cluster();
     let v = moto.fixture(&["create", "--lb", &lb, "--namespace", &ns, "--count", &K.to_string()]);
@@ -155,7 +155,7 @@ fn twelve_strict_one_shots_at_once_stay_within_the_account_budget() {
 fn an_auto_scaling_fleet_asks_auto_scaling_only_for_the_shared_view_once_it_ran() {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("calls.jsonl");
-    let moto = Moto::start_limited(&record, "elb1=20:5,elb2=20:5,ec2=50:10,reg=10:2.5,asg=20:5");
+    let moto = Moto::start_limited(&record, "elb1=20:5,elb2=20:5,ec2=50:10,reg=10:2,asg=20:5");
     moto.permit_table(TABLE);
     let n = unique();
     let (group, lb) = (format!("fleet{n}"), format!("fleet{n}-lb"));

@@ -109,7 +109,9 @@ impl DynamoStore {
                 let map = if holder.kind == Kind::Slot { "#h" } else { "#x" };
                 let mut update = format!("SET {map}.#id = :e, #v = #v + :one");
                 match &pace {
-                    Some(Pace { new_window: true, .. }) => update.push_str(", #ws = :now, #wn = :one"),
+                    Some(Pace { new_window: true, .. }) => {
+                        update.push_str(", #ws = :now, #wn = :one, #wq = :quota, #wqs = :now")
+                    }
                     Some(Pace { new_window: false, .. }) => update.push_str(", #wn = #wn + :one"),
                     None => {}
                 }
@@ -132,13 +134,16 @@ impl DynamoStore {
                         let req = req
                             .expression_attribute_names("#ws", "ws")
                             .expression_attribute_names("#wn", "wn")
-                            .expression_attribute_values(":ws", n(p.window_start));
+                            .expression_attribute_values(":ws", n(p.window_start))
+                            .expression_attribute_values(":quota", n(p.quota.into()));
                         if p.new_window {
                             condition.push_str(" AND (attribute_not_exists(#ws) OR #ws = :ws)");
-                            req.expression_attribute_values(":now", n(holder.since))
+                            req.expression_attribute_names("#wq", "wq")
+                                .expression_attribute_names("#wqs", "wqs")
+                                .expression_attribute_values(":now", n(holder.since))
                         } else {
                             condition.push_str(" AND #ws = :ws AND #wn < :quota");
-                            req.expression_attribute_values(":quota", n(p.quota.into()))
+                            req
                         }
                     }
                     None => req,
@@ -305,7 +310,13 @@ fn decode(item: &HashMap<String, AttributeValue>) -> Result<Record, String> {
         complete: item.contains_key("holders") && item.contains_key("exempt"),
         window_start: number_or_zero(item, "ws")?,
         window_grants: number_or_zero(item, "wn")?.try_into().map_err(|_| "wn is too large".to_string())?,
+        window_quota: None,
     };
+    // A quota set for another window (a version without quotas began the current one) is not this
+    // window's.
+    if item.contains_key("wq") && number_or_zero(item, "wqs")? == record.window_start {
+        record.window_quota = Some(number_or_zero(item, "wq")?.try_into().map_err(|_| "wq is too large".to_string())?);
+    }
     for (name, kind) in [("holders", Kind::Slot), ("exempt", Kind::Exempt)] {
         let entries = match item.get(name) {
             None => continue,

@@ -89,9 +89,12 @@ pub struct Record {
     #[serde(skip)]
     pub complete: bool,
     /// The pacing of `--leave-rate`: when the current window of `PACE_WINDOW` began (Unix ms on
-    /// the clock of the instance that began it; 0: never) and the permits granted in it.
+    /// the clock of the instance that began it; 0: never), the permits granted in it, and its
+    /// quota as the claim that began it set it (`None`: a record without one, or a quota set for
+    /// another window, as a version before the burst leaves it: `pace_steady` is used).
     pub window_start: u64,
     pub window_grants: u32,
+    pub window_quota: Option<u32>,
 }
 
 impl Record {
@@ -131,23 +134,64 @@ pub enum Write {
     Remove { id: String, tok: String, kind: Kind },
 }
 
-/// Strict mode's pacing window: at most `--leave-rate` × this many permits are granted in one.
-pub const PACE_WINDOW: Duration = Duration::from_secs(15);
+/// Strict mode's pacing window: permits are counted in windows of this length, each with the
+/// quota the claim that began it set: `rate` × this many (`pace_steady`), or the burst when the
+/// last window began at least `PACE_BURST` earlier. Short windows keep each bunch of
+/// deregistrations (and the registrations that follow them a cycle later) within the account's
+/// registration bucket (20 tokens) at the default rate; the burst lets a wave of L = 25 go
+/// together in a fleet of a hundred at the default rate. No stretch of T seconds grants more than the burst plus `rate` × (T + the window).
+pub const PACE_WINDOW: Duration = Duration::from_secs(10);
+/// The pace's burst, in seconds of `--leave-rate`: a window begun this long or longer after the
+/// last one may grant `rate` × this many permits.
+pub const PACE_BURST: Duration = Duration::from_secs(15);
 
 /// How a paced claim counts itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pace {
     /// The window the claim read (`ws`; 0: none yet).
     pub window_start: u64,
-    /// Begin a new window at the claim's time (`SET ws = :now, wn = 1 IF ws = :ws`), the read one
-    /// being over; else count in it (`SET wn = wn + 1 IF ws = :ws AND wn < :quota`).
+    /// Begin a new window at the claim's time (`SET ws = :now, wn = 1, wq = :quota, wqs = :now IF
+    /// ws = :ws`), the read one being over; else count in it (`SET wn = wn + 1 IF ws = :ws AND wn
+    /// < :quota`).
     pub new_window: bool,
+    /// The window's quota: the one the claim begins, or the one it counts in.
     pub quota: u32,
 }
 
-/// Permits a window of `PACE_WINDOW` allows at `rate` per second (at least one).
-pub fn pace_quota(rate: f64) -> u32 {
-    ((rate * PACE_WINDOW.as_secs_f64()).round() as u32).max(1)
+/// The most permits the pace grants at once at `rate` per second (at least one).
+pub fn pace_burst(rate: f64) -> u32 {
+    ((rate * PACE_BURST.as_secs_f64()).floor() as u32).max(1)
+}
+
+/// A window's quota when the pace is busy, or when the record does not say (at least one; below
+/// one per window, windows are `1 / rate` apart instead: `Record::pace_opens`).
+pub fn pace_steady(rate: f64) -> u32 {
+    ((rate * PACE_WINDOW.as_secs_f64()).floor() as u32).max(1)
+}
+
+impl Record {
+    /// The current window's quota (`pace_steady` when the record does not say).
+    pub fn quota(&self, rate: f64) -> u32 {
+        self.window_quota.unwrap_or_else(|| pace_steady(rate))
+    }
+
+    /// The quota of a window begun at `now` (once `pace_opens` allows): the burst for the first
+    /// window and after a pause of `PACE_BURST`, else `pace_steady`.
+    pub fn next_quota(&self, rate: f64, now: u64) -> u32 {
+        let paused = now.saturating_sub(self.window_start) >= PACE_BURST.as_millis() as u64;
+        if self.window_start == 0 || paused {
+            pace_burst(rate)
+        } else {
+            pace_steady(rate)
+        }
+    }
+
+    /// When a claim may begin the next window: once the current one is over, and at least
+    /// `1 / rate` seconds after it began.
+    pub fn pace_opens(&self, rate: f64) -> u64 {
+        let gap = PACE_WINDOW.as_secs_f64().max(1.0 / rate);
+        self.window_start.saturating_add((gap * 1000.0).ceil() as u64)
+    }
 }
 
 /// How a conditional write ended.
@@ -281,13 +325,16 @@ pub fn plan(
         return Plan::Remove(removals);
     }
     let pace = if rate > 0.0 {
-        let (start, quota) = (current.window_start, pace_quota(rate));
-        let end = start.saturating_add(PACE_WINDOW.as_millis() as u64);
-        let new_window = start == 0 || now >= end;
-        if !new_window && current.window_grants >= quota {
-            return Plan::Paced { until: end };
+        let start = current.window_start;
+        let opens = current.pace_opens(rate);
+        let in_window = start != 0 && now < start.saturating_add(PACE_WINDOW.as_millis() as u64);
+        if in_window && current.window_grants < current.quota(rate) {
+            Some(Pace { window_start: start, new_window: false, quota: current.quota(rate) })
+        } else if start == 0 || now >= opens {
+            Some(Pace { window_start: start, new_window: true, quota: current.next_quota(rate, now) })
+        } else {
+            return Plan::Paced { until: opens };
         }
-        Some(Pace { window_start: start, new_window, quota })
     } else {
         None
     };
@@ -673,6 +720,7 @@ mod tests {
             complete: true,
             window_start: 0,
             window_grants: 0,
+            window_quota: None,
         }
     }
 
@@ -724,28 +772,42 @@ mod tests {
             plan(Some(&pruned), "me", mine.clone(), 3, now, G, 0.0),
             Plan::Claim(Write::Claim { id: "me".into(), holder: mine.clone(), limit: 3, pace: None })
         );
-        // Paced at 2 per second: 30 permits per 15 s window; the 31st waits for the next window,
-        // which the first claim after it begins.
-        assert_eq!(pace_quota(2.0), 30);
-        assert_eq!(pace_quota(0.01), 1, "at least one per window");
-        let claim =
-            |pace| Plan::Claim(Write::Claim { id: "me".into(), holder: mine.clone(), limit: 3, pace: Some(pace) });
-        let window = Record { window_start: now - 1000, window_grants: 29, ..pruned.clone() };
-        assert_eq!(
-            plan(Some(&window), "me", mine.clone(), 3, now, G, 2.0),
-            claim(Pace { window_start: now - 1000, new_window: false, quota: 30 })
-        );
-        let full = Record { window_grants: 30, ..window.clone() };
-        assert_eq!(plan(Some(&full), "me", mine.clone(), 3, now, G, 2.0), Plan::Paced { until: now + 14_000 });
-        let over = Record { window_start: now - 15_000, ..full };
-        assert_eq!(
-            plan(Some(&over), "me", mine.clone(), 3, now, G, 2.0),
-            claim(Pace { window_start: now - 15_000, new_window: true, quota: 30 })
-        );
-        assert_eq!(
-            plan(Some(&pruned), "me", mine.clone(), 3, now, G, 2.0),
-            claim(Pace { window_start: 0, new_window: true, quota: 30 })
-        );
+        // Paced at 1 per second: 15 at once after a pause, else 10 per 10 s window.
+        assert_eq!((pace_burst(1.0), pace_steady(1.0)), (15, 10));
+        assert_eq!((pace_burst(2.0), pace_steady(2.0)), (30, 20));
+        assert_eq!((pace_burst(0.55), pace_steady(0.55)), (8, 5), "never above the rate");
+        assert_eq!((pace_burst(0.01), pace_steady(0.01)), (1, 1), "at least one");
+        let claim = |window_start, new_window, quota| {
+            Plan::Claim(Write::Claim {
+                id: "me".into(),
+                holder: mine.clone(),
+                limit: 3,
+                pace: Some(Pace { window_start, new_window, quota }),
+            })
+        };
+        let paced = |r: &Record, rate| plan(Some(r), "me", mine.clone(), 3, now, G, rate);
+        // No window yet: the first begins with the whole burst.
+        assert_eq!(paced(&pruned, 1.0), claim(0, true, 15));
+        // Within a window, claims count up to its quota, then wait for its end.
+        let window = Record { window_start: now - 1000, window_grants: 9, window_quota: Some(10), ..pruned.clone() };
+        assert_eq!(paced(&window, 1.0), claim(now - 1000, false, 10));
+        let full = Record { window_grants: 10, ..window.clone() };
+        assert_eq!(paced(&full, 1.0), Plan::Paced { until: now + 9000 });
+        // A window begun by a version without quotas: the steady quota.
+        assert_eq!(paced(&Record { window_quota: None, ..window.clone() }, 1.0), claim(now - 1000, false, 10));
+        assert_eq!(paced(&Record { window_quota: None, ..full.clone() }, 1.0), Plan::Paced { until: now + 9000 });
+        // The next window: 10 while the pace is busy, unused permits not carried; the burst
+        // again once 15 s passed since the last window began.
+        let over = Record { window_start: now - 10_000, ..full.clone() };
+        assert_eq!(paced(&over, 1.0), claim(now - 10_000, true, 10));
+        assert_eq!(paced(&Record { window_grants: 4, ..over.clone() }, 1.0), claim(now - 10_000, true, 10));
+        assert_eq!(paced(&Record { window_start: now - 14_999, ..full.clone() }, 1.0), claim(now - 14_999, true, 10));
+        let paused = Record { window_start: now - 15_000, ..full.clone() };
+        assert_eq!(paced(&paused, 1.0), claim(now - 15_000, true, 15));
+        // Slower than one per window: windows are 1 / rate apart.
+        let slow = Record { window_start: now - 10_000, window_grants: 1, window_quota: Some(1), ..record(&[]) };
+        assert_eq!(paced(&slow, 0.05), Plan::Paced { until: now + 10_000 });
+        assert_eq!(plan(Some(&slow), "me", mine.clone(), 3, now + 10_000, G, 0.05), claim(now - 10_000, true, 1));
     }
 
     #[test]
@@ -800,6 +862,40 @@ mod tests {
     }
 
     proptest! {
+        /// Claims at any moments, each applied as the store would, never get more than the burst
+        /// plus `rate` per second over the stretch and one window.
+        #[test]
+        fn the_pace_never_grants_more_than_its_burst_and_rate(
+            rate in 0.05f64..20.0,
+            gaps in proptest::collection::vec(prop_oneof![3 => 0u64..200, 1 => 0u64..60_000], 1..300),
+        ) {
+            let mine = holder("t", 10_000_000, Kind::Slot);
+            let mut r = record(&[]);
+            let (mut now, mut granted) = (1_000_000u64, Vec::new());
+            for gap in gaps {
+                now += gap;
+                match plan(Some(&r), "me", mine.clone(), 1, now, G, rate) {
+                    Plan::Claim(Write::Claim { pace: Some(p), .. }) => {
+                        if p.new_window {
+                            (r.window_start, r.window_grants, r.window_quota) = (now, 1, Some(p.quota));
+                        } else {
+                            r.window_grants += 1;
+                        }
+                        granted.push(now);
+                    }
+                    Plan::Paced { until } => prop_assert!(until > now),
+                    other => prop_assert!(false, "{:?}", other),
+                }
+            }
+            let burst = f64::from(pace_burst(rate));
+            for (i, a) in granted.iter().enumerate() {
+                for (j, b) in granted.iter().enumerate().skip(i) {
+                    let allowed = burst + rate * ((b - a) as f64 / 1000.0 + PACE_WINDOW.as_secs_f64());
+                    prop_assert!((j - i + 1) as f64 <= allowed + 1e-9, "{} grants in {} ms", j - i + 1, b - a);
+                }
+            }
+        }
+
         #[test]
         fn holders_only_ever_make_the_answer_stricter(
             m in 1usize..40,
