@@ -139,7 +139,8 @@ pub enum Write {
 /// last window began at least `PACE_BURST` earlier. Short windows keep each bunch of
 /// deregistrations (and the registrations that follow them a cycle later) within the account's
 /// registration bucket (20 tokens) at the default rate; the burst lets a wave of L = 25 go
-/// together in a fleet of a hundred at the default rate. No stretch of T seconds grants more than the burst plus `rate` × (T + the window).
+/// together in a fleet of a hundred at the default rate. No stretch of T seconds grants more than
+/// the burst plus `rate` × (T + the window).
 pub const PACE_WINDOW: Duration = Duration::from_secs(10);
 /// The pace's burst, in seconds of `--leave-rate`: a window begun this long or longer after the
 /// last one may grant `rate` × this many permits.
