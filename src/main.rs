@@ -750,8 +750,7 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
 /// quota a window begun now would have, once it is over) and the permits granted in it (0 once it
 /// is over).
 fn pace_json(p: &Permits, record: &lease::Record, now: u64) -> serde_json::Value {
-    let (rate, window) = (p.leave_rate, lease::PACE_WINDOW.as_millis() as u64);
-    let current = record.window_start > 0 && now < record.window_start.saturating_add(window);
+    let (rate, current) = (p.leave_rate, record.in_window(now));
     let quota = if current { record.quota(rate) } else { record.next_quota(rate, now) };
     serde_json::json!({
         "leave_rate": rate,

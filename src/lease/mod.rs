@@ -171,6 +171,11 @@ pub fn pace_steady(rate: f64) -> u32 {
 }
 
 impl Record {
+    /// A window began and is not over at `now`.
+    pub fn in_window(&self, now: u64) -> bool {
+        self.window_start != 0 && now < self.window_start.saturating_add(PACE_WINDOW.as_millis() as u64)
+    }
+
     /// The current window's quota (`pace_steady` when the record does not say).
     pub fn quota(&self, rate: f64) -> u32 {
         self.window_quota.unwrap_or_else(|| pace_steady(rate))
@@ -326,11 +331,9 @@ pub fn plan(
         return Plan::Remove(removals);
     }
     let pace = if rate > 0.0 {
-        let start = current.window_start;
-        let opens = current.pace_opens(rate);
-        let in_window = start != 0 && now < start.saturating_add(PACE_WINDOW.as_millis() as u64);
-        if in_window && current.window_grants < current.quota(rate) {
-            Some(Pace { window_start: start, new_window: false, quota: current.quota(rate) })
+        let (start, opens, quota) = (current.window_start, current.pace_opens(rate), current.quota(rate));
+        if current.in_window(now) && current.window_grants < quota {
+            Some(Pace { window_start: start, new_window: false, quota })
         } else if start == 0 || now >= opens {
             Some(Pace { window_start: start, new_window: true, quota: current.next_quota(rate, now) })
         } else {
