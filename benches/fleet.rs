@@ -12,7 +12,8 @@
 //! - Throttled world (`Throttle::aws`: AWS's per-account buckets, the SDK's attempts; members read
 //!   through EC2's budget): K = 12, 100 and 1,000, strict and not, 3 seeds; or only the
 //!   configurations asked for with `-- --fleet K[,K...] [--strict] [--json] [--seeds N]
-//!   [--leave-rate R] [--registration SIZE,REFILL] [--members asg] [--ran-before]` (`asg`: members
+//!   [--leave-rate R] [--registration SIZE,REFILL] [--members asg] [--ran-before]
+//!   [--batch-registrations]` (`asg`: members
 //!   and attachments from the Auto Scaling group, its one shared bucket assumed at 40 + 10/s;
 //!   `--ran-before`: a later restart of the fleet, not its first).
 
@@ -45,6 +46,7 @@ fn params(k: usize, drain: u64, restart: u64, health: u64, settle: f64) -> Fleet
         leave_rate: 0.0,
         members: Api::Ec2Describe,
         ran_before: false,
+        batch: false,
     }
 }
 
@@ -72,6 +74,8 @@ struct BudgetArgs {
     /// `--ran-before`: the fleet ran before (strict: the stale shared view its last restart left;
     /// `--members asg`: the group's name kept); else its first run.
     ran_before: bool,
+    /// `--batch-registrations`.
+    batch: bool,
 }
 
 fn budget_args() -> Option<BudgetArgs> {
@@ -94,6 +98,7 @@ fn budget_args() -> Option<BudgetArgs> {
             Some(other) => panic!("--members ec2-name|asg, not {other}"),
         },
         ran_before: args.iter().any(|a| a == "--ran-before"),
+        batch: args.iter().any(|a| a == "--batch-registrations"),
     })
 }
 
@@ -186,6 +191,7 @@ fn main() {
             registration: None,
             members: Api::Ec2Describe,
             ran_before: false,
+            batch: false,
         },
     );
 }
@@ -227,6 +233,7 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
                 registration: b.registration,
                 members: b.members,
                 ran_before: b.ran_before,
+                batch: b.batch,
                 ..params(k, 20, 10, 15, if strict { 0.0 } else { 5.0 })
             };
             let reports: Vec<FleetReport> = (0..b.seeds)
@@ -252,12 +259,14 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
                 "ec2_describe_peak_per_s": round(worst(|r| r.ec2_describe_peak_per_s)),
                 "members": if b.members == Api::AutoScaling { "asg" } else { "ec2-name" },
                 "ran_before": b.ran_before,
+                "batch_registrations": b.batch,
                 "autoscaling_peak_per_s": round(worst(|r| r.autoscaling_peak_per_s)),
                 "checks_lost_to_throttling": reports.iter().map(|r| r.calls_lost_to_throttling).sum::<usize>(),
                 "throttled_attempts": reports.iter().map(|r| r.throttled_attempts).sum::<usize>(),
                 "registration_peak_per_s": round(worst(|r| r.registration_peak_per_s)),
                 "registration_throttled": reports.iter().map(|r| r.registration_throttled).sum::<usize>(),
                 "registration_calls_lost": reports.iter().map(|r| r.registration_calls_lost).sum::<usize>(),
+                "registration_calls": reports.iter().map(|r| r.registration_calls).max().unwrap(),
                 "gave_up": reports.iter().map(|r| r.failures).sum::<usize>(),
                 "store_writes_peak_per_s": round(worst(|r| r.store_writes_peak_per_s)),
                 "store_reads_peak_per_s": round(worst(|r| r.store_reads_peak_per_s)),

@@ -157,6 +157,9 @@ pub struct Layer {
     /// Strict mode: permits granted per second across the whole cluster (up to 15 s worth at once after a pause), 0 for no pacing; each leave costs two calls per attachment of the account's registration budget, 20 + 4/s per API version: 2 can take all of it, 1 half [default: 2]
     #[arg(long, global = true, env = "ELB_QUORUM_LEAVE_RATE", value_name = "PER_SEC")]
     pub leave_rate: Option<f64>,
+    /// Strict mode: let one instance deregister and register every holder asking, one call per attachment at most once a second, instead of each making its own two calls: above a few hundred instances the account's registration budget needs it. The instance taking a batch calls for others only within a 10 s claim that a restarting instance waits out before registering itself [default: off]
+    #[arg(long, global = true, env = "ELB_QUORUM_BATCH_REGISTRATIONS")]
+    pub batch_registrations: bool,
     /// Make every check and log what would be done; change nothing
     #[arg(long, global = true, env = "ELB_QUORUM_DRY_RUN")]
     pub dry_run: bool,
@@ -307,6 +310,8 @@ pub struct LeaseSettings {
     pub max_hold: Duration,
     /// Permits granted per second across the cluster (0: unpaced).
     pub leave_rate: f64,
+    /// `--batch-registrations`.
+    pub batch_registrations: bool,
 }
 
 /// Every setting, validated.
@@ -492,6 +497,7 @@ impl Settings {
             grace: secs("lease-grace", o.lease_grace, file.lease_grace, DEFAULT_LEASE_GRACE)?,
             max_hold: secs("max-hold", o.max_hold, file.max_hold, DEFAULT_MAX_HOLD)?,
             leave_rate: o.leave_rate.or(file.leave_rate).unwrap_or(DEFAULT_LEAVE_RATE),
+            batch_registrations: o.batch_registrations || file.batch_registrations,
         };
         if !lease.leave_rate.is_finite() || lease.leave_rate < 0.0 {
             return err(format!("--leave-rate {}: a number of permits per second, 0 or more", lease.leave_rate));
@@ -603,6 +609,7 @@ mod tests {
         assert!(layer.strict);
         assert_eq!((layer.lease_duration, layer.lease_grace, layer.max_hold), (Some(120.0), Some(30.0), Some(3600.0)));
         assert_eq!(layer.leave_rate, Some(DEFAULT_LEAVE_RATE));
+        assert!(!layer.batch_registrations);
     }
 
     #[test]
@@ -638,6 +645,7 @@ mod tests {
                 grace: Duration::from_secs(10),
                 max_hold: Duration::from_secs(3600),
                 leave_rate: DEFAULT_LEAVE_RATE,
+                batch_registrations: false,
             }
         );
         let paced = Layer { leave_rate: Some(-1.0), ..Default::default() };

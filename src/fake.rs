@@ -1060,6 +1060,8 @@ pub enum StoreOp {
     Acquire,
     Renew,
     Remove,
+    /// `--batch-registrations`: asks, withdrawals, batch claims and their ends.
+    Batch,
     /// The shared view's item: read, refresh lease, publication.
     LoadView,
     LeaseView,
@@ -1270,6 +1272,48 @@ impl FakeStore {
                 rec.holders.remove(id);
                 rec.ver += 1;
             }
+            Write::Ask { id, tok, kind, way, elems } => {
+                let Some(rec) = st.records.get_mut(key).filter(|r| entry(r, id, tok, *kind)) else { return conflict() };
+                let set = match way {
+                    crate::lease::batch::Way::Out => &mut rec.batches.want_out,
+                    crate::lease::batch::Way::In => &mut rec.batches.want_in,
+                };
+                set.extend(elems.iter().cloned());
+                rec.ver += 1;
+            }
+            Write::Withdraw { id, elems, stale } => {
+                let Some(rec) = st.records.get_mut(key) else { return conflict() };
+                let b = &mut rec.batches;
+                if b.claim.as_ref().is_some_and(|c| c.until >= *stale && c.ids.contains(id)) {
+                    return conflict();
+                }
+                b.want_out.retain(|e| !elems.contains(e));
+                b.want_in.retain(|e| !elems.contains(e));
+                b.withdrawals += 1;
+                rec.ver += 1;
+            }
+            Write::TakeBatch { claim, now, stale, withdrawals } => {
+                let Some(rec) = st.records.get_mut(key) else { return conflict() };
+                let b = &mut rec.batches;
+                if b.claim.as_ref().is_some_and(|c| c.until >= *stale) || b.next > *now || b.withdrawals != *withdrawals
+                {
+                    return conflict();
+                }
+                b.claim = Some(claim.clone());
+                rec.ver += 1;
+            }
+            Write::EndBatch { tok, out, back, next } => {
+                let Some(rec) = st.records.get_mut(key) else { return conflict() };
+                let b = &mut rec.batches;
+                if b.claim.as_ref().is_none_or(|c| c.tok != *tok) {
+                    return conflict();
+                }
+                b.claim = None;
+                b.next = *next;
+                b.want_out.retain(|e| !out.contains(e));
+                b.want_in.retain(|e| !back.contains(e));
+                rec.ver += 1;
+            }
         }
         Written::Applied(st.records[key].clone())
     }
@@ -1364,6 +1408,8 @@ impl FakeStore {
             Write::Claim { id, .. } => (StoreOp::Acquire, id.clone()),
             Write::Renew { id, .. } => (StoreOp::Renew, id.clone()),
             Write::Remove { id, .. } => (StoreOp::Remove, id.clone()),
+            Write::Ask { id, .. } | Write::Withdraw { id, .. } => (StoreOp::Batch, id.clone()),
+            Write::TakeBatch { .. } | Write::EndBatch { .. } => (StoreOp::Batch, String::new()),
         };
         let bytes = || record_bytes(self.record(key).as_ref());
         self.conditional(op, Some(&id), || self.apply(key, &write), Written::applied, bytes).await
@@ -1461,6 +1507,8 @@ pub struct FleetParams {
     /// `--members asg` holding the group), and `--members asg` the group's name kept in each state
     /// directory. Else the fleet's first run: no view, every process looks its group up.
     pub ran_before: bool,
+    /// Strict mode: `--batch-registrations`.
+    pub batch: bool,
 }
 
 /// What a fleet run measured.
@@ -1507,6 +1555,9 @@ pub struct FleetReport {
     /// Registration calls lost after all the SDK's attempts (the cycle tries them again: a
     /// deregistration for `DEREGISTER_RETRY_FOR`, a registration for `REGISTER_RETRY_FOR`).
     pub registration_calls_lost: usize,
+    /// Registration calls made (`Register*` and `Deregister*`, each call once whatever its
+    /// attempts): 2 × K when every instance makes its own.
+    pub registration_calls: usize,
     /// Permit-store writes (the record's and the shared view's) in the busiest second.
     pub store_writes_peak_per_s: f64,
     /// Permit-store reads (the record's and the shared view's) in the busiest second.
@@ -1582,7 +1633,7 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
                 leave_rate: p.leave_rate,
                 ..fake_permits(s, "fleet", id)
             }));
-        let cycle = cycle.with_members(members.clone());
+        let cycle = cycle.with_members(members.clone()).with_batch_registrations(p.batch);
         let (throttle, api, kept, store) = (throttle.clone(), p.members, p.ran_before, store.clone());
         tasks.push(tokio::spawn(async move {
             // `--members asg`: the process's group lookup as `build_for` makes it: the name
@@ -1675,6 +1726,7 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
         registration_peak_per_s: throttle.as_ref().map_or(0.0, |t| t.peak_per_s(&mutate, Duration::from_secs(10))),
         registration_throttled,
         registration_calls_lost,
+        registration_calls: lb.calls().iter().filter(|c| matches!(c.op, Op::Register | Op::Deregister)).count(),
         store_writes_peak_per_s: store.as_ref().map_or(0.0, |s| {
             let writes: Vec<Duration> = s.calls().iter().filter(|c| !c.op.is_read()).map(|c| c.at).collect();
             peak_rate(&writes, Duration::from_secs(1))

@@ -187,7 +187,8 @@ async fn build_for(
             .with_zone_quorum(settings.zone_quorum_ppm)
             .with_metrics(settings.metrics_file.as_ref().map(|p| std::sync::Arc::new(Metrics::open(p))))
             .with_hooks(settings.hooks.clone())
-            .with_attachments_from_group(from_group);
+            .with_attachments_from_group(from_group)
+            .with_batch_registrations(settings.lease.batch_registrations);
     info!(attachments = %cycle.attachments(), leave_via = ?settings.leave_via, instance_id = %identity.instance_id, hostname = %identity.hostname, members = %cycle.members.describe(), quorum_ppm = settings.rule.quorum_ppm, dry_run = settings.dry_run, strict = settings.strict, "elb-quorum {}", env!("CARGO_PKG_VERSION"));
     Ok(cycle)
 }
@@ -648,6 +649,7 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
                 "free": free,
                 "holders": holders,
                 "pace": pace_json(p, record, *now),
+                "batches": batches_json(&settings, record, *now, p.grace),
                 "view": view.as_ref().map(|v| serde_json::json!({
                     "age_s": now.saturating_sub(v.at) as f64 / 1000.0,
                     "publications": v.n,
@@ -714,6 +716,19 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
                 ),
                 None => println!("pace              none (--leave-rate 0)"),
             }
+            let b = &record.batches;
+            if settings.lease.batch_registrations || !b.want_out.is_empty() || !b.want_in.is_empty() {
+                println!(
+                    "batches           {} ({} targets asking out, {} back{})",
+                    if settings.lease.batch_registrations { "on" } else { "off here" },
+                    b.want_out.len(),
+                    b.want_in.len(),
+                    match &b.claim {
+                        Some(c) if c.live(*now, p.grace) => format!("; a claim for {} instances", c.ids.len()),
+                        _ => String::new(),
+                    }
+                );
+            }
             if let Some(v) = view {
                 println!(
                     "shared view       read {:.1} s ago (publication {})",
@@ -758,6 +773,28 @@ fn pace_json(p: &Permits, record: &lease::Record, now: u64) -> serde_json::Value
         "burst": (rate > 0.0).then(|| lease::pace_burst(rate)),
         "quota": (rate > 0.0).then_some(quota),
         "grants_in_window": if current { record.window_grants } else { 0 },
+    })
+}
+
+/// `--batch-registrations`: this instance's setting, the targets asking to go out and back, and
+/// the batch claim (live: a batcher may still call for the instances it names).
+fn batches_json(
+    settings: &Settings,
+    record: &lease::Record,
+    now: u64,
+    grace: std::time::Duration,
+) -> serde_json::Value {
+    let b = &record.batches;
+    serde_json::json!({
+        "enabled": settings.lease.batch_registrations,
+        "want_out": b.want_out.len(),
+        "want_in": b.want_in.len(),
+        "claim": b.claim.as_ref().map(|c| serde_json::json!({
+            "instances": c.ids,
+            "ends_in_s": (c.until as i64 - now as i64) as f64 / 1000.0,
+            "live": c.live(now, grace),
+        })),
+        "withdrawals": b.withdrawals,
     })
 }
 

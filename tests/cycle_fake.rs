@@ -635,6 +635,7 @@ mod strict {
                 window_start: 0,
                 window_grants: 0,
                 window_quota: None,
+                batches: Default::default(),
             },
         );
         strict(&mut h, &store);
@@ -650,6 +651,7 @@ mod strict {
                 window_start: 0,
                 window_grants: 0,
                 window_quota: None,
+                batches: Default::default(),
             },
         );
         h.cycle.state.save(&record(Step::Deregistering, &me())).unwrap();
@@ -679,6 +681,7 @@ mod strict {
                 window_start: 0,
                 window_grants: 0,
                 window_quota: None,
+                batches: Default::default(),
             },
         );
         store.fault(StoreOp::Remove, StoreFault::ServerError);
@@ -732,6 +735,7 @@ mod strict {
                 window_start: 0,
                 window_grants: 0,
                 window_quota: None,
+                batches: Default::default(),
             },
         );
         strict(&mut h, &store);
@@ -750,5 +754,81 @@ mod strict {
         assert_eq!(s.checks, 1);
         assert_eq!(holders(&store), vec!["i-0003".to_string()], "the peer's slot untouched, ours released");
         assert!(h.lb.is_serving(&me()));
+    }
+
+    // ---- `--batch-registrations`: the batch claim and the fallback, where moto cannot pause a
+    // batcher or hold a claim stranded by a dead one.
+
+    fn batches(store: &FakeStore) -> elb_quorum::lease::batch::Batches {
+        store.record(KEY).map(|r| r.batches).unwrap_or_default()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_batched_holder_makes_the_batch_calls_itself() {
+        let mut h = harness(4, S(10), S(5));
+        let store = FakeStore::new();
+        strict(&mut h, &store);
+        h.cycle.batch = true;
+        let Outcome::Done(_) = h.cycle.run(&web()).await.unwrap() else { panic!() };
+        assert_eq!(ops(&h), vec![Op::Deregister, Op::Register]);
+        assert!(h.lb.is_serving(&me()));
+        // Ask out, take, end; ask in, take, end.
+        assert_eq!(store_ops(&store, StoreOp::Batch), vec!["applied"; 6]);
+        let b = batches(&store);
+        assert!(b.want_out.is_empty() && b.want_in.is_empty() && b.claim.is_none(), "{b:?}");
+        assert_eq!(h.cycle.state.load().unwrap(), None, "state file cleared");
+    }
+
+    /// A batch claim stranded by a dead batcher (live for 60 s, not naming this instance) holds
+    /// every batch back: the holder waits `BATCH_WAIT` each way, withdraws, and makes its own calls.
+    #[tokio::test(start_paused = true)]
+    async fn a_stranded_claim_sends_holders_to_their_own_calls() {
+        let mut h = harness(4, S(0), S(5));
+        let store = FakeStore::new();
+        strict(&mut h, &store);
+        h.cycle.batch = true;
+        let now = h.cycle.permits.as_ref().unwrap().now();
+        let claim = elb_quorum::lease::batch::Claim {
+            tok: "dead".into(),
+            until: now + 60_000,
+            ids: ["i-0003".to_string()].into(),
+        };
+        let b = elb_quorum::lease::batch::Batches { claim: Some(claim), ..Default::default() };
+        store.set_record(KEY, Record { ver: 1, complete: true, batches: b, ..Default::default() });
+        let start = tokio::time::Instant::now();
+        let Outcome::Done(_) = h.cycle.run(&web()).await.unwrap() else { panic!() };
+        assert!(start.elapsed() >= elb_quorum::lease::batch::BATCH_WAIT * 2, "{:?}", start.elapsed());
+        assert_eq!(ops(&h), vec![Op::Deregister, Op::Register]);
+        assert!(h.lb.is_serving(&me()));
+        let b = batches(&store);
+        assert!(b.want_out.is_empty() && b.want_in.is_empty(), "{b:?}");
+        assert_eq!(b.withdrawals, 2, "withdrawn each way");
+    }
+
+    /// The first invariant across instances: a process that died with its targets in a batch
+    /// (its state file says it is out) registers again only once no live claim names it, so that
+    /// a paused batcher's late call cannot take it out after it came back.
+    #[tokio::test(start_paused = true)]
+    async fn reconcile_waits_out_a_claim_naming_the_instance_before_registering() {
+        let mut h = harness(4, S(0), S(5));
+        let store = FakeStore::new();
+        strict(&mut h, &store);
+        h.lb.deregister(&[Target::instance(me())]).await.unwrap();
+        h.cycle.state.save(&record(Step::Registering, &me())).unwrap();
+        let now = h.cycle.permits.as_ref().unwrap().now();
+        let claim = elb_quorum::lease::batch::Claim { tok: "paused".into(), until: now + 5_000, ids: [me()].into() };
+        let b = elb_quorum::lease::batch::Batches {
+            claim: Some(claim),
+            want_in: [format!("abcd0123/{}", me())].into(),
+            ..Default::default()
+        };
+        store.set_record(KEY, Record { ver: 1, complete: true, batches: b, ..Default::default() });
+        assert!(h.cycle.reconcile().await.unwrap());
+        let registered = h.lb.calls().iter().find(|c| c.op == Op::Register).unwrap().at;
+        // The claim's end + G (30 s): the earliest a batcher's call can no longer come.
+        assert!(registered >= S(35), "registered at {registered:?}");
+        assert!(h.lb.is_serving(&me()));
+        let b = batches(&store);
+        assert!(b.want_in.is_empty() && b.withdrawals == 1, "{b:?}");
     }
 }

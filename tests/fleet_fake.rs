@@ -31,6 +31,7 @@ fn params(k: usize, settle: u64) -> FleetParams {
         leave_rate: 0.0,
         members: Api::Ec2Describe,
         ran_before: false,
+        batch: false,
     }
 }
 
@@ -181,5 +182,32 @@ async fn a_strict_fleet_of_100_stays_within_the_account_budgets() {
         assert!(r.registration_peak_per_s <= 4.0 && r.registration_calls_lost == 0, "{why}");
         assert!(r.conflicts <= r.acquires, "at most one conflict per granted acquire: {why}");
         assert!(r.store_writes_peak_per_s <= 200.0, "{why}");
+    }
+}
+
+/// `--batch-registrations` (issue #14's route past the registration budget): K = 100 strict in the
+/// throttled world, one instance's batch calls for every holder asking. Every instance restarts
+/// once, quorum holds, and the fleet makes far fewer registration calls than the 200 of each
+/// making its own, within half the bucket's refill, none throttled.
+#[tokio::test(start_paused = true)]
+async fn a_strict_fleet_of_100_with_batched_registrations() {
+    let p = FleetParams {
+        strict: Some(Duration::from_millis(45)),
+        throttle: true,
+        leave_rate: elb_quorum::config::DEFAULT_LEAVE_RATE,
+        batch: true,
+        timing: Timing { max_checks: 500, ..params(100, 0).timing },
+        ..params(100, 0)
+    };
+    for seed in 0..2 {
+        fastrand::seed(seed);
+        let r = simulate_fleet(&p).await;
+        let why = format!("seed {seed}: {r:?}");
+        assert_eq!((r.failures, r.calls_lost_to_throttling), (0, 0), "{why}");
+        assert_eq!(r.restarts, vec![1; 100], "{why}");
+        assert!(r.min_serving >= r.required && r.most_out <= r.permits, "{why}");
+        assert!(r.registration_calls <= 100, "{why}");
+        assert!(r.registration_peak_per_s <= 2.0 && r.registration_throttled == 0, "{why}");
+        assert!(r.elb_describe_peak_per_s <= 5.0 && r.ec2_describe_peak_per_s <= 10.0, "{why}");
     }
 }

@@ -25,7 +25,7 @@ async fn setup() -> (Moto, Arc<DynamoStore>) {
 }
 
 /// D = 8 s (renewed every 2 s), G = 3 s.
-fn permits(store: &Arc<DynamoStore>, key: &str, me: &str) -> Permits {
+fn permits<S: PermitStore + 'static>(store: &Arc<S>, key: &str, me: &str) -> Permits {
     Permits {
         store: store.clone(),
         key: key.into(),
@@ -221,4 +221,71 @@ async fn claims_are_capped_by_size_and_the_shared_view_is_leased_and_ordered() {
     assert_eq!((s.seen_ver, s.n, s.data.as_str(), s.lease_until), (5, 2, "five again", now + 2000));
     a.release().await;
     b.release().await;
+}
+
+/// `--batch-registrations`' writes as DynamoDB (moto) evaluates them, and the fake store the
+/// same way (the fleet model relies on it): asks only by the entry's holder, one live claim at a
+/// time, a withdrawal refused while a live claim names the instance, the gap after a batch, and
+/// a claim refused after a withdrawal it did not read.
+async fn batch_writes(store: Arc<dyn PermitStore>) {
+    use elb_quorum::lease::batch::{Way, BATCH_CLAIM};
+    let key = "batch.example.com";
+    let ps = |me: &str| Permits { store: store.clone(), ..permits_on(key, me) };
+    let (a, b, c) = (ps("i-a"), ps("i-b"), ps("i-c"));
+    let held_a = granted(a.acquire(Kind::Slot, 2).await.unwrap());
+    let held_b = granted(b.acquire(Kind::Slot, 2).await.unwrap());
+    let set = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<std::collections::BTreeSet<String>>();
+    assert!(a.ask(&held_a.holder, Way::Out, set(&["t1/i-a"])).await.unwrap());
+    assert!(b.ask(&held_b.holder, Way::Out, set(&["t1/i-b:80", "t2/i-b"])).await.unwrap());
+    assert!(!c.ask(&held_a.holder, Way::In, set(&["t1/i-c"])).await.unwrap(), "i-c holds no entry");
+    let r = c.read().await.unwrap();
+    assert_eq!(r.batches.want_out, set(&["t1/i-a", "t1/i-b:80", "t2/i-b"]));
+    assert!(r.batches.want_in.is_empty() && r.batches.claim.is_none());
+    let claim = c.take_batch(set(&["i-a", "i-b"]), 0).await.unwrap().expect("no claim yet");
+    assert!(c.take_batch(set(&["i-a"]), 0).await.unwrap().is_none(), "one live claim at a time");
+    // i-a is named by a live claim: its withdrawal waits (and gives up within a short wait).
+    assert!(a.withdraw(Duration::from_secs(1)).await.is_err());
+    // The store's own condition, written past the client's check: refused for i-a, not for i-c.
+    let stale = c.now() - 3000;
+    let withdraw = |id: &str, e: &str| Write::Withdraw { id: id.into(), elems: set(&[e]), stale };
+    assert!(!store.write(key, withdraw("i-a", "t1/i-a")).await.unwrap().applied());
+    assert!(store.write(key, withdraw("i-c", "t1/i-c")).await.unwrap().applied());
+    let claim_after = c.read().await.unwrap().batches;
+    assert_eq!((claim_after.withdrawals, claim_after.want_out.len()), (1, 3), "i-c's withdrawal counted");
+    assert!(c.end_batch(&claim, set(&["t1/i-b:80"]), set(&[])).await.unwrap());
+    assert!(!c.end_batch(&claim, set(&["t1/i-a"]), set(&[])).await.unwrap(), "ended already");
+    let r = c.read().await.unwrap();
+    assert_eq!(r.batches.want_out, set(&["t1/i-a", "t2/i-b"]));
+    assert!(r.batches.claim.is_none() && r.batches.next > 0);
+    // No claim: the withdrawal goes through at once and is counted.
+    a.withdraw(Duration::from_secs(1)).await.unwrap();
+    let r = c.read().await.unwrap();
+    assert_eq!((r.batches.want_out.clone(), r.batches.withdrawals), (set(&["t2/i-b"]), 2));
+    assert!(b.ask(&held_b.holder, Way::In, set(&["t1/i-b:80"])).await.unwrap());
+    // Past the gap, a claim that read the withdrawals before the last one is refused.
+    let gap = r.batches.next.saturating_sub(c.now());
+    tokio::time::sleep(Duration::from_millis(gap + 1)).await;
+    assert!(c.take_batch(set(&["i-b"]), 1).await.unwrap().is_none(), "a withdrawal came since");
+    let claim = c.take_batch(set(&["i-b"]), 2).await.unwrap().expect("the gap is over");
+    assert!(claim.until >= c.now() + BATCH_CLAIM.as_millis() as u64 - 1000);
+    assert!(c.end_batch(&claim, set(&["t2/i-b"]), set(&["t1/i-b:80"])).await.unwrap());
+    let r = c.read().await.unwrap();
+    assert!(r.batches.want_out.is_empty() && r.batches.want_in.is_empty(), "{:?}", r.batches);
+    held_a.release().await;
+    held_b.release().await;
+}
+
+fn permits_on(key: &str, me: &str) -> Permits {
+    permits(&Arc::new(elb_quorum::fake::FakeStore::new()), key, me)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn batch_writes_in_dynamodb() {
+    let (_moto, store) = setup().await;
+    batch_writes(store).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn batch_writes_in_the_fake_store() {
+    batch_writes(Arc::new(elb_quorum::fake::FakeStore::new())).await;
 }

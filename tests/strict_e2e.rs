@@ -1,6 +1,7 @@
 //! Strict mode end to end: six real supervisords, each with the listener for its own instance in
-//! `--strict` mode, against moto (serialized by `tests/fixtures/moto_locked.py`, whose recorder logs
-//! every call in the order moto applied it), all asked to restart at the same moment.
+//! `--strict` mode (every other one with `--batch-registrations`), against moto (serialized by
+//! `tests/fixtures/moto_locked.py`, whose recorder logs every call in the order moto applied it),
+//! all asked to restart at the same moment.
 //!
 //! The cluster: 6 members, quorum 0.75 → 5 must serve, 1 permit. An outside sampler polls the load
 //! balancer every 50 ms: serving never drops below 5. The recorder shows, for every instance:
@@ -23,10 +24,11 @@ use elb_quorum::supervisor::SupervisorClient;
 const TABLE: &str = "elb-quorum-permits";
 const T: Duration = Duration::from_secs(180);
 
-fn strict_node(moto: &Moto, id: &str, hostname: &str) -> Supervisord {
+fn strict_node(moto: &Moto, id: &str, hostname: &str, batch: bool) -> Supervisord {
+    let batch = if batch { " --batch-registrations" } else { "" };
     let conf = format!(
         "[program:web]\ncommand=sleep 100000\nstartsecs=1\n\n\
-         [eventlistener:elb-quorum]\ncommand={bin} listen --hostname {hostname} --domain example.com --instance-id {id} --strict --lease-table {TABLE} --program web --check-interval 0.5 --max-checks 200 --poll-interval 0.2 --state-dir {{here}}/state\n\
+         [eventlistener:elb-quorum]\ncommand={bin} listen --hostname {hostname} --domain example.com --instance-id {id} --strict --lease-table {TABLE} --program web --check-interval 0.5 --max-checks 200 --poll-interval 0.2 --state-dir {{here}}/state{batch}\n\
          events=REMOTE_COMMUNICATION\nbuffer_size=50\nstopwaitsecs=60\n\
          stderr_logfile={{here}}/listener.log\nenvironment=SUPERVISOR_USERNAME=\"{USER}\",SUPERVISOR_PASSWORD=\"{PASSWORD}\",ELB_QUORUM_LOG_TARGET=\"stderr\"\n",
         bin = bin().display(),
@@ -44,7 +46,11 @@ fn six_strict_listeners_asked_at_once_never_take_the_cluster_below_quorum() {
     let v = moto.fixture(&["create", "--lb", &lb, "--namespace", &ns, "--count", "6"]);
     let members: Vec<String> = serde_json::from_value(v["members"].clone()).unwrap();
     let hostnames: BTreeMap<String, String> = serde_json::from_value(v["hostnames"].clone()).unwrap();
-    let nodes: Vec<Supervisord> = members.iter().map(|id| strict_node(&moto, id, &hostnames[id])).collect();
+    // Every other member with --batch-registrations: a mixed cluster, both ways of leaving. With
+    // one permit each batch holds only its holder, who makes the calls itself.
+    let batched: Vec<bool> = (0..members.len()).map(|i| i % 2 == 1).collect();
+    let nodes: Vec<Supervisord> =
+        members.iter().zip(&batched).map(|(id, &b)| strict_node(&moto, id, &hostnames[id], b)).collect();
     for n in &nodes {
         eventually(T, "web RUNNING", || n.pid("web"));
         eventually(T, "listener RUNNING", || n.status("elb-quorum").contains("RUNNING").then_some(()));
@@ -104,7 +110,7 @@ fn six_strict_listeners_asked_at_once_never_take_the_cluster_below_quorum() {
         .filter(|c: &Call| c.status == 200)
         .collect();
     assert!(calls.windows(2).all(|w| w[0].t <= w[1].t), "the recorder logs in applied order");
-    for id in &members {
+    for (id, &batch) in members.iter().zip(&batched) {
         let mine: Vec<String> = calls
             .iter()
             .filter(|c| c.instance.as_deref() == Some(id.as_str()) && c.kind.as_deref() != Some("renew"))
@@ -117,6 +123,16 @@ fn six_strict_listeners_asked_at_once_never_take_the_cluster_below_quorum() {
         let released = mine[reg..].iter().position(|k| k == "release").map(|p| p + reg);
         assert!(released.is_some(), "{id}: released after registering: {mine:?}");
         assert_eq!(mine.iter().filter(|k| k.contains("Deregister")).count(), 1, "{id}: left once: {mine:?}");
+        // Batched: asked out after the grant and before the call, asked back before registering.
+        let asks: Vec<usize> = mine.iter().enumerate().filter(|(_, k)| *k == "batch-ask").map(|(i, _)| i).collect();
+        if batch {
+            assert!(
+                asks.len() == 2 && acquired < asks[0] && asks[0] < dereg && dereg < asks[1] && asks[1] < reg,
+                "{id}: {mine:?}"
+            );
+        } else {
+            assert!(asks.is_empty(), "{id}: {mine:?}");
+        }
     }
     // The record is empty again: every permit was released.
     let status = run_bin(
@@ -150,6 +166,12 @@ fn six_strict_listeners_asked_at_once_never_take_the_cluster_below_quorum() {
     assert!(s["strict"]["view"]["publications"].as_u64().is_some_and(|n| n >= 1), "{s}");
     assert!(s["strict"]["view"]["read_after_version"].as_u64().is_some_and(|v| v >= 6), "six grants came first: {s}");
     assert_eq!(s["strict"]["holders"], serde_json::json!([]), "every permit released: {s}");
+    let b = &s["strict"]["batches"];
+    assert_eq!(
+        (b["want_out"].as_u64(), b["want_in"].as_u64(), b["enabled"].as_bool()),
+        (Some(0), Some(0), Some(false)),
+        "{s}"
+    );
     assert_eq!(s["verdict"]["serving"].as_u64(), Some(6));
 }
 

@@ -15,6 +15,7 @@
 //! said loudly) or AWS refused or stayed unreachable for the whole retry budget
 //! (`CycleError::StillDeregistered`, said loudly).
 
+mod batch;
 pub mod state_file;
 pub mod view;
 
@@ -32,6 +33,7 @@ use crate::lb::members::{MembersError, Membership, Roster};
 use crate::lb::{
     AttachmentSpec, Kind as AttachmentKind, LbError, LbTimings, LoadBalancer, Target, TargetHealth, TargetState,
 };
+use crate::lease::batch::Way;
 use crate::lease::{Acquired, Kind, LeaseError, Permit, Permits, Toucher};
 use crate::quorum::{combine, decide, holds_without_me, Decision, Members, Reason, Rule, Snapshot, Verdict, Zone};
 use crate::supervisor::{Services, SupervisorError};
@@ -395,6 +397,8 @@ pub struct Cycle<L, M, S> {
     /// The attachments are the Auto Scaling group's (no --lb or --target-group): a check whose
     /// members' read shows the group's attachments changed refuses to leave (`GroupChanged`).
     pub from_group: bool,
+    /// Strict mode, `--batch-registrations`: registration calls through the cluster's batches.
+    pub batch: bool,
 }
 
 /// Strict mode, while a permit is held: the shared view this holder may use.
@@ -486,6 +490,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             hooks: Hooks::default(),
             cursor: std::sync::Mutex::new(None),
             from_group: false,
+            batch: false,
         }
     }
 
@@ -509,6 +514,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             hooks: self.hooks,
             cursor: self.cursor,
             from_group: self.from_group,
+            batch: self.batch,
         }
     }
 
@@ -518,6 +524,11 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     }
 
     /// The attachments are the Auto Scaling group's: every check compares them with the group's.
+    pub fn with_batch_registrations(mut self, batch: bool) -> Self {
+        self.batch = batch;
+        self
+    }
+
     pub fn with_attachments_from_group(mut self, from_group: bool) -> Self {
         self.from_group = from_group;
         self
@@ -1171,6 +1182,11 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         }
     }
 
+    /// Strict mode with `--batch-registrations`: the permits the batches go through.
+    fn batched_permits(&self) -> Option<&Permits> {
+        self.permits.as_ref().filter(|_| self.batch)
+    }
+
     /// Every attachment's timings, in order.
     async fn timings(&self) -> Result<Vec<LbTimings>, CycleError> {
         let mut all = Vec::with_capacity(self.lbs.len());
@@ -1237,7 +1253,19 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         let t = Instant::now();
         match self.leave_via {
             LeaveVia::Deregister => {
-                for (i, taken) in plan.iter().enumerate() {
+                let batched = match (self.batched_permits(), permit) {
+                    (Some(permits), Some(p)) => self.batched(permits, p, Way::Out, &plan).await,
+                    _ => false,
+                };
+                if !batched && self.batched_permits().is_some() {
+                    // The batches may have taken some attachments out before giving up.
+                    if let Some(why) = permit.and_then(Permit::lost) {
+                        error!(attachments = %labels(&plan), instance_id = %self.me, "permit lost while waiting for the batches ({why}); registering again and not leaving");
+                        self.come_back(&plan, &timings).await?;
+                        return Err(CycleError::PermitLost { why });
+                    }
+                }
+                for (i, taken) in plan.iter().enumerate().filter(|_| !batched) {
                     let lb = &self.lbs[i];
                     info!(lb = %lb.label(), instance_id = %self.me, targets = %targets_of(std::slice::from_ref(taken)), "deregistering");
                     if let Err(e) = self.deregister_one(lb, taken).await {
@@ -1324,7 +1352,18 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         self.ready_check(&self.record(Step::Restarting, programs, &plan, since, group)).await?;
         let t = Instant::now();
         self.state.save(&self.record(Step::Registering, programs, &plan, since, group))?;
-        self.rejoin(self.leave_via, &plan, &timings).await?;
+        let batched = match (self.batched_permits(), permit) {
+            (Some(permits), Some(p)) if self.leave_via == LeaveVia::Deregister => {
+                self.batched(permits, p, Way::In, &plan).await
+            }
+            _ => false,
+        };
+        if batched {
+            self.state.clear()?;
+            self.wait_serving(&plan, &timings, (0..plan.len()).collect(), None).await?;
+        } else {
+            self.rejoin(self.leave_via, &plan, &timings).await?;
+        }
         self.after_return(programs).await;
         summary.back_in_service = t.elapsed();
         if let Some(why) = permit.and_then(Permit::lost) {
@@ -1760,6 +1799,10 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             return Ok(false);
         }
         warn!(step = ?record.step, programs = %record.programs.join(" "), attachments = %labels(&record.attachments), "a previous run stopped mid-cycle; finishing it");
+        // Before registering: no batch may take this instance out after it came back.
+        if let Some(permits) = &self.permits {
+            self.withdraw_batched(permits).await;
+        }
         // Whatever the outcome, the earlier run's permit entry goes, as a cycle releases its
         // permit however it ends (one left out with its programs down holds no slot either).
         let finished = self.finish(&record).await;

@@ -15,6 +15,7 @@ use aws_sdk_dynamodb::Client;
 
 use crate::identity::{aws_failure, AwsFailure};
 
+use super::batch::{Batches, Claim, Way};
 use super::{BoxFuture, Holder, Kind, LeaseError, Pace, PermitStore, Record, Shared, SharedWrite, Write, Written};
 
 /// One attempt may take this long before it counts as a timeout (fail closed, retried by the SDK).
@@ -168,6 +169,83 @@ impl DynamoStore {
                 .expression_attribute_names("#tok", "tok")
                 .expression_attribute_values(":tok", s(&tok))
                 .expression_attribute_values(":one", n(1)),
+            Write::Ask { id, tok, kind, way, elems } => req
+                .update_expression("ADD #set :elems SET #v = #v + :one")
+                .condition_expression("#m.#id.#tok = :tok")
+                .expression_attribute_names("#m", map_name(kind))
+                .expression_attribute_names("#id", id)
+                .expression_attribute_names("#tok", "tok")
+                .expression_attribute_names(
+                    "#set",
+                    match way {
+                        Way::Out => "wo",
+                        Way::In => "wi",
+                    },
+                )
+                .expression_attribute_values(":elems", strings(&elems))
+                .expression_attribute_values(":tok", s(&tok))
+                .expression_attribute_values(":one", n(1)),
+            Write::Withdraw { id, elems, stale } => req
+                .update_expression("DELETE #wo :elems, #wi :elems ADD #wd :one SET #v = #v + :one")
+                .condition_expression("attribute_not_exists(#bt) OR #bu < :stale OR NOT contains(#bi, :id)")
+                .expression_attribute_names("#wo", "wo")
+                .expression_attribute_names("#wi", "wi")
+                .expression_attribute_names("#wd", "wd")
+                .expression_attribute_names("#bt", "bt")
+                .expression_attribute_names("#bu", "bu")
+                .expression_attribute_names("#bi", "bi")
+                .expression_attribute_values(":elems", strings(&elems))
+                .expression_attribute_values(":stale", n(stale))
+                .expression_attribute_values(":id", s(&id))
+                .expression_attribute_values(":one", n(1)),
+            Write::TakeBatch { claim, now, stale, withdrawals } => {
+                let counted = if withdrawals == 0 { "attribute_not_exists(#wd)" } else { "#wd = :wd" };
+                let req = req
+                    .update_expression("SET #bt = :tok, #bu = :until, #bi = :ids, #v = #v + :one")
+                    .condition_expression(format!(
+                        "(attribute_not_exists(#bt) OR #bu < :stale) AND (attribute_not_exists(#bn) OR #bn <= :now) AND {counted}"
+                    ))
+                    .expression_attribute_names("#bt", "bt")
+                    .expression_attribute_names("#bu", "bu")
+                    .expression_attribute_names("#bi", "bi")
+                    .expression_attribute_names("#bn", "bn")
+                    .expression_attribute_names("#wd", "wd")
+                    .expression_attribute_values(":tok", s(&claim.tok))
+                    .expression_attribute_values(":until", n(claim.until))
+                    .expression_attribute_values(":ids", strings(&claim.ids))
+                    .expression_attribute_values(":stale", n(stale))
+                    .expression_attribute_values(":now", n(now))
+                    .expression_attribute_values(":one", n(1));
+                match withdrawals {
+                    0 => req,
+                    w => req.expression_attribute_values(":wd", n(w)),
+                }
+            }
+            Write::EndBatch { tok, out, back, next } => {
+                // DELETE takes no empty set: only the sets with something done.
+                let mut deletes = Vec::new();
+                let mut req = req
+                    .expression_attribute_names("#bt", "bt")
+                    .expression_attribute_names("#bu", "bu")
+                    .expression_attribute_names("#bi", "bi")
+                    .expression_attribute_names("#bn", "bn")
+                    .expression_attribute_values(":tok", s(&tok))
+                    .expression_attribute_values(":next", n(next))
+                    .expression_attribute_values(":one", n(1));
+                for (name, placeholder, done) in [("wo", ":out", &out), ("wi", ":back", &back)] {
+                    if !done.is_empty() {
+                        deletes.push(format!("#{name} {placeholder}"));
+                        req = req
+                            .expression_attribute_names(format!("#{name}"), name)
+                            .expression_attribute_values(placeholder, strings(done));
+                    }
+                }
+                let mut update = "REMOVE #bt, #bu, #bi SET #bn = :next, #v = #v + :one".to_owned();
+                if !deletes.is_empty() {
+                    update.push_str(&format!(" DELETE {}", deletes.join(", ")));
+                }
+                req.update_expression(update).condition_expression("#bt = :tok")
+            }
         };
         match req.send().await {
             Ok(out) => {
@@ -262,6 +340,41 @@ fn encode(h: &Holder) -> AttributeValue {
     ]))
 }
 
+/// A string set (never empty: DynamoDB has none).
+fn strings(items: &std::collections::BTreeSet<String>) -> AttributeValue {
+    AttributeValue::Ss(items.iter().cloned().collect())
+}
+
+/// Attribute `name` of `item` as a string set, empty when the item has none.
+fn string_set(
+    item: &HashMap<String, AttributeValue>,
+    name: &str,
+) -> Result<std::collections::BTreeSet<String>, String> {
+    match item.get(name) {
+        None => Ok(Default::default()),
+        Some(AttributeValue::Ss(v)) => Ok(v.iter().cloned().collect()),
+        Some(_) => Err(format!("{name} is not a string set")),
+    }
+}
+
+/// The batches' attributes (`batch.rs`): `wo`, `wi`, the claim `bt`/`bu`/`bi`, `bn`, `wd`.
+fn decode_batches(item: &HashMap<String, AttributeValue>) -> Result<Batches, String> {
+    let claim = match item.get("bt") {
+        None => None,
+        Some(AttributeValue::S(tok)) => {
+            Some(Claim { tok: tok.clone(), until: number(item.get("bu"), "bu")?, ids: string_set(item, "bi")? })
+        }
+        Some(_) => return Err("bt is not a string".into()),
+    };
+    Ok(Batches {
+        want_out: string_set(item, "wo")?,
+        want_in: string_set(item, "wi")?,
+        claim,
+        next: number_or_zero(item, "bn")?,
+        withdrawals: number_or_zero(item, "wd")?,
+    })
+}
+
 fn number(v: Option<&AttributeValue>, what: &str) -> Result<u64, String> {
     match v {
         Some(AttributeValue::N(n)) => n.parse().map_err(|_| format!("{what} {n:?} is not a whole number")),
@@ -311,6 +424,7 @@ fn decode(item: &HashMap<String, AttributeValue>) -> Result<Record, String> {
         window_start: number_or_zero(item, "ws")?,
         window_grants: number_or_zero(item, "wn")?.try_into().map_err(|_| "wn is too large".to_string())?,
         window_quota: None,
+        batches: decode_batches(item)?,
     };
     // A quota set for another window (a version without quotas began the current one) is not this
     // window's.

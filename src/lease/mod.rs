@@ -26,6 +26,7 @@
 //!   `cycle::view::VIEW_REFRESH` per attachment (a short lease in the same item), so the load
 //!   balancer and EC2 see about two reads per second whatever the fleet's size.
 
+pub mod batch;
 pub mod dynamo;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -95,6 +96,8 @@ pub struct Record {
     pub window_start: u64,
     pub window_grants: u32,
     pub window_quota: Option<u32>,
+    /// `--batch-registrations`: targets asking to be taken out or put back, and the batch claim.
+    pub batches: batch::Batches,
 }
 
 impl Record {
@@ -132,6 +135,17 @@ pub enum Write {
     Renew { id: String, tok: String, exp: u64, kind: Kind },
     /// Removes an entry: `IF holders.id.tok = :tok` (or `exempt.id.tok`).
     Remove { id: String, tok: String, kind: Kind },
+    /// Asks the batches (`batch.rs`) to take `elems` out (`ADD wo :elems`) or put them back (`ADD
+    /// wi`): `IF` my entry's token is `tok`.
+    Ask { id: String, tok: String, kind: Kind, way: batch::Way, elems: BTreeSet<String> },
+    /// Removes `elems` (mine) from both sets and counts a withdrawal (`wd`): `IF` no claim naming
+    /// `id` is live (`attribute_not_exists(bt) OR bu < :stale OR NOT contains(bi, :id)`).
+    Withdraw { id: String, elems: BTreeSet<String>, stale: u64 },
+    /// Takes the batch claim: `IF` none is live (`bu < :stale`), the gap is over (`bn <= :now`)
+    /// and no withdrawal came since the batcher's read (`wd = :withdrawals`).
+    TakeBatch { claim: batch::Claim, now: u64, stale: u64, withdrawals: u64 },
+    /// Ends claim `tok`: removes the elements done from `wo` and `wi`, `bn = :next`: `IF bt = :tok`.
+    EndBatch { tok: String, out: BTreeSet<String>, back: BTreeSet<String>, next: u64 },
 }
 
 /// Strict mode's pacing window: permits are counted in windows of this length, each with the
@@ -358,7 +372,7 @@ pub fn decide_with_holders(mut snapshot: Snapshot, others: &BTreeSet<String>, ru
 }
 
 /// A fresh random token.
-fn token() -> String {
+pub(crate) fn token() -> String {
     format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }
 
@@ -725,6 +739,7 @@ mod tests {
             window_start: 0,
             window_grants: 0,
             window_quota: None,
+            batches: Default::default(),
         }
     }
 
