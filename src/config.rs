@@ -157,7 +157,7 @@ pub struct Layer {
     /// Strict mode: permits granted per second across the whole cluster (up to 15 s worth at once after a pause), 0 for no pacing; each leave costs two calls per attachment of the account's registration budget, 20 + 4/s per API version: 2 can take all of it, 1 half [default: 2]
     #[arg(long, global = true, env = "ELB_QUORUM_LEAVE_RATE", value_name = "PER_SEC")]
     pub leave_rate: Option<f64>,
-    /// Strict mode: let one instance deregister and register every holder asking, one call per attachment at most once a second, instead of each making its own two calls: above a few hundred instances the account's registration budget needs it. The instance taking a batch calls for others only within a 10 s claim that a restarting instance waits out before registering itself [default: off]
+    /// Strict mode: let one instance deregister and register every holder asking, at most two calls a second for the whole cluster, instead of each making its own two calls per attachment: above a few hundred instances the account's registration budget needs it. The instance taking a batch calls for others only within a 10 s claim that a restarting instance waits out before registering itself [default: off]
     #[arg(long, global = true, env = "ELB_QUORUM_BATCH_REGISTRATIONS")]
     pub batch_registrations: bool,
     /// Make every check and log what would be done; change nothing

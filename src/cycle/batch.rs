@@ -42,9 +42,9 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         if elems.is_empty() {
             return false;
         }
-        match permits.ask(&permit.holder, way, elems.clone()).await {
-            Ok(true) => {}
-            Ok(false) => {
+        let mut known = match permits.ask(&permit.holder, way, elems.clone()).await {
+            Ok(Some(after)) => Some(after),
+            Ok(None) => {
                 warn!(instance_id = %self.me, "the permit entry is gone: making the registration calls itself");
                 return false;
             }
@@ -54,11 +54,16 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 self.withdraw_batched(permits).await;
                 return false;
             }
-        }
+        };
         let tags: BTreeSet<String> = self.tags().into_keys().collect();
         let start = Instant::now();
         while start.elapsed() < BATCH_WAIT {
-            match permits.read().await {
+            // The ask's reply is the record after it: the first round needs no read.
+            let read = match known.take() {
+                Some(r) => Ok(r),
+                None => permits.read().await,
+            };
+            match read {
                 Ok(record) => {
                     let asked = match way {
                         Way::Out => &record.batches.want_out,
@@ -94,7 +99,8 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
 
     /// Takes the batch claim and makes `batch`'s calls, each attachment's deregistration then
     /// registration, all begun before the claim's end less `BATCH_CALL_MARGIN`; then ends the
-    /// claim with what was done. False when the claim went to another instance.
+    /// claim with what was done and the calls made (they set the gap before the next batch).
+    /// False when the claim went to another instance.
     async fn run_batch(&self, permits: &Permits, record: &Record, batch: BatchPlan) -> bool {
         let claim = match permits.take_batch(batch.ids.clone(), record.batches.withdrawals).await {
             Ok(Some(c)) => c,
@@ -105,7 +111,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             }
         };
         let tags = self.tags();
-        let (mut out, mut back) = (BTreeSet::new(), BTreeSet::new());
+        let (mut out, mut back, mut calls) = (BTreeSet::new(), BTreeSet::new(), 0);
         for (way, side, done) in [(Way::Out, &batch.out, &mut out), (Way::In, &batch.back, &mut back)] {
             for (tag, items) in side {
                 let Some(&i) = tags.get(tag) else { continue };
@@ -124,6 +130,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     }
                 };
                 // Dropped at the claim's end: no attempt begins after it.
+                calls += 1;
                 match tokio::time::timeout(left, call).await {
                     Ok(Ok(())) => {
                         done.extend(items.iter().map(|(e, _)| e.clone()));
@@ -135,7 +142,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 }
             }
         }
-        if let Err(e) = permits.end_batch(&claim, out, back).await {
+        if let Err(e) = permits.end_batch(&claim, out, back, calls).await {
             warn!(error = %e, "ending the batch claim failed; it expires by itself");
         }
         true

@@ -12,8 +12,9 @@
 //! and an instance withdraws its targets only when no claim naming it is live (`bu + G < now` on
 //! its clock, G the clock skew tolerated), so a batch cannot take out an instance that withdrew and
 //! registered itself. A claim is taken only `IF` the withdrawal count `wd` is the one the batcher
-//! read, so a withdrawal between its read and its claim fails the claim. Between batches there is
-//! `BATCH_GAP`: at most two calls per attachment per gap, whatever the fleet's size.
+//! read, so a withdrawal between its read and its claim fails the claim. After a batch comes a gap
+//! of `BATCH_GAP_PER_CALL` per call it made: at most two calls per second, whatever the fleet's
+//! size.
 //!
 //! An element of a set is `TAG/TARGET`: `TAG` names the attachment by eight hex digits of its kind
 //! and id (`attachment_tag`: instances may list their attachments in another order), `TARGET` is
@@ -32,9 +33,10 @@ pub const BATCH_CLAIM: Duration = Duration::from_secs(10);
 /// A batcher starts no call later than this before its claim ends (a call under way at the end
 /// reached AWS well before it).
 pub const BATCH_CALL_MARGIN: Duration = Duration::from_secs(1);
-/// No batch begins sooner than this after the last one ended: two calls per attachment (one out,
-/// one in) per gap at most, half the registration refill with one attachment.
-pub const BATCH_GAP: Duration = Duration::from_secs(1);
+/// No batch begins sooner than this many times the calls the last one made after it ended (once
+/// if it made none): at most two registration calls per second for the whole cluster, half the
+/// registration bucket's refill (`crate::fake::Api::ElbV2Mutate`), however many attachments.
+pub const BATCH_GAP_PER_CALL: Duration = Duration::from_millis(500);
 /// A holder waiting for a batch reads the record this often (jittered).
 pub const BATCH_POLL: Duration = Duration::from_millis(500);
 /// A holder whose targets no batch took within this long withdraws them and makes its own calls.
@@ -156,11 +158,14 @@ pub fn plan_batch(record: &Record, now: u64, grace: Duration, tags: &BTreeSet<St
 }
 
 impl Permits {
-    /// Asks the batches to move `elems` (this holder's targets) `way`: false when the entry is no
-    /// longer `holder`'s (the permit is lost).
-    pub async fn ask(&self, holder: &Holder, way: Way, elems: BTreeSet<String>) -> Result<bool, LeaseError> {
+    /// Asks the batches to move `elems` (this holder's targets) `way`: the record after the ask,
+    /// or `None` when the entry is no longer `holder`'s (the permit is lost).
+    pub async fn ask(&self, holder: &Holder, way: Way, elems: BTreeSet<String>) -> Result<Option<Record>, LeaseError> {
         let write = Write::Ask { id: self.me.clone(), tok: holder.tok.clone(), kind: holder.kind, way, elems };
-        Ok(self.store.write(&self.key, write).await?.applied())
+        Ok(match self.store.write(&self.key, write).await? {
+            Written::Applied(after) => Some(after),
+            Written::Conflict(_) => None,
+        })
     }
 
     /// Removes this instance's elements from both sets once no claim naming it is live, waiting
@@ -207,14 +212,16 @@ impl Permits {
         Ok(self.store.write(&self.key, write).await?.applied().then_some(claim))
     }
 
-    /// Ends `claim`, the elements in `out` taken out and those in `back` put back.
+    /// Ends `claim` after `calls` load-balancer calls, the elements in `out` taken out and those
+    /// in `back` put back.
     pub async fn end_batch(
         &self,
         claim: &Claim,
         out: BTreeSet<String>,
         back: BTreeSet<String>,
+        calls: u32,
     ) -> Result<bool, LeaseError> {
-        let next = self.now() + Self::ms(BATCH_GAP);
+        let next = self.now() + Self::ms(BATCH_GAP_PER_CALL * calls.max(1));
         let write = Write::EndBatch { tok: claim.tok.clone(), out, back, next };
         Ok(self.store.write(&self.key, write).await?.applied())
     }
