@@ -199,3 +199,50 @@ fn an_auto_scaling_fleet_asks_auto_scaling_only_for_the_shared_view_once_it_ran(
         }
     }
 }
+
+/// `--batch-registrations` with real processes: twelve one-shots at once, each asking through the
+/// permit record; whichever holds the batch claim deregisters and registers every holder asking,
+/// behind the same half-budget proxy. Every instance asked twice (out, back), was taken out exactly
+/// once and put back exactly once (counting every instance a call names), and no registration call
+/// was throttled. (That batches hold several instances, hence fewer calls, the fleet model shows
+/// with fixed seeds: `tests/fleet_fake.rs`.)
+#[test]
+fn twelve_batched_one_shots_are_each_taken_out_and_put_back_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("calls.jsonl");
+    let moto = Moto::start_limited(&record, "elb1=20:5,elb2=20:5,ec2=50:10,reg=10:2");
+    moto.permit_table(TABLE);
+    let (lb, ns) = unique_cluster();
+    let v = moto.fixture(&["create", "--lb", &lb, "--namespace", &ns, "--count", &K.to_string()]);
+    let members: Vec<String> = serde_json::from_value(v["members"].clone()).unwrap();
+    let hostnames: BTreeMap<String, String> = serde_json::from_value(v["hostnames"].clone()).unwrap();
+    let (sup, before, env) = twelve_programs(&moto);
+    std::fs::write(&record, "").unwrap();
+    let ids: Vec<(String, Vec<String>)> = members
+        .iter()
+        .map(|id| {
+            let own = ["--hostname", &hostnames[id], "--domain", "example.com", "--batch-registrations"];
+            (id.clone(), own.iter().map(|s| s.to_string()).collect())
+        })
+        .collect();
+    at_once(&ids, dir.path(), &sup, &before, &env);
+
+    let calls = recorded(&record);
+    let named = |action: &str, id: &str| {
+        calls.iter().filter(|c| c.action == action && c.status == 200 && c.instances.contains(&id.to_string())).count()
+    };
+    for id in &members {
+        assert_eq!(named("DeregisterInstancesFromLoadBalancer", id), 1, "{id} taken out exactly once");
+        assert_eq!(named("RegisterInstancesWithLoadBalancer", id), 1, "{id} put back exactly once");
+        let asks = calls.iter().filter(|c| c.kind.as_deref() == Some("batch-ask") && c.instance.as_deref() == Some(id));
+        assert_eq!(asks.count(), 2, "{id} asked out and back");
+    }
+    let registration: Vec<&Call> = calls.iter().filter(|c| c.family.as_deref() == Some("reg")).collect();
+    let throttled = registration.iter().filter(|c| c.throttled == Some(true)).count();
+    eprintln!(
+        "{} registration calls for {K} instances ({} of each making its own), {throttled} throttled",
+        registration.len(),
+        2 * K
+    );
+    assert_eq!(throttled, 0, "{registration:?}");
+}

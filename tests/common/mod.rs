@@ -218,6 +218,9 @@ pub struct Call {
     pub status: u16,
     pub kind: Option<String>,
     pub instance: Option<String>,
+    /// Every instance an ELB call names (a batch names several).
+    #[serde(default)]
+    pub instances: Vec<String>,
     /// The target group ARN the call names.
     pub group: Option<String>,
     /// The Classic load balancer the call names.
