@@ -523,12 +523,14 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         self
     }
 
-    /// The attachments are the Auto Scaling group's: every check compares them with the group's.
+    /// Strict mode: deregister and register through the cluster's batches
+    /// (`--batch-registrations`; without a permit store it changes nothing).
     pub fn with_batch_registrations(mut self, batch: bool) -> Self {
         self.batch = batch;
         self
     }
 
+    /// The attachments are the Auto Scaling group's: every check compares them with the group's.
     pub fn with_attachments_from_group(mut self, from_group: bool) -> Self {
         self.from_group = from_group;
         self
