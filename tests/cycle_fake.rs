@@ -819,7 +819,7 @@ mod strict {
         let claim = elb_quorum::lease::batch::Claim { tok: "paused".into(), until: now + 5_000, ids: [me()].into() };
         let b = elb_quorum::lease::batch::Batches {
             claim: Some(claim),
-            want_in: [format!("abcd0123/{}", me())].into(),
+            want_in: [format!("abcd0123/{}@0123abcd", me())].into(),
             ..Default::default()
         };
         store.set_record(KEY, Record { ver: 1, complete: true, batches: b, ..Default::default() });

@@ -235,12 +235,12 @@ async fn batch_writes(store: Arc<dyn PermitStore>) {
     let held_a = granted(a.acquire(Kind::Slot, 2).await.unwrap());
     let held_b = granted(b.acquire(Kind::Slot, 2).await.unwrap());
     let set = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<std::collections::BTreeSet<String>>();
-    let after = a.ask(&held_a.holder, Way::Out, set(&["t1/i-a"])).await.unwrap().expect("a's entry");
-    assert_eq!(after.batches.want_out, set(&["t1/i-a"]), "the record after the ask");
-    assert!(b.ask(&held_b.holder, Way::Out, set(&["t1/i-b:80", "t2/i-b"])).await.unwrap().is_some());
-    assert!(c.ask(&held_a.holder, Way::In, set(&["t1/i-c"])).await.unwrap().is_none(), "i-c holds no entry");
+    let after = a.ask(&held_a.holder, Way::Out, set(&["t1/i-a@0000000a"])).await.unwrap().expect("a's entry");
+    assert_eq!(after.batches.want_out, set(&["t1/i-a@0000000a"]), "the record after the ask");
+    assert!(b.ask(&held_b.holder, Way::Out, set(&["t1/i-b:80@0000000a", "t2/i-b@0000000a"])).await.unwrap().is_some());
+    assert!(c.ask(&held_a.holder, Way::In, set(&["t1/i-c@0000000a"])).await.unwrap().is_none(), "i-c holds no entry");
     let r = c.read().await.unwrap();
-    assert_eq!(r.batches.want_out, set(&["t1/i-a", "t1/i-b:80", "t2/i-b"]));
+    assert_eq!(r.batches.want_out, set(&["t1/i-a@0000000a", "t1/i-b:80@0000000a", "t2/i-b@0000000a"]));
     assert!(r.batches.want_in.is_empty() && r.batches.claim.is_none());
     let claim = c.take_batch(set(&["i-a", "i-b"]), 0).await.unwrap().expect("no claim yet");
     assert!(c.take_batch(set(&["i-a"]), 0).await.unwrap().is_none(), "one live claim at a time");
@@ -249,30 +249,30 @@ async fn batch_writes(store: Arc<dyn PermitStore>) {
     // The store's own condition, written past the client's check: refused for i-a, not for i-c.
     let stale = c.now() - 3000;
     let withdraw = |id: &str, e: &str| Write::Withdraw { id: id.into(), elems: set(&[e]), stale };
-    assert!(!store.write(key, withdraw("i-a", "t1/i-a")).await.unwrap().applied());
-    assert!(store.write(key, withdraw("i-c", "t1/i-c")).await.unwrap().applied());
+    assert!(!store.write(key, withdraw("i-a", "t1/i-a@0000000a")).await.unwrap().applied());
+    assert!(store.write(key, withdraw("i-c", "t1/i-c@0000000a")).await.unwrap().applied());
     let claim_after = c.read().await.unwrap().batches;
     assert_eq!((claim_after.withdrawals, claim_after.want_out.len()), (1, 3), "i-c's withdrawal counted");
     let ended = c.now();
-    assert!(c.end_batch(&claim, set(&["t1/i-b:80"]), set(&[]), 3).await.unwrap());
-    assert!(!c.end_batch(&claim, set(&["t1/i-a"]), set(&[]), 1).await.unwrap(), "ended already");
+    assert!(c.end_batch(&claim, set(&["t1/i-b:80@0000000a"]), set(&[]), 3).await.unwrap());
+    assert!(!c.end_batch(&claim, set(&["t1/i-a@0000000a"]), set(&[]), 1).await.unwrap(), "ended already");
     let r = c.read().await.unwrap();
-    assert_eq!(r.batches.want_out, set(&["t1/i-a", "t2/i-b"]));
+    assert_eq!(r.batches.want_out, set(&["t1/i-a@0000000a", "t2/i-b@0000000a"]));
     assert!(r.batches.claim.is_none(), "{:?}", r.batches);
     // Three calls: a gap of 3 × 0.5 s before the next batch.
     assert!(r.batches.next >= ended + 1500 && r.batches.next < c.now() + 1500, "{:?}", r.batches);
     // No claim: the withdrawal goes through at once and is counted.
     a.withdraw(Duration::from_secs(1)).await.unwrap();
     let r = c.read().await.unwrap();
-    assert_eq!((r.batches.want_out.clone(), r.batches.withdrawals), (set(&["t2/i-b"]), 2));
-    assert!(b.ask(&held_b.holder, Way::In, set(&["t1/i-b:80"])).await.unwrap().is_some());
+    assert_eq!((r.batches.want_out.clone(), r.batches.withdrawals), (set(&["t2/i-b@0000000a"]), 2));
+    assert!(b.ask(&held_b.holder, Way::In, set(&["t1/i-b:80@0000000a"])).await.unwrap().is_some());
     // Past the gap, a claim that read the withdrawals before the last one is refused.
     let gap = r.batches.next.saturating_sub(c.now());
     tokio::time::sleep(Duration::from_millis(gap + 1)).await;
     assert!(c.take_batch(set(&["i-b"]), 1).await.unwrap().is_none(), "a withdrawal came since");
     let claim = c.take_batch(set(&["i-b"]), 2).await.unwrap().expect("the gap is over");
     assert!(claim.until >= c.now() + BATCH_CLAIM.as_millis() as u64 - 1000);
-    assert!(c.end_batch(&claim, set(&["t2/i-b"]), set(&["t1/i-b:80"]), 2).await.unwrap());
+    assert!(c.end_batch(&claim, set(&["t2/i-b@0000000a"]), set(&["t1/i-b:80@0000000a"]), 2).await.unwrap());
     let r = c.read().await.unwrap();
     assert!(r.batches.want_out.is_empty() && r.batches.want_in.is_empty(), "{:?}", r.batches);
     held_a.release().await;

@@ -23,12 +23,12 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         self.lbs.iter().enumerate().map(|(i, lb)| (attachment_tag(lb.spec().kind.as_str(), &lb.id()), i)).collect()
     }
 
-    /// `plan`'s targets as batch elements.
-    fn elements(plan: &[Taken]) -> BTreeSet<String> {
+    /// `plan`'s targets as batch elements, asked under the permit `tok`.
+    fn elements(plan: &[Taken], tok: &str) -> BTreeSet<String> {
         plan.iter()
             .flat_map(|t| {
                 let tag = attachment_tag(t.kind.as_str(), &t.id);
-                t.targets.iter().map(move |target| element(&tag, target))
+                t.targets.iter().map(move |target| element(&tag, target, tok))
             })
             .collect()
     }
@@ -38,7 +38,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// withdrawn, so no batch calls for it any more, and the caller makes its own calls (some
     /// attachments may be done already: its calls are idempotent).
     pub(super) async fn batched(&self, permits: &Permits, permit: &Permit, way: Way, plan: &[Taken]) -> bool {
-        let elems = Self::elements(plan);
+        let elems = Self::elements(plan, &permit.holder.tok);
         if elems.is_empty() {
             return false;
         }

@@ -16,9 +16,12 @@
 //! of `BATCH_GAP_PER_CALL` per call it made: at most two calls per second, whatever the fleet's
 //! size.
 //!
-//! An element of a set is `TAG/TARGET`: `TAG` names the attachment by eight hex digits of its kind
-//! and id (`attachment_tag`: instances may list their attachments in another order), `TARGET` is
-//! `i-…` or `i-…:PORT`.
+//! An element of a set is `TAG/TARGET@TOK`: `TAG` names the attachment by eight hex digits of its
+//! kind and id (`attachment_tag`: instances may list their attachments in another order), `TARGET`
+//! is `i-…` or `i-…:PORT`, `TOK` the first eight characters of the asking permit's token. A batch
+//! takes an element only while the instance's entry holds that permit: an element left by an
+//! earlier permit (a process killed while asking, whose withdrawal failed) is never acted on,
+//! whatever permit the instance holds later.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -93,24 +96,29 @@ pub fn attachment_tag(kind: &str, id: &str) -> String {
     format!("{h:08x}")
 }
 
-/// The set element for `target` in the attachment tagged `tag`.
-pub fn element(tag: &str, target: &Target) -> String {
-    format!("{tag}/{target}")
+/// How much of the permit's token an element carries.
+const TOK_LEN: usize = 8;
+
+/// The set element for `target` in the attachment tagged `tag`, asked under the permit `tok`.
+pub fn element(tag: &str, target: &Target, tok: &str) -> String {
+    format!("{tag}/{target}@{}", tok.get(..TOK_LEN).unwrap_or(tok))
 }
 
-/// `TAG/TARGET` back into its parts; `None` for anything else.
-pub fn parse_element(e: &str) -> Option<(&str, Target)> {
-    let (tag, target) = e.split_once('/')?;
+/// `TAG/TARGET@TOK` back into its parts; `None` for anything else.
+pub fn parse_element(e: &str) -> Option<(&str, Target, &str)> {
+    let (tag, rest) = e.split_once('/')?;
+    let (target, tok) = rest.rsplit_once('@')?;
     let target = match target.rsplit_once(':') {
         Some((id, port)) => Target::on_port(id, port.parse().ok()?),
         None => Target::instance(target),
     };
-    (!tag.is_empty() && target.instance_id.starts_with("i-")).then_some((tag, target))
+    let ok = !tag.is_empty() && !tok.is_empty() && target.instance_id.starts_with("i-");
+    ok.then_some((tag, target, tok))
 }
 
-/// The elements of instance `me` in either set.
+/// The elements of instance `me` in either set, under any permit.
 pub fn mine(b: &Batches, me: &str) -> BTreeSet<String> {
-    let of_me = |e: &&String| parse_element(e).is_some_and(|(_, t)| t.instance_id == me);
+    let of_me = |e: &&String| parse_element(e).is_some_and(|(_, t, _)| t.instance_id == me);
     b.want_out.iter().chain(&b.want_in).filter(of_me).cloned().collect()
 }
 
@@ -124,10 +132,11 @@ pub struct BatchPlan {
     pub ids: BTreeSet<String>,
 }
 
-/// What a batch taken at `now` would do, from the record: the elements of holders whose permit is
-/// unexpired (a holder whose permit lapsed is never taken out for it, and is put back by its own
-/// calls), in attachments this instance has (`tags`), at most `BATCH_MAX_IDS` instances, outs
-/// first. `None` when there is nothing to do, or a batch may not begin yet.
+/// What a batch taken at `now` would do, from the record: the elements asked under the permit
+/// their instance holds, unexpired (a holder whose permit lapsed is never taken out for it, and is
+/// put back by its own calls; an element of an earlier permit is never acted on), in attachments
+/// this instance has (`tags`), at most `BATCH_MAX_IDS` instances, outs first. `None` when there is
+/// nothing to do, or a batch may not begin yet.
 pub fn plan_batch(record: &Record, now: u64, grace: Duration, tags: &BTreeSet<String>) -> Option<BatchPlan> {
     let b = &record.batches;
     if b.claim.as_ref().is_some_and(|c| c.live(now, grace)) || now < b.next {
@@ -136,8 +145,8 @@ pub fn plan_batch(record: &Record, now: u64, grace: Duration, tags: &BTreeSet<St
     let mut plan = BatchPlan::default();
     for (way, set) in [(Way::Out, &b.want_out), (Way::In, &b.want_in)] {
         for e in set {
-            let Some((tag, target)) = parse_element(e) else { continue };
-            let asking = record.holders.get(&target.instance_id).is_some_and(|h| h.exp > now);
+            let Some((tag, target, tok)) = parse_element(e) else { continue };
+            let asking = record.holders.get(&target.instance_id).is_some_and(|h| h.exp > now && h.tok.starts_with(tok));
             if !asking || !tags.contains(tag) {
                 continue;
             }
@@ -170,11 +179,21 @@ impl Permits {
 
     /// Removes this instance's elements from both sets once no claim naming it is live, waiting
     /// that claim out (`Claim::live`): after it, no batch calls the load balancer for this
-    /// instance. Gives up after `wait` (store unreachable or always busy).
+    /// instance. Throttled or failed store calls are tried again (pauses from 0.5 s doubling to
+    /// 4 s); gives up after `wait`, or at once on a permanent error.
     pub async fn withdraw(&self, wait: Duration) -> Result<(), LeaseError> {
         let start = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(500);
         loop {
-            let record = self.read().await?;
+            let record = match self.read().await {
+                Ok(r) => r,
+                Err(e) if e.is_retryable() && start.elapsed() + backoff <= wait => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(4));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let now = self.now();
             let b = &record.batches;
             let elems = mine(b, &self.me);
@@ -185,9 +204,16 @@ impl Permits {
                 (None, false) => {
                     let stale = now.saturating_sub(Self::ms(self.grace));
                     let write = Write::Withdraw { id: self.me.clone(), elems, stale };
-                    match self.store.write(&self.key, write).await? {
-                        Written::Applied(_) => return Ok(()),
-                        Written::Conflict(_) => Duration::from_millis(100),
+                    match self.store.write(&self.key, write).await {
+                        Ok(Written::Applied(_)) => return Ok(()),
+                        Ok(Written::Conflict(_)) => Duration::from_millis(100),
+                        // Applied with its reply lost, or not: the next round's read tells.
+                        Err(e) if e.is_retryable() => {
+                            let pause = backoff;
+                            backoff = (backoff * 2).min(Duration::from_secs(4));
+                            pause
+                        }
+                        Err(e) => return Err(e),
                     }
                 }
             };
@@ -243,10 +269,11 @@ mod tests {
         assert_ne!(tag, attachment_tag("classic", "arn:aws:elasticloadbalancing:eu-west-1:1:targetgroup/web/1"));
         assert_ne!(attachment_tag("classic", "web"), attachment_tag("classic", "web2"));
         for t in [Target::instance("i-0abc"), Target::on_port("i-0abc", 8080)] {
-            let e = element(&tag, &t);
-            assert_eq!(parse_element(&e), Some((tag.as_str(), t)));
+            let e = element(&tag, &t, "0123456789abcdef");
+            assert!(e.ends_with("@01234567"), "{e}");
+            assert_eq!(parse_element(&e), Some((tag.as_str(), t, "01234567")));
         }
-        for bad in ["", "x", "/i-1", "abc/web", "abc/i-1:port"] {
+        for bad in ["", "x", "/i-1@t", "abc/web@t", "abc/i-1:port@t", "abc/i-1", "abc/i-1@"] {
             assert_eq!(parse_element(bad), None, "{bad}");
         }
     }
@@ -254,22 +281,24 @@ mod tests {
     #[test]
     fn a_batch_takes_unexpired_askers_in_known_attachments_and_waits_for_claims_and_gaps() {
         let now = 1_000_000;
-        let holder = |exp| Holder { tok: "t".into(), exp, since: 0, kind: Kind::Slot };
+        let holder = |exp| Holder { tok: "t0123456789".into(), exp, since: 0, kind: Kind::Slot };
         let mut r = Record::default();
         r.holders.insert("i-1".into(), holder(now + 1));
         r.holders.insert("i-2".into(), holder(now + 1));
         r.holders.insert("i-3".into(), holder(now));
-        r.batches.want_out = set(&["aa/i-1:80", "aa/i-3", "bb/i-1", "zz/i-1"]);
-        r.batches.want_in = set(&["aa/i-2", "aa/i-9"]);
+        r.batches.want_out = set(&["aa/i-1:80@t0123456", "aa/i-3@t0123456", "bb/i-1@t0123456", "zz/i-1@t0123456"]);
+        // i-2's first element was asked under an earlier permit.
+        r.batches.want_in = set(&["aa/i-2@old01234", "aa/i-2:81@t0123456", "aa/i-9@t0123456"]);
         let tags = set(&["aa", "bb"]);
         let g = Duration::from_secs(30);
         let p = plan_batch(&r, now, g, &tags).unwrap();
         let targets = |m: &BTreeMap<String, Vec<(String, Target)>>| -> Vec<String> {
             m.values().flatten().map(|(e, _)| e.clone()).collect()
         };
-        // i-3's permit lapsed, i-9 holds none, zz is not an attachment of this instance.
-        assert_eq!(targets(&p.out), vec!["aa/i-1:80", "bb/i-1"]);
-        assert_eq!(targets(&p.back), vec!["aa/i-2"]);
+        // i-3's permit lapsed, i-9 holds none, zz is not an attachment of this instance, and
+        // i-2's permit is not the one its first element was asked under.
+        assert_eq!(targets(&p.out), vec!["aa/i-1:80@t0123456", "bb/i-1@t0123456"]);
+        assert_eq!(targets(&p.back), vec!["aa/i-2:81@t0123456"]);
         assert_eq!(p.ids, set(&["i-1", "i-2"]));
         // A live claim (until + G) holds every other batch back; so does the gap.
         let claim = Claim { tok: "c".into(), until: now - 30_000, ids: set(&["i-1"]) };
@@ -279,6 +308,7 @@ mod tests {
         assert!(plan_batch(&r, now, g, &tags).is_some());
         r.batches.next = now + 1;
         assert_eq!(plan_batch(&r, now, g, &tags), None);
-        assert_eq!(mine(&r.batches, "i-1"), set(&["aa/i-1:80", "bb/i-1", "zz/i-1"]));
+        assert_eq!(mine(&r.batches, "i-1"), set(&["aa/i-1:80@t0123456", "bb/i-1@t0123456", "zz/i-1@t0123456"]));
+        assert_eq!(mine(&r.batches, "i-2"), set(&["aa/i-2:81@t0123456", "aa/i-2@old01234"]), "under any permit");
     }
 }
