@@ -1,18 +1,20 @@
 //! The randomized fault campaign (`elb_quorum::campaign`): `cargo bench --bench campaign` runs
 //! 2,000 seeds (each a fleet of 4–8 strict instances, all asked at once, faults drawn at random)
 //! and prints cycles, faults by kind, and violations by invariant with the seeds that broke them;
-//! `-- --seeds N` for another count, `-- --seed N [--log]` to run one seed again (with the cycle's logs). Under `cargo test
+//! `-- --seeds N` for another count, `-- --seed N [--log]` to run one seed again (with the cycle's logs),
+//! `-- --batch-registrations` for every instance batched (`campaign::run_seed_batched`). Under `cargo test
 //! --all-targets`: 20 seeds, checked, so the benchmark cannot rot unnoticed (`tests/campaign.rs`
 //! runs more in the test command).
 
 use std::collections::BTreeMap;
 
-use elb_quorum::campaign::run_seed;
+use elb_quorum::campaign::{run_seed, run_seed_batched};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
     let bench = args.iter().any(|a| a == "--bench");
+    let batched = args.iter().any(|a| a == "--batch-registrations");
     let seeds: Vec<u64> = match value("--seed") {
         Some(s) => vec![s.parse().expect("--seed N")],
         None => {
@@ -28,7 +30,7 @@ fn main() {
         (0usize, BTreeMap::<&str, u64>::new(), BTreeMap::<u8, Vec<u64>>::new());
     let mut outcomes = BTreeMap::<&str, u64>::new();
     for &seed in &seeds {
-        let r = rt.block_on(run_seed(seed));
+        let r = if batched { rt.block_on(run_seed_batched(seed)) } else { rt.block_on(run_seed(seed)) };
         cycles += r.instances;
         for (kind, n) in &r.faults {
             *faults.entry(kind).or_default() += n;

@@ -14,12 +14,15 @@
 //! half the lease grace. Once the cycles end, each listener's idle watch (`Cycle::recover`, every
 //! 5 s) runs while faults go on, and once more when quiet.
 //!
+//! `run_seed_batched` runs the same with every instance on `--batch-registrations` (the batches'
+//! writes among the store faults).
+//!
 //! Invariants (numbered as in issue #15):
 //! 1. never more than L slots held (an instance that serves nothing already leaves under an
 //!    uncapped exempt entry), and never fewer serving than quorum needs once the instances hit
 //!    from outside this seed (health flipped, programs made to fail) are counted as serving;
 //! 2. once quiet, no instance out of the load balancer while its programs are RUNNING;
-//! 3. once quiet, no permit entry left;
+//! 3. once quiet, no permit entry left (batched: and no target still asking a batch);
 //! 4. every request restarted its programs exactly once, or ended with nothing changed (still
 //!    registered, not restarted) and an error, or said loudly that the programs are down.
 //!
@@ -51,6 +54,8 @@ pub struct SeedReport {
     /// leaving), `left-out` (said loudly: programs down, or AWS refused for the whole retry
     /// budget), `killed` (then reconciled by a fresh process).
     pub outcomes: BTreeMap<&'static str, u64>,
+    /// Batched: the batches' writes the store applied (asks, withdrawals, claims, ends).
+    pub batch_writes: u64,
 }
 
 const KEY: &str = "campaign.example.com";
@@ -61,6 +66,17 @@ fn pick<T: Copy>(items: &[T]) -> T {
 
 /// Runs seed `seed` (call inside a runtime with paused time).
 pub async fn run_seed(seed: u64) -> SeedReport {
+    run(seed, false).await
+}
+
+/// Runs seed `seed` with every instance on `--batch-registrations`: the batches' writes join the
+/// store faults drawn, and once quiet no target may still ask a batch (invariant 3). A seed draws
+/// the same fleet and faults as `run_seed`'s up to the first batch.
+pub async fn run_seed_batched(seed: u64) -> SeedReport {
+    run(seed, true).await
+}
+
+async fn run(seed: u64, batch: bool) -> SeedReport {
     fastrand::seed(seed);
     let k = fastrand::usize(4..=8);
     let ids: Vec<String> = (0..k).map(|i| format!("i-{i:04}")).collect();
@@ -104,6 +120,7 @@ pub async fn run_seed(seed: u64) -> SeedReport {
             .with_rule(rule)
             .with_timing(timing)
             .with_permits(Some(permits))
+            .with_batch_registrations(batch)
     };
 
     // Invariant 1, sampled every 100 ms while the fleet works.
@@ -159,7 +176,7 @@ pub async fn run_seed(seed: u64) -> SeedReport {
                         });
                     }
                     1 | 2 => {
-                        let op = pick(&[
+                        let ops = [
                             StoreOp::Load,
                             StoreOp::Acquire,
                             StoreOp::Renew,
@@ -167,7 +184,9 @@ pub async fn run_seed(seed: u64) -> SeedReport {
                             StoreOp::LoadView,
                             StoreOp::LeaseView,
                             StoreOp::PublishView,
-                        ]);
+                            StoreOp::Batch,
+                        ];
+                        let op = pick(&ops[..if batch { ops.len() } else { ops.len() - 1 }]);
                         let (fault, kind) = pick(&[
                             (StoreFault::Throttled, "store-throttled"),
                             (StoreFault::ServerError, "store-5xx"),
@@ -334,7 +353,7 @@ pub async fn run_seed(seed: u64) -> SeedReport {
             });
         }
     }
-    // 3. No permit entry left once quiet.
+    // 3. No permit entry left once quiet, and no target still asking a batch.
     if let Some(r) = store.record(KEY) {
         if !r.holders.is_empty() {
             report
@@ -342,7 +361,13 @@ pub async fn run_seed(seed: u64) -> SeedReport {
                 .entry(3)
                 .or_insert_with(|| format!("entries left: {:?}", r.holders.keys().collect::<Vec<_>>()));
         }
+        let b = &r.batches;
+        if !b.want_out.is_empty() || !b.want_in.is_empty() {
+            report.violations.entry(3).or_insert_with(|| format!("batch asks left: {b:?}"));
+        }
     }
+    report.batch_writes =
+        store.calls().iter().filter(|c| c.op == StoreOp::Batch && c.result == "applied").count() as u64;
     let _ = std::fs::remove_dir_all(&base);
     report
 }
