@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::state_file::Taken;
 use super::{jitter, Cycle};
@@ -93,7 +93,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// batch needs the store too, to begin).
     pub(super) async fn withdraw_batched(&self, permits: &Permits) {
         if let Err(e) = permits.withdraw(BATCH_CLAIM + permits.grace * 2).await {
-            warn!(instance_id = %self.me, error = %e, "withdrawing from the batches failed; going on");
+            error!(instance_id = %self.me, error = %e, "WITHDRAWING FROM THE BATCHES FAILED: a batch that claimed this instance's targets before may still call for them; making its own calls anyway (it must come back)");
         }
     }
 
