@@ -135,9 +135,9 @@ pub struct BatchPlan {
 /// What a batch taken at `now` would do, from the record: the elements asked under the permit
 /// their instance holds, unexpired (a holder whose permit lapsed is never taken out for it, and is
 /// put back by its own calls; an element of an earlier permit is never acted on), in attachments
-/// this instance has (`tags`), at most `BATCH_MAX_IDS` instances, outs first. `None` when there is
-/// nothing to do, or a batch may not begin yet.
-pub fn plan_batch(record: &Record, now: u64, grace: Duration, tags: &BTreeSet<String>) -> Option<BatchPlan> {
+/// this instance has (`tags`: its attachments by tag), at most `BATCH_MAX_IDS` instances, outs
+/// first. `None` when there is nothing to do, or a batch may not begin yet.
+pub fn plan_batch<T>(record: &Record, now: u64, grace: Duration, tags: &BTreeMap<String, T>) -> Option<BatchPlan> {
     let b = &record.batches;
     if b.claim.as_ref().is_some_and(|c| c.live(now, grace)) || now < b.next {
         return None;
@@ -147,7 +147,7 @@ pub fn plan_batch(record: &Record, now: u64, grace: Duration, tags: &BTreeSet<St
         for e in set {
             let Some((tag, target, tok)) = parse_element(e) else { continue };
             let asking = record.holders.get(&target.instance_id).is_some_and(|h| h.exp > now && h.tok.starts_with(tok));
-            if !asking || !tags.contains(tag) {
+            if !asking || !tags.contains_key(tag) {
                 continue;
             }
             if !plan.ids.contains(&target.instance_id) {
@@ -184,45 +184,44 @@ impl Permits {
     pub async fn withdraw(&self, wait: Duration) -> Result<(), LeaseError> {
         let start = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(500);
+        let mut next_backoff = || {
+            let pause = backoff;
+            backoff = (backoff * 2).min(Duration::from_secs(4));
+            pause
+        };
         loop {
-            let record = match self.read().await {
-                Ok(r) => r,
-                Err(e) if e.is_retryable() && start.elapsed() + backoff <= wait => {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(4));
-                    continue;
-                }
+            // A store failure is kept: it is the answer if the wait runs out on it.
+            let (pause, failed) = match self.read().await {
+                Err(e) if e.is_retryable() => (next_backoff(), Some(e)),
                 Err(e) => return Err(e),
-            };
-            let now = self.now();
-            let b = &record.batches;
-            let elems = mine(b, &self.me);
-            let claimed = b.claim.as_ref().filter(|c| c.ids.contains(&self.me) && c.live(now, self.grace));
-            let pause = match (claimed, elems.is_empty()) {
-                (None, true) => return Ok(()),
-                (Some(c), _) => Duration::from_millis(c.until + Self::ms(self.grace) + 1 - now),
-                (None, false) => {
-                    let stale = now.saturating_sub(Self::ms(self.grace));
-                    let write = Write::Withdraw { id: self.me.clone(), elems, stale };
-                    match self.store.write(&self.key, write).await {
-                        Ok(Written::Applied(_)) => return Ok(()),
-                        Ok(Written::Conflict(_)) => Duration::from_millis(100),
-                        // Applied with its reply lost, or not: the next round's read tells.
-                        Err(e) if e.is_retryable() => {
-                            let pause = backoff;
-                            backoff = (backoff * 2).min(Duration::from_secs(4));
-                            pause
+                Ok(record) => {
+                    let now = self.now();
+                    let b = &record.batches;
+                    let elems = mine(b, &self.me);
+                    let claimed = b.claim.as_ref().filter(|c| c.ids.contains(&self.me) && c.live(now, self.grace));
+                    match (claimed, elems.is_empty()) {
+                        (None, true) => return Ok(()),
+                        (Some(c), _) => (Duration::from_millis(c.until + Self::ms(self.grace) + 1 - now), None),
+                        (None, false) => {
+                            let stale = now.saturating_sub(Self::ms(self.grace));
+                            let write = Write::Withdraw { id: self.me.clone(), elems, stale };
+                            match self.store.write(&self.key, write).await {
+                                Ok(Written::Applied(_)) => return Ok(()),
+                                Ok(Written::Conflict(_)) => (Duration::from_millis(100), None),
+                                // Applied with its reply lost, or not: the next round's read tells.
+                                Err(e) if e.is_retryable() => (next_backoff(), Some(e)),
+                                Err(e) => return Err(e),
+                            }
                         }
-                        Err(e) => return Err(e),
                     }
                 }
             };
             if start.elapsed() + pause > wait {
-                return Err(LeaseError::Unavailable {
+                return Err(failed.unwrap_or_else(|| LeaseError::Unavailable {
                     table: self.store.table().into(),
                     action: "withdraw",
                     detail: format!("a batch claim naming this instance stayed live for {wait:?}"),
-                });
+                }));
             }
             tokio::time::sleep(pause).await;
         }
@@ -289,7 +288,7 @@ mod tests {
         r.batches.want_out = set(&["aa/i-1:80@t0123456", "aa/i-3@t0123456", "bb/i-1@t0123456", "zz/i-1@t0123456"]);
         // i-2's first element was asked under an earlier permit.
         r.batches.want_in = set(&["aa/i-2@old01234", "aa/i-2:81@t0123456", "aa/i-9@t0123456"]);
-        let tags = set(&["aa", "bb"]);
+        let tags: BTreeMap<String, usize> = [("aa".to_string(), 0), ("bb".to_string(), 1)].into();
         let g = Duration::from_secs(30);
         let p = plan_batch(&r, now, g, &tags).unwrap();
         let targets = |m: &BTreeMap<String, Vec<(String, Target)>>| -> Vec<String> {
