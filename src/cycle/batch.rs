@@ -55,7 +55,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 return false;
             }
         };
-        let tags: BTreeSet<String> = self.tags().into_keys().collect();
+        let tags = self.tags();
         let start = Instant::now();
         while start.elapsed() < BATCH_WAIT {
             // The ask's reply is the record after it: the first round needs no read.
@@ -74,7 +74,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                         return true;
                     }
                     if let Some(batch) = plan_batch(&record, permits.now(), permits.grace, &tags) {
-                        if self.run_batch(permits, &record, batch).await {
+                        if self.run_batch(permits, &record, batch, &tags).await {
                             continue;
                         }
                     }
@@ -98,10 +98,16 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     }
 
     /// Takes the batch claim and makes `batch`'s calls, each attachment's deregistration then
-    /// registration, all begun before the claim's end less `BATCH_CALL_MARGIN`; then ends the
-    /// claim with what was done and the calls made (they set the gap before the next batch).
-    /// False when the claim went to another instance.
-    async fn run_batch(&self, permits: &Permits, record: &Record, batch: BatchPlan) -> bool {
+    /// registration (`tags`: this instance's attachments by tag), all begun before the claim's end
+    /// less `BATCH_CALL_MARGIN`; then ends the claim with what was done and the calls made (they
+    /// set the gap before the next batch). False when the claim went to another instance.
+    async fn run_batch(
+        &self,
+        permits: &Permits,
+        record: &Record,
+        batch: BatchPlan,
+        tags: &BTreeMap<String, usize>,
+    ) -> bool {
         let claim = match permits.take_batch(batch.ids.clone(), record.batches.withdrawals).await {
             Ok(Some(c)) => c,
             Ok(None) => return false,
@@ -110,7 +116,6 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 return false;
             }
         };
-        let tags = self.tags();
         let (mut out, mut back, mut calls) = (BTreeSet::new(), BTreeSet::new(), 0);
         for (way, side, done) in [(Way::Out, &batch.out, &mut out), (Way::In, &batch.back, &mut back)] {
             for (tag, items) in side {
