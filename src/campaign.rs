@@ -71,7 +71,7 @@ pub async fn run_seed(seed: u64) -> SeedReport {
 
 /// Runs seed `seed` with every instance on `--batch-registrations`: the batches' writes join the
 /// store faults drawn, and once quiet no target may still ask a batch (invariant 3). A seed draws
-/// the same fleet and faults as `run_seed`'s up to the first batch.
+/// the same fleet (size, timings, clocks) as `run_seed`'s; its faults differ.
 pub async fn run_seed_batched(seed: u64) -> SeedReport {
     run(seed, true).await
 }

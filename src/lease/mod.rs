@@ -6,7 +6,9 @@
 //!
 //! The record (one DynamoDB item, hash key `pk` = the cluster's namespace): `ver` (number, bumped
 //! by every write), `holders` = `{instance id → {tok, exp, since}}` (slots, at most L) and `exempt`
-//! (the same, for instances that serve nothing already; uncapped), times in Unix milliseconds.
+//! (the same, for instances that serve nothing already; uncapped), the pace's window (`ws`, `wn`,
+//! `wq`, `wqs`) and `--batch-registrations`' sets and claim (`wo`, `wi`, `bt`, `bu`, `bi`, `bn`,
+//! `wd`: `batch.rs`), times in Unix milliseconds.
 //!
 //! - Acquire: read; remove expired entries (`exp + G < now`) and an entry of my own from an earlier
 //!   run, each `IF` its token; refuse a slot when the other live slots are L or more; else add my
