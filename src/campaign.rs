@@ -88,7 +88,11 @@ async fn run(seed: u64, batch: bool) -> SeedReport {
     store.latency = Duration::from_millis(fastrand::u64(5..=40));
     let rule = Rule { quorum_ppm: 750_000, min_in_service: 1 };
     let (required, limit) = (rule.required(k), rule.permits(k));
-    let base = std::env::temp_dir().join(format!("elb-quorum-campaign-{}-{seed}", std::process::id()));
+    // One directory per run: two runs of the same seed in one process (the batched and the plain
+    // campaign, side by side in the test binary) must not share state files.
+    static RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nth = RUN.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let base = std::env::temp_dir().join(format!("elb-quorum-campaign-{}-{seed}-{nth}", std::process::id()));
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let report = Arc::new(Mutex::new(SeedReport { seed, instances: k, ..Default::default() }));
     let flipped: Arc<Mutex<BTreeMap<String, bool>>> = Arc::default();
