@@ -6,26 +6,29 @@
 //! every invariant checked. A failing seed is printed; `cargo bench --bench campaign -- --seed N
 //! --log` runs it again with the cycle's logs. The bench runs thousands more.
 
-use elb_quorum::campaign::{run_seed, run_seed_batched};
+use elb_quorum::campaign::{run_seed, run_seed_batched, SeedReport};
+
+/// Runs seeds `0..n` (every instance batched or none), checks that no seed broke an invariant and
+/// that most requests restarted their programs (not a campaign of cycles that all stop early),
+/// and returns the reports and the requests done.
+fn campaign(n: u64, batched: bool) -> (Vec<SeedReport>, u64) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+    let reports: Vec<SeedReport> = (0..n)
+        .map(|seed| if batched { rt.block_on(run_seed_batched(seed)) } else { rt.block_on(run_seed(seed)) })
+        .collect();
+    let failed: Vec<_> = reports.iter().filter(|r| !r.violations.is_empty()).map(|r| (r.seed, &r.violations)).collect();
+    assert!(failed.is_empty(), "violations (seed, invariant → what): {failed:?}");
+    let cycles: u64 = reports.iter().map(|r| r.instances as u64).sum();
+    let done: u64 = reports.iter().map(|r| r.outcomes.get("done").copied().unwrap_or(0)).sum();
+    assert!(done * 10 >= cycles * 7, "{done} of {cycles} requests done");
+    (reports, done)
+}
 
 #[test]
 fn five_hundred_seeds_of_faults_break_no_invariant() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
-    let mut failed = Vec::new();
-    let (mut faults, mut cycles, mut done) = (0, 0, 0);
-    for seed in 0..500 {
-        let r = rt.block_on(run_seed(seed));
-        faults += r.faults.values().sum::<u64>();
-        cycles += r.instances as u64;
-        done += r.outcomes.get("done").copied().unwrap_or(0);
-        if !r.violations.is_empty() {
-            failed.push((seed, r.violations));
-        }
-    }
-    assert!(failed.is_empty(), "violations (seed, invariant → what): {failed:?}");
+    let (reports, _) = campaign(500, false);
+    let faults: u64 = reports.iter().map(|r| r.faults.values().sum::<u64>()).sum();
     assert!(faults > 5_000, "the campaign injected faults: {faults}");
-    // Not a campaign of cycles that all stop early: most requests restart their programs.
-    assert!(done * 10 >= cycles * 7, "{done} of {cycles} requests done");
 }
 
 /// Seeds that broke invariant 2 before the idle watch existed: a program killed while starting
@@ -59,20 +62,8 @@ fn a_reconcile_that_leaves_the_instance_out_removes_the_old_permit_entry() {
 /// asking left its element in the set, harmless only because elements carry their permit's token.
 #[test]
 fn a_hundred_batched_seeds_of_faults_break_no_invariant() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
-    let mut failed = Vec::new();
-    let (mut cycles, mut done, mut batch_writes) = (0, 0, 0);
-    for seed in 0..100 {
-        let r = rt.block_on(run_seed_batched(seed));
-        cycles += r.instances as u64;
-        done += r.outcomes.get("done").copied().unwrap_or(0);
-        batch_writes += r.batch_writes;
-        if !r.violations.is_empty() {
-            failed.push((seed, r.violations));
-        }
-    }
-    assert!(failed.is_empty(), "violations (seed, invariant → what): {failed:?}");
+    let (reports, done) = campaign(100, true);
     // The cycles went through the batches: at least an ask each way for most requests.
+    let batch_writes: u64 = reports.iter().map(|r| r.batch_writes).sum();
     assert!(batch_writes >= 2 * done, "{batch_writes} batch writes for {done} requests done");
-    assert!(done * 10 >= cycles * 7, "{done} of {cycles} requests done");
 }

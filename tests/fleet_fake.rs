@@ -153,6 +153,18 @@ async fn throttle_buckets_refill_and_the_sdk_attempts_each_take_a_token() {
     assert_eq!(peak_rate(&[], Duration::from_secs(1)), 0.0);
 }
 
+/// K = 100 strict in the throttled world (AWS's account buckets, the SDK's attempts, members
+/// through EC2's budget), the default `--leave-rate`, up to 500 checks.
+fn strict_throttled_100() -> FleetParams {
+    FleetParams {
+        strict: Some(Duration::from_millis(45)),
+        throttle: true,
+        leave_rate: elb_quorum::config::DEFAULT_LEAVE_RATE,
+        timing: Timing { max_checks: 500, ..params(100, 0).timing },
+        ..params(100, 0)
+    }
+}
+
 /// Issue #14's goals, scaled to what the test command can run: K = 100 strict in the throttled
 /// world (AWS's account buckets, the SDK's attempts, members through EC2's budget; the default
 /// `--leave-rate`), three seeds. The makespan goal is the issue's (1.10 × the waves of L); the
@@ -161,13 +173,7 @@ async fn throttle_buckets_refill_and_the_sdk_attempts_each_take_a_token() {
 /// K = 1,000 runs in `cargo bench --bench fleet` (benches/README.md).
 #[tokio::test(start_paused = true)]
 async fn a_strict_fleet_of_100_stays_within_the_account_budgets() {
-    let p = FleetParams {
-        strict: Some(Duration::from_millis(45)),
-        throttle: true,
-        leave_rate: elb_quorum::config::DEFAULT_LEAVE_RATE,
-        timing: Timing { max_checks: 500, ..params(100, 0).timing },
-        ..params(100, 0)
-    };
+    let p = strict_throttled_100();
     for seed in 0..3 {
         fastrand::seed(seed);
         let r = simulate_fleet(&p).await;
@@ -191,14 +197,7 @@ async fn a_strict_fleet_of_100_stays_within_the_account_budgets() {
 /// making its own, within half the bucket's refill, none throttled.
 #[tokio::test(start_paused = true)]
 async fn a_strict_fleet_of_100_with_batched_registrations() {
-    let p = FleetParams {
-        strict: Some(Duration::from_millis(45)),
-        throttle: true,
-        leave_rate: elb_quorum::config::DEFAULT_LEAVE_RATE,
-        batch: true,
-        timing: Timing { max_checks: 500, ..params(100, 0).timing },
-        ..params(100, 0)
-    };
+    let p = FleetParams { batch: true, ..strict_throttled_100() };
     for seed in 0..2 {
         fastrand::seed(seed);
         let r = simulate_fleet(&p).await;

@@ -97,25 +97,44 @@ fn at_once(
         .collect()
 }
 
-#[test]
-fn twelve_strict_one_shots_at_once_stay_within_the_account_budget() {
-    let dir = tempfile::tempdir().unwrap();
-    let record = dir.path().join("calls.jsonl");
-    let moto = Moto::start_limited(&record, "elb1=20:5,elb2=20:5,ec2=50:10,reg=10:2");
+/// A Classic cluster of K members named by hostname, behind the half-budget proxy (recording to
+/// `record`, emptied once the set-up is done), with their twelve programs, and each instance's
+/// own arguments: its hostname and domain, then `extra`.
+struct HostnameFleet {
+    moto: Moto,
+    members: Vec<String>,
+    sup: Supervisord,
+    before: Vec<u32>,
+    env: Vec<(String, String)>,
+    ids: Vec<(String, Vec<String>)>,
+}
+
+fn hostname_fleet(record: &std::path::Path, extra: &[&str]) -> HostnameFleet {
+    let moto = Moto::start_limited(record, "elb1=20:5,elb2=20:5,ec2=50:10,reg=10:2");
     moto.permit_table(TABLE);
     let (lb, ns) = unique_cluster();
     let v = moto.fixture(&["create", "--lb", &lb, "--namespace", &ns, "--count", &K.to_string()]);
     let members: Vec<String> = serde_json::from_value(v["members"].clone()).unwrap();
     let hostnames: BTreeMap<String, String> = serde_json::from_value(v["hostnames"].clone()).unwrap();
     let (sup, before, env) = twelve_programs(&moto);
-
-    std::fs::write(&record, "").unwrap();
-    let ids: Vec<(String, Vec<String>)> = members
+    std::fs::write(record, "").unwrap();
+    let ids = members
         .iter()
         .map(|id| {
-            (id.clone(), vec!["--hostname".into(), hostnames[id].clone(), "--domain".into(), "example.com".into()])
+            let own = ["--hostname", hostnames[id].as_str(), "--domain", "example.com"]
+                .into_iter()
+                .chain(extra.iter().copied());
+            (id.clone(), own.map(str::to_owned).collect())
         })
         .collect();
+    HostnameFleet { moto, members, sup, before, env, ids }
+}
+
+#[test]
+fn twelve_strict_one_shots_at_once_stay_within_the_account_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("calls.jsonl");
+    let HostnameFleet { moto: _moto, members, sup, before, env, ids } = hostname_fleet(&record, &[]);
     at_once(&ids, dir.path(), &sup, &before, &env);
 
     let calls: Vec<Call> =
@@ -210,21 +229,8 @@ fn an_auto_scaling_fleet_asks_auto_scaling_only_for_the_shared_view_once_it_ran(
 fn twelve_batched_one_shots_are_each_taken_out_and_put_back_once() {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("calls.jsonl");
-    let moto = Moto::start_limited(&record, "elb1=20:5,elb2=20:5,ec2=50:10,reg=10:2");
-    moto.permit_table(TABLE);
-    let (lb, ns) = unique_cluster();
-    let v = moto.fixture(&["create", "--lb", &lb, "--namespace", &ns, "--count", &K.to_string()]);
-    let members: Vec<String> = serde_json::from_value(v["members"].clone()).unwrap();
-    let hostnames: BTreeMap<String, String> = serde_json::from_value(v["hostnames"].clone()).unwrap();
-    let (sup, before, env) = twelve_programs(&moto);
-    std::fs::write(&record, "").unwrap();
-    let ids: Vec<(String, Vec<String>)> = members
-        .iter()
-        .map(|id| {
-            let own = ["--hostname", &hostnames[id], "--domain", "example.com", "--batch-registrations"];
-            (id.clone(), own.iter().map(|s| s.to_string()).collect())
-        })
-        .collect();
+    let HostnameFleet { moto: _moto, members, sup, before, env, ids } =
+        hostname_fleet(&record, &["--batch-registrations"]);
     at_once(&ids, dir.path(), &sup, &before, &env);
 
     let calls = recorded(&record);
