@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use crate::lb::members::{GroupInfo, MembersError, Membership, Roster};
 use crate::lb::{AttachmentSpec, Kind, LbError, LbTimings, LoadBalancer, Target, TargetHealth, TargetState};
 use crate::lease::{
-    BoxFuture, Kind as PermitKind, LeaseError, PermitStore, Record, Shared, SharedWrite, Write, Written,
+    BoxFuture, Kind as PermitKind, LeaseError, PermitStore, Record, Shared, SharedWrite, Write, Written, VIEW_HANDOFF,
 };
 use crate::quorum::Members;
 use crate::supervisor::{Services, SupervisorError};
@@ -1323,17 +1323,21 @@ impl FakeStore {
         let mut st = self.inner.lock().unwrap();
         let item = st.shared.entry(key.into()).or_default();
         match write {
-            SharedWrite::Lease { now, until } => {
-                if item.lease_until >= now && item.lease_until != 0 {
+            SharedWrite::Lease { now, until, me } => {
+                let open = now.saturating_sub(VIEW_HANDOFF.as_millis() as u64);
+                let free = item.lease_until == 0
+                    || item.lease_until < open
+                    || (item.lease_until < now && item.lease_holder == me);
+                if !free {
                     return false;
                 }
-                item.lease_until = until;
+                (item.lease_until, item.lease_holder) = (until, me);
             }
             SharedWrite::Publish { seen_ver, at, data } => {
                 if item.n > 0 && item.seen_ver > seen_ver {
                     return false;
                 }
-                *item = Shared { seen_ver, n: item.n + 1, at, data, lease_until: item.lease_until };
+                *item = Shared { seen_ver, n: item.n + 1, at, data, ..std::mem::take(item) };
             }
         }
         true
@@ -1616,7 +1620,7 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
         let (listed, timings) =
             (vec![lb.list(Instant::now())], vec![LbTimings { drain: Some(p.drain), healthy_after: p.healthy_after }]);
         let view = crate::cycle::view::View { roster: members.roster(), listed, timings, timings_at: 0 };
-        let old = Shared { seen_ver: 0, n: 1, at: 0, data: view.encode(), lease_until: 0 };
+        let old = Shared { seen_ver: 0, n: 1, at: 0, data: view.encode(), ..Shared::default() };
         store.inner.lock().unwrap().shared.insert(crate::lease::view_key("fleet"), old);
     }
     // One wall clock for the whole simulated fleet, as NTP gives real ones.

@@ -210,15 +210,22 @@ async fn claims_are_capped_by_size_and_the_shared_view_is_leased_and_ordered() {
     let vk = view_key(key);
     assert!(store.load_shared(&vk).await.unwrap().is_none());
     let now = ps[0].now();
-    assert!(store.write_shared(&vk, SharedWrite::Lease { now, until: now + 1000 }).await.unwrap());
-    assert!(!store.write_shared(&vk, SharedWrite::Lease { now: now + 500, until: now + 1500 }).await.unwrap());
-    assert!(store.write_shared(&vk, SharedWrite::Lease { now: now + 1001, until: now + 2000 }).await.unwrap());
+    // Its last holder takes it again as soon as it ends; anyone else only VIEW_HANDOFF later.
+    let lease = |me: &str, now: u64, until: u64| SharedWrite::Lease { now, until, me: me.into() };
+    let handoff = elb_quorum::lease::VIEW_HANDOFF.as_millis() as u64;
+    assert!(store.write_shared(&vk, lease("i-a", now, now + 1000)).await.unwrap());
+    assert!(!store.write_shared(&vk, lease("i-a", now + 500, now + 1500)).await.unwrap(), "held");
+    assert!(!store.write_shared(&vk, lease("i-b", now + 1001, now + 2000)).await.unwrap(), "the holder's turn");
+    assert!(store.write_shared(&vk, lease("i-a", now + 1001, now + 2000)).await.unwrap());
+    assert!(!store.write_shared(&vk, lease("i-b", now + 2000 + handoff, now + 3000)).await.unwrap());
+    assert!(store.write_shared(&vk, lease("i-b", now + 2001 + handoff, now + 3000)).await.unwrap(), "handed off");
     let publish = |v: u64, d: &str| SharedWrite::Publish { seen_ver: v, at: now, data: d.into() };
     assert!(store.write_shared(&vk, publish(5, "five")).await.unwrap());
     assert!(store.write_shared(&vk, publish(5, "five again")).await.unwrap(), "the same version: a later read");
     assert!(!store.write_shared(&vk, publish(4, "older")).await.unwrap());
     let s = store.load_shared(&vk).await.unwrap().unwrap();
-    assert_eq!((s.seen_ver, s.n, s.data.as_str(), s.lease_until), (5, 2, "five again", now + 2000));
+    assert_eq!((s.seen_ver, s.n, s.data.as_str(), s.lease_until), (5, 2, "five again", now + 3000));
+    assert_eq!(s.lease_holder, "i-b");
     a.release().await;
     b.release().await;
 }

@@ -34,7 +34,7 @@ use crate::lb::{
     AttachmentSpec, Kind as AttachmentKind, LbError, LbTimings, LoadBalancer, Target, TargetHealth, TargetState,
 };
 use crate::lease::batch::Way;
-use crate::lease::{Acquired, Kind, LeaseError, Permit, Permits, Toucher};
+use crate::lease::{Acquired, Kind, LeaseError, Permit, Permits, Toucher, VIEW_HANDOFF};
 use crate::quorum::{combine, decide, holds_without_me, Decision, Members, Reason, Rule, Snapshot, Verdict, Zone};
 use crate::supervisor::{Services, SupervisorError};
 use crate::trigger::RestartRequest;
@@ -1006,9 +1006,12 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// the lease; within `VIEW_WAIT`.
     async fn shared_view(&self, permits: &Permits, need: u64, after_n: u64) -> Result<(View, u64), CycleError> {
         let deadline = Instant::now() + VIEW_WAIT;
-        let mut spread = false;
+        let (mut spread, mut known) = (false, None);
         loop {
-            let current = permits.shared().await?;
+            let current = match known.take() {
+                Some(held) => held,
+                None => permits.shared().await?,
+            };
             if let Some(s) = current.as_ref().filter(|s| s.n > after_n && s.seen_ver >= need && !s.data.is_empty()) {
                 let view = View::decode(&s.data).map_err(|d| self.malformed_view(permits, d))?;
                 return Ok((view, s.n));
@@ -1023,7 +1026,10 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 tokio::time::sleep(FIRST_VIEW_SPREAD.mul_f64(fastrand::f64())).await;
                 continue;
             }
-            let free = current.as_ref().is_none_or(|s| s.lease_until < permits.now());
+            let now = permits.now();
+            let mine = current.as_ref().is_some_and(|s| s.lease_holder == permits.me);
+            let handoff = if mine { 0 } else { VIEW_HANDOFF.as_millis() as u64 };
+            let free = current.as_ref().is_none_or(|s| s.lease_until.saturating_add(handoff) < now);
             if free && permits.lease_view(VIEW_REFRESH * self.lbs.len().max(1) as u32).await? {
                 let seen_ver = permits.read().await?.ver;
                 let at = permits.now();
@@ -1048,6 +1054,17 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     action: "shared view",
                     detail: format!("no view read after version {need} within {} s", VIEW_WAIT.as_secs()),
                 }));
+            }
+            // The lease's holder refreshes again as soon as its lease ends (nobody else publishes
+            // meanwhile, so the item need not be read again; a take that failed reads it again):
+            // while one holder waits for a view, the fleet sees one every `VIEW_REFRESH`.
+            if mine && !free {
+                let left = current.as_ref().map_or(0, |s| s.lease_until.saturating_sub(permits.now()));
+                if left < VIEW_POLL.as_millis() as u64 {
+                    tokio::time::sleep(Duration::from_millis(left + 1)).await;
+                    known = Some(current);
+                    continue;
+                }
             }
             tokio::time::sleep(jitter(VIEW_POLL)).await;
         }

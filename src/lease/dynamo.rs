@@ -16,7 +16,9 @@ use aws_sdk_dynamodb::Client;
 use crate::identity::{aws_failure, AwsFailure};
 
 use super::batch::{Batches, Claim, Way};
-use super::{BoxFuture, Holder, Kind, LeaseError, Pace, PermitStore, Record, Shared, SharedWrite, Write, Written};
+use super::{
+    BoxFuture, Holder, Kind, LeaseError, Pace, PermitStore, Record, Shared, SharedWrite, Write, Written, VIEW_HANDOFF,
+};
 
 /// One attempt may take this long before it counts as a timeout (fail closed, retried by the SDK).
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -279,6 +281,11 @@ impl DynamoStore {
             at: num("at").map_err(malformed)?,
             data,
             lease_until: num("lu").map_err(malformed)?,
+            lease_holder: match item.get("lh") {
+                Some(AttributeValue::S(h)) => h.clone(),
+                None => String::new(),
+                Some(_) => return Err(malformed("lh is not a string".into())),
+            },
         }))
     }
 
@@ -286,11 +293,14 @@ impl DynamoStore {
         let n = |v: u64| AttributeValue::N(v.to_string());
         let req = self.client.update_item().table_name(&self.table).key("pk", AttributeValue::S(key.into()));
         let req = match write {
-            SharedWrite::Lease { now, until } => req
-                .update_expression("SET #lu = :until")
-                .condition_expression("attribute_not_exists(#lu) OR #lu < :now")
+            SharedWrite::Lease { now, until, me } => req
+                .update_expression("SET #lu = :until, #lh = :me")
+                .condition_expression("attribute_not_exists(#lu) OR #lu < :open OR (#lu < :now AND #lh = :me)")
                 .expression_attribute_names("#lu", "lu")
+                .expression_attribute_names("#lh", "lh")
                 .expression_attribute_values(":until", n(until))
+                .expression_attribute_values(":me", AttributeValue::S(me))
+                .expression_attribute_values(":open", n(now.saturating_sub(VIEW_HANDOFF.as_millis() as u64)))
                 .expression_attribute_values(":now", n(now)),
             SharedWrite::Publish { seen_ver, at, data } => req
                 .update_expression("SET #sv = :sv, #at = :at, #d = :d, #n = if_not_exists(#n, :zero) + :one")

@@ -269,13 +269,22 @@ pub struct Shared {
     pub data: String,
     /// No other instance refreshes before this (Unix ms, on the taker's clock).
     pub lease_until: u64,
+    /// Who took the refresh lease last (`lh`): it may take it again as soon as it ends, everyone
+    /// else only `VIEW_HANDOFF` later (empty: nobody yet).
+    pub lease_holder: String,
 }
+
+/// The refresh lease's last holder keeps it as long as it refreshes on time: another instance
+/// takes it only this long after it ended, so that the fleet's pollers, which all see it end at
+/// the same moment, do not all try to take it (each try is a write the table charges for).
+pub const VIEW_HANDOFF: Duration = Duration::from_millis(250);
 
 /// One write to the shared view's item.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SharedWrite {
-    /// Take the refresh: `SET lu = :until IF attribute_not_exists(lu) OR lu < :now`.
-    Lease { now: u64, until: u64 },
+    /// Take the refresh: `SET lu = :until, lh = :me IF attribute_not_exists(lu) OR lu < :open OR
+    /// (lu < :now AND lh = :me)`, `open` = `now − VIEW_HANDOFF`.
+    Lease { now: u64, until: u64, me: String },
     /// Publish a view: `SET sv, at, d, n = n + 1 IF attribute_not_exists(sv) OR sv <= :sv` (never
     /// replaces a view read after a later permit write).
     Publish { seen_ver: u64, at: u64, data: String },
@@ -545,7 +554,7 @@ impl Permits {
     /// it (or took it less than `every` ago).
     pub async fn lease_view(&self, every: Duration) -> Result<bool, LeaseError> {
         let now = self.now();
-        let write = SharedWrite::Lease { now, until: now + Self::ms(every) };
+        let write = SharedWrite::Lease { now, until: now + Self::ms(every), me: self.me.clone() };
         self.store.write_shared(&view_key(&self.key), write).await
     }
 
