@@ -921,7 +921,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         let mut kind = if req.serves_nothing() { Kind::Exempt } else { Kind::Slot };
         let mut exemption_lost = false;
         loop {
-            let permit = match permits.acquire(kind, limit).await? {
+            let mut permit = match permits.acquire(kind, limit).await? {
                 Acquired::Granted(p) => p,
                 Acquired::Paced { wait } => return Ok(StrictCheck::Paced(wait)),
                 Acquired::Refused { holders } => {
@@ -957,6 +957,18 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 permit.release().await;
                 return Err(e);
             }
+            // The holders to count out, read after the view: one that let its permit go since the
+            // grant was back in service before it did (the view shows it so, or out: counted out
+            // either way), and one granted since is counted out whatever the view shows. Counting
+            // the holders at the grant instead would count an instance that took a freed slot
+            // and already left twice with the one it replaced (out in the view, and a holder).
+            permit.others = match permits.read().await {
+                Ok(r) => crate::lease::others(&r, &self.me, permits.now(), permits.grace),
+                Err(e) => {
+                    permit.release().await;
+                    return Err(e.into());
+                }
+            };
             let decision = self.decide(&obs, req.serves_nothing(), &permit.others);
             if permit.kind() == Kind::Exempt && self.serving_anywhere(&obs.listed) && !req.serves_nothing() {
                 info!(instance_id = %self.me, "this instance serves again: exemption dropped");

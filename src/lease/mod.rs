@@ -575,7 +575,8 @@ struct PermitHealth {
 /// A held permit. Renewed in the background until released or dropped.
 pub struct Permit {
     pub holder: Holder,
-    /// The other live holders when it was granted: counted out of service.
+    /// The other live holders counted out of service: those at the grant, then (the strict check)
+    /// those in the record read after the view its decision used.
     pub others: BTreeSet<String>,
     /// Conflicting writes before it was granted.
     pub conflicts: u32,
