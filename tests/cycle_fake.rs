@@ -471,6 +471,38 @@ mod strict {
         assert_eq!(holders(&store), Vec::<String>::new(), "entry gone");
     }
 
+    /// A waiter refused a slot watches the permit record between its checks (fake: the release
+    /// must come at a chosen moment of simulated time): the slot freed at 5 s is taken within a
+    /// second, not at the next check 30 s later, and the checks counted are the two made.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_takes_a_freed_slot_within_a_second_not_at_its_next_check() {
+        let mut h = harness(4, S(0), S(5));
+        h.cycle.timing.check_interval = S(30);
+        h.cycle.timing.max_checks = 2;
+        let store = FakeStore::new();
+        strict(&mut h, &store);
+        let peer = fake_permits(&store, KEY, "i-0003");
+        let Acquired::Granted(held) = peer.acquire(Kind::Slot, 1).await.unwrap() else { panic!() };
+        let start = tokio::time::Instant::now();
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(S(5)).await;
+            held.release().await;
+        });
+        let Outcome::Done(report) = h.cycle.run(&web()).await.unwrap() else { panic!() };
+        release.await.unwrap();
+        let granted = store
+            .calls()
+            .iter()
+            .find(|c| c.op == StoreOp::Acquire && c.result == "applied" && c.id.as_deref() == Some(&me()[..]))
+            .unwrap()
+            .at;
+        assert!(granted > S(5) && granted < S(6) + S(1), "granted at {granted:?} after a release at 5 s");
+        assert_eq!(report.checks, 2, "the refused check and the granted one");
+        assert!(start.elapsed() < S(30), "done before the next check was due: {:?}", start.elapsed());
+        assert!(h.lb.is_serving(&me()));
+        assert_eq!(holders(&store), Vec::<String>::new());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn throttling_at_acquire_fails_closed_and_never_writes_to_the_load_balancer() {
         let mut h = harness(4, S(0), S(5));

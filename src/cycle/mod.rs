@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{DRAIN_MARGIN, HEALTH_MARGIN};
 use crate::hooks::{self, Context as HookContext, HookError, Hooks, Phase};
@@ -42,10 +42,16 @@ use state_file::{LeaveVia, Record, StateFile, StateFileError, Step, Taken};
 use view::{View, FIRST_VIEW_SPREAD, TIMINGS_MAX_AGE, VIEW_MAX_AGE, VIEW_POLL, VIEW_REFRESH, VIEW_WAIT};
 
 /// Strict mode: the fleet's waiters read the permit record about this many times per second in
-/// all (each waits `members / WAITER_CHECKS_PER_S` between checks, or `--check-interval` if
-/// longer), so that a freed slot is taken within a fraction of a second at any size while the
+/// all. Each checks (view, permit) every `members / WAITER_CHECKS_PER_S` seconds or
+/// `--check-interval` if longer, and between checks watches the record for a free slot every
+/// `waiters / WAITER_CHECKS_PER_S` seconds (at least `WATCH_EVERY`), the waiters counted from the
+/// record itself (`Watch`): a freed slot is taken within about a second at any size, while the
 /// record's readers stay bounded.
 pub const WAITER_CHECKS_PER_S: f64 = 100.0;
+/// Strict mode: a waiter refused a slot reads the permit record at most this often while it waits
+/// for one to free up.
+pub const WATCH_EVERY: Duration = Duration::from_millis(500);
+
 /// Strict mode: instances asked at the same moment spread their first check over `members /
 /// FIRST_CHECKS_PER_S` seconds, so that the permit table sees about this many claims per second.
 pub const FIRST_CHECKS_PER_S: f64 = 100.0;
@@ -432,6 +438,30 @@ enum Gate {
         checks: u32,
     },
     Aborted,
+}
+
+/// What a waiter's watch of the permit record has seen: every slot holder since it began, so
+/// that the waiters left can be counted without asking anyone (`waiters`).
+#[derive(Default)]
+struct Watch {
+    seen: BTreeSet<String>,
+    holding: usize,
+}
+
+impl Watch {
+    fn saw(&mut self, slots: &[String]) {
+        self.seen.extend(slots.iter().cloned());
+        self.holding = slots.len();
+    }
+
+    /// At most how many instances wait for a slot: the members less the slot holders now and those
+    /// seen holding one that have let it go since (they are done). Too many when some members were
+    /// never asked (the watch is then slower, never busier); too few only if a finished instance
+    /// is asked again meanwhile.
+    fn waiters(&self, members: usize) -> usize {
+        let done = self.seen.len().saturating_sub(self.holding);
+        members.saturating_sub(self.holding + done).max(1)
+    }
 }
 
 /// One strict check's answer.
@@ -825,6 +855,10 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// a larger cluster (`FIRST_CHECKS_PER_S`, `WAITER_CHECKS_PER_S`).
     async fn strict_gate(&self, permits: &Permits, req: &RestartRequest, first_check: u32) -> Result<Gate, CycleError> {
         let mut check = first_check;
+        // Between checks a waiter refused a slot watches the record; a check it makes because the
+        // watch saw a slot free, and that finds every slot taken again (another waiter was first),
+        // is not counted: the checks stay `--check-interval` apart, as without the watch.
+        let (mut watch, mut watched, mut next_check) = (Watch::default(), false, Instant::now());
         let mut members = match self.view_for_limit(permits).await {
             Ok((v, _, _)) => v.roster.members.len(),
             Err(CycleError::Lease(e)) if !e.is_retryable() => return Err(CycleError::Lease(e)),
@@ -864,6 +898,15 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     info!(attachments = %self.attachments(), instance_id = %self.me, check, max_checks = self.timing.max_checks, reason = ?verdict.reason, "quorum check with permit: {}; permit released, waiting", verdict.summary());
                     Ok(Gate::GaveUp { verdict, checks: check })
                 }
+                Ok(StrictCheck::Full { holders, .. }) if watched => {
+                    check -= 1;
+                    debug!(instance_id = %self.me, "a slot seen free was taken by another waiter first: {}", held_by(&holders));
+                    if !self.watch(permits, members, next_check, &mut watch).await {
+                        return Ok(Gate::Aborted);
+                    }
+                    watched = Instant::now() < next_check;
+                    continue;
+                }
                 Ok(StrictCheck::Full { holders, permits }) => {
                     if let Some(m) = &self.metrics {
                         m.check(Some("no-permit"), None);
@@ -897,8 +940,47 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             }
             let interval =
                 self.timing.check_interval.max(Duration::from_secs_f64(members as f64 / WAITER_CHECKS_PER_S));
-            if !self.pause(jitter(interval)).await {
+            next_check = Instant::now() + jitter(interval);
+            watched = matches!(last, Ok(Gate::NoPermit { .. }));
+            let go_on = match watched {
+                true => self.watch(permits, members, next_check, &mut watch).await,
+                false => self.pause(next_check - Instant::now()).await,
+            };
+            if !go_on {
                 return Ok(Gate::Aborted);
+            }
+            // A watch that ran to the next check's time saw no slot free: that check is counted.
+            watched = watched && Instant::now() < next_check;
+        }
+    }
+
+    /// Strict mode, refused a slot: reads the permit record until one is free (true, at once) or
+    /// until `until` (true); false when asked to stop. Read failures are left to the next check.
+    async fn watch(&self, permits: &Permits, members: usize, until: Instant, watch: &mut Watch) -> bool {
+        let limit = self.rule.permits(members);
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                return true;
+            }
+            let every = WATCH_EVERY.max(Duration::from_secs_f64(watch.waiters(members) as f64 / WAITER_CHECKS_PER_S));
+            if !self.pause(jitter(every).min(until - now)).await {
+                return false;
+            }
+            if Instant::now() >= until {
+                return true;
+            }
+            if let Ok(record) = permits.read().await {
+                let slots = record.other_slots(&self.me, permits.now(), permits.grace);
+                watch.saw(&slots);
+                // A slot free but the pace's window full: the check would only be paced.
+                let now = permits.now();
+                let paced = permits.leave_rate > 0.0
+                    && record.in_window(now)
+                    && record.window_grants >= record.quota(permits.leave_rate);
+                if slots.len() < limit && !paced {
+                    return true;
+                }
             }
         }
     }
