@@ -51,6 +51,11 @@ pub const WAITER_CHECKS_PER_S: f64 = 100.0;
 /// Strict mode: a waiter refused a slot reads the permit record at most this often while it waits
 /// for one to free up.
 pub const WATCH_EVERY: Duration = Duration::from_millis(500);
+/// Strict mode: a watching waiter that sees `f` slots free checks at once with a chance of `f`
+/// over the waiters' reads in this long (at least one): about the time from a read to its claim
+/// in the record. Measured on the fleet model (45 ms per table call; K = 100, 10 seeds): 0.41
+/// conflicts per granted permit against 0.66 when every waiter goes, the makespans unchanged.
+pub const WATCH_CLAIM_WINDOW: Duration = Duration::from_millis(50);
 
 /// Strict mode: instances asked at the same moment spread their first check over `members /
 /// FIRST_CHECKS_PER_S` seconds, so that the permit table sees about this many claims per second.
@@ -978,7 +983,12 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 let paced = permits.leave_rate > 0.0
                     && record.in_window(now)
                     && record.window_grants >= record.quota(permits.leave_rate);
-                if slots.len() < limit && !paced {
+                // Every waiter that reads a slot free before the first claim lands claims it, and
+                // all but one conflict: each goes with a chance of the free slots over the reads
+                // the waiters make in `WATCH_CLAIM_WINDOW` (the others read again soon).
+                let free = limit.saturating_sub(slots.len());
+                let reads = watch.waiters(members) as f64 / every.as_secs_f64() * WATCH_CLAIM_WINDOW.as_secs_f64();
+                if free > 0 && !paced && fastrand::f64() * reads.max(1.0) < free as f64 {
                     return true;
                 }
             }
