@@ -15,8 +15,9 @@
 //!   entry `IF size(holders) < :L` (a slot) and no entry of mine exists. A thousand contenders do
 //!   not serialize on one version number: every claim that fits is applied, a claim that no longer
 //!   fits fails and reads as full. The write returns the record after it (`ALL_NEW`): the other
-//!   holders counted out are exactly those the store held at my grant. A write whose reply was lost
-//!   is found by reading my token.
+//!   holders are those the store held at my grant (the strict check then counts out those of a
+//!   read made after its view: `Cycle::strict_check`). A write whose reply was lost is found by
+//!   reading my token.
 //! - Heartbeat (every D/4) and release change only my own entry, `IF` its token is mine.
 //! - A holder trusts its permit until `exp − G` (G covers clock skew between instances); one past
 //!   the max hold H stops renewing.
@@ -25,8 +26,9 @@
 //!   `n` = publications so far, `at` its clock. A holder needs a view with `sv` ≥ the version of
 //!   its own last write (its grant, or a touch after registering): that view was read after the
 //!   write, so after what the write followed. One instance refreshes at a time, at most once per
-//!   `cycle::view::VIEW_REFRESH` per attachment (a short lease in the same item), so the load
-//!   balancer and EC2 see about two reads per second whatever the fleet's size.
+//!   `cycle::view::VIEW_REFRESH` per attachment (a short lease in the same item, kept by its last
+//!   holder while it refreshes on time: `VIEW_HANDOFF`), so the load balancer and EC2 see about
+//!   two reads per second whatever the fleet's size.
 
 pub mod batch;
 pub mod dynamo;
