@@ -34,7 +34,7 @@ use crate::lb::{
     AttachmentSpec, Kind as AttachmentKind, LbError, LbTimings, LoadBalancer, Target, TargetHealth, TargetState,
 };
 use crate::lease::batch::Way;
-use crate::lease::{Acquired, Kind, LeaseError, Permit, Permits, Toucher, VIEW_HANDOFF};
+use crate::lease::{plan, Acquired, Holder, Kind, LeaseError, Permit, Permits, Plan, Toucher, VIEW_HANDOFF};
 use crate::quorum::{combine, decide, holds_without_me, Decision, Members, Reason, Rule, Snapshot, Verdict, Zone};
 use crate::supervisor::{Services, SupervisorError};
 use crate::trigger::RestartRequest;
@@ -875,6 +875,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         }
         loop {
             check += 1;
+            let mut raced = false;
             let last = match self.strict_check(permits, req, &mut members).await {
                 Ok(StrictCheck::InStandby) => return Ok(Gate::InStandby),
                 Ok(StrictCheck::Paced(wait)) => {
@@ -903,14 +904,11 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     info!(attachments = %self.attachments(), instance_id = %self.me, check, max_checks = self.timing.max_checks, reason = ?verdict.reason, "quorum check with permit: {}; permit released, waiting", verdict.summary());
                     Ok(Gate::GaveUp { verdict, checks: check })
                 }
-                Ok(StrictCheck::Full { holders, .. }) if watched => {
+                Ok(StrictCheck::Full { holders, permits }) if watched => {
                     check -= 1;
+                    raced = true;
                     debug!(instance_id = %self.me, "a slot seen free was taken by another waiter first: {}", held_by(&holders));
-                    if !self.watch(permits, members, next_check, &mut watch).await {
-                        return Ok(Gate::Aborted);
-                    }
-                    watched = Instant::now() < next_check;
-                    continue;
+                    Ok(Gate::NoPermit { holders, permits, checks: check })
                 }
                 Ok(StrictCheck::Full { holders, permits }) => {
                     if let Some(m) = &self.metrics {
@@ -943,9 +941,11 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 }
                 return last;
             }
-            let interval =
-                self.timing.check_interval.max(Duration::from_secs_f64(members as f64 / WAITER_CHECKS_PER_S));
-            next_check = Instant::now() + jitter(interval);
+            if !raced {
+                let interval =
+                    self.timing.check_interval.max(Duration::from_secs_f64(members as f64 / WAITER_CHECKS_PER_S));
+                next_check = Instant::now() + jitter(interval);
+            }
             watched = matches!(last, Ok(Gate::NoPermit { .. }));
             let go_on = match watched {
                 true => self.watch(permits, members, next_check, &mut watch).await,
@@ -976,19 +976,22 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 return true;
             }
             if let Ok(record) = permits.read().await {
-                let slots = record.other_slots(&self.me, permits.now(), permits.grace);
-                watch.saw(&slots);
-                // A slot free but the pace's window full: the check would only be paced.
                 let now = permits.now();
-                let paced = permits.leave_rate > 0.0
-                    && record.in_window(now)
-                    && record.window_grants >= record.quota(permits.leave_rate);
+                let slots = record.other_slots(&self.me, now, permits.grace);
+                watch.saw(&slots);
+                // What an acquire would do with this record: every slot held, or the pace's
+                // window full, is only another refusal.
+                let probe = Holder { tok: String::new(), exp: now, since: now, kind: Kind::Slot };
+                let would = plan(Some(&record), &self.me, probe, limit, now, permits.grace, permits.leave_rate);
+                if matches!(would, Plan::Refuse { .. } | Plan::Paced { .. }) {
+                    continue;
+                }
                 // Every waiter that reads a slot free before the first claim lands claims it, and
                 // all but one conflict: each goes with a chance of the free slots over the reads
                 // the waiters make in `WATCH_CLAIM_WINDOW` (the others read again soon).
                 let free = limit.saturating_sub(slots.len());
                 let reads = watch.waiters(members) as f64 / every.as_secs_f64() * WATCH_CLAIM_WINDOW.as_secs_f64();
-                if free > 0 && !paced && fastrand::f64() * reads.max(1.0) < free as f64 {
+                if fastrand::f64() * reads.max(1.0) < free as f64 {
                     return true;
                 }
             }
