@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use crate::lb::members::{GroupInfo, MembersError, Membership, Roster};
 use crate::lb::{AttachmentSpec, Kind, LbError, LbTimings, LoadBalancer, Target, TargetHealth, TargetState};
 use crate::lease::{
-    BoxFuture, Kind as PermitKind, LeaseError, PermitStore, Record, Shared, SharedWrite, Write, Written, VIEW_HANDOFF,
+    BoxFuture, Kind as PermitKind, LeaseError, PermitStore, Record, Shared, SharedWrite, Write, Written,
 };
 use crate::quorum::Members;
 use crate::supervisor::{Services, SupervisorError};
@@ -1324,11 +1324,7 @@ impl FakeStore {
         let item = st.shared.entry(key.into()).or_default();
         match write {
             SharedWrite::Lease { now, until, me } => {
-                let open = now.saturating_sub(VIEW_HANDOFF.as_millis() as u64);
-                let free = item.lease_until == 0
-                    || item.lease_until < open
-                    || (item.lease_until < now && item.lease_holder == me);
-                if !free {
+                if item.lease_until != 0 && !item.lease_free(&me, now) {
                     return false;
                 }
                 (item.lease_until, item.lease_holder) = (until, me);

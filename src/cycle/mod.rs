@@ -34,7 +34,7 @@ use crate::lb::{
     AttachmentSpec, Kind as AttachmentKind, LbError, LbTimings, LoadBalancer, Target, TargetHealth, TargetState,
 };
 use crate::lease::batch::Way;
-use crate::lease::{plan, Acquired, Holder, Kind, LeaseError, Permit, Permits, Plan, Toucher, VIEW_HANDOFF};
+use crate::lease::{plan, Acquired, Holder, Kind, LeaseError, Permit, Permits, Plan, Toucher};
 use crate::quorum::{combine, decide, holds_without_me, Decision, Members, Reason, Rule, Snapshot, Verdict, Zone};
 use crate::supervisor::{Services, SupervisorError};
 use crate::trigger::RestartRequest;
@@ -1133,10 +1133,8 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 tokio::time::sleep(FIRST_VIEW_SPREAD.mul_f64(fastrand::f64())).await;
                 continue;
             }
-            let now = permits.now();
             let mine = current.as_ref().is_some_and(|s| s.lease_holder == permits.me);
-            let handoff = if mine { 0 } else { VIEW_HANDOFF.as_millis() as u64 };
-            let free = current.as_ref().is_none_or(|s| s.lease_until.saturating_add(handoff) < now);
+            let free = current.as_ref().is_none_or(|s| s.lease_free(&permits.me, permits.now()));
             if free && permits.lease_view(VIEW_REFRESH * self.lbs.len().max(1) as u32).await? {
                 let seen_ver = permits.read().await?.ver;
                 let at = permits.now();

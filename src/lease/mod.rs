@@ -281,6 +281,15 @@ pub struct Shared {
 /// the same moment, do not all try to take it (each try is a write the table charges for).
 pub const VIEW_HANDOFF: Duration = Duration::from_millis(250);
 
+impl Shared {
+    /// Whether `me` may take the refresh lease at `now`: its last holder once it ended, anyone
+    /// else `VIEW_HANDOFF` later (the table's condition on `SharedWrite::Lease`).
+    pub fn lease_free(&self, me: &str, now: u64) -> bool {
+        let handoff = if self.lease_holder == me { 0 } else { VIEW_HANDOFF.as_millis() as u64 };
+        self.lease_until.saturating_add(handoff) < now
+    }
+}
+
 /// One write to the shared view's item.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SharedWrite {
