@@ -433,7 +433,11 @@ async fn an_instance_already_out_is_not_sent_back_by_the_recheck() {
 mod strict {
     use super::*;
     use elb_quorum::fake::{fake_permits, FakeStore, StoreFault, StoreOp};
-    use elb_quorum::lease::{Acquired, Holder, Kind, Permits, Record};
+    use elb_quorum::lease::{
+        Acquired, BoxFuture, Holder, Kind, LeaseError, PermitStore, Permits, Record, Shared, SharedWrite, Write,
+        Written,
+    };
+    use std::sync::Arc;
 
     const KEY: &str = "web.example.com";
 
@@ -501,6 +505,99 @@ mod strict {
         assert!(start.elapsed() < S(30), "done before the next check was due: {:?}", start.elapsed());
         assert!(h.lb.is_serving(&me()));
         assert_eq!(holders(&store), Vec::<String>::new());
+    }
+
+    /// The permit store as the fake keeps it, but the first view read after `me`'s grant first
+    /// lets the world move on at a wave's boundary: holder `x` (serving, back) releases, and `y`
+    /// takes the freed slot and leaves. A wrapper because the boundary must fall between two of
+    /// the cycle's own calls, which neither moto nor a timed peer can place.
+    struct Boundary {
+        inner: FakeStore,
+        x: tokio::sync::Mutex<Option<Box<elb_quorum::lease::Permit>>>,
+        y: Permits,
+        y_held: tokio::sync::Mutex<Option<Box<elb_quorum::lease::Permit>>>,
+        lb: FakeLb,
+        armed: std::sync::atomic::AtomicBool,
+    }
+
+    impl PermitStore for Boundary {
+        fn table(&self) -> &str {
+            self.inner.table()
+        }
+        fn load<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Record>, LeaseError>> {
+            self.inner.load(key)
+        }
+        fn write<'a>(&'a self, key: &'a str, write: Write) -> BoxFuture<'a, Result<Written, LeaseError>> {
+            Box::pin(async move {
+                let mine = matches!(&write, Write::Claim { id, .. } if *id == me());
+                let written = self.inner.write(key, write).await?;
+                if mine && written.applied() {
+                    self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                Ok(written)
+            })
+        }
+        fn load_shared<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Shared>, LeaseError>> {
+            Box::pin(async move {
+                if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    self.x.lock().await.take().unwrap().release().await;
+                    let Acquired::Granted(p) = self.y.acquire(Kind::Slot, 2).await.unwrap() else {
+                        panic!("y takes the slot x freed")
+                    };
+                    *self.y_held.lock().await = Some(p);
+                    self.lb.force_deregistered(&self.y.me);
+                }
+                self.inner.load_shared(key).await
+            })
+        }
+        fn write_shared<'a>(&'a self, key: &'a str, write: SharedWrite) -> BoxFuture<'a, Result<bool, LeaseError>> {
+            self.inner.write_shared(key, write)
+        }
+    }
+
+    /// 8 members, q = 0.75: 6 must serve, L = 2. At this instance's grant `x` holds the other
+    /// slot; by its view `x` has released and `y`, which took the slot, is out. The view shows 7
+    /// serving and the holders read after it are `y` alone, already out: 6 after leaving, enough.
+    /// Counting the holders at the grant (`x`, serving) beside `y` out in the view would count
+    /// one slot twice, find 5 and send the instance to wait a whole check interval.
+    #[tokio::test(start_paused = true)]
+    async fn a_check_at_a_waves_boundary_counts_a_replaced_holder_once() {
+        let mut h = harness(8, S(0), S(5));
+        h.cycle.timing.max_checks = 1;
+        let store = FakeStore::new();
+        let (x_id, y_id) = (ids(8)[6].clone(), ids(8)[7].clone());
+        let Acquired::Granted(x) = fake_permits(&store, KEY, &x_id).acquire(Kind::Slot, 2).await.unwrap() else {
+            panic!()
+        };
+        let boundary = Arc::new(Boundary {
+            inner: store.clone(),
+            x: tokio::sync::Mutex::new(Some(x)),
+            y: fake_permits(&store, KEY, &y_id),
+            y_held: tokio::sync::Mutex::new(None),
+            lb: h.lb.clone(),
+            armed: false.into(),
+        });
+        h.cycle.permits = Some(Permits { store: boundary.clone(), ..fake_permits(&store, KEY, &me()) });
+        let report = match h.cycle.run(&web()).await {
+            Ok(Outcome::Done(report)) => report,
+            other => panic!("one check, and it should have let the instance leave: {other:?}"),
+        };
+        assert_eq!(report.checks, 1, "allowed at its first check");
+        let applied = |op, id: &str| {
+            store
+                .calls()
+                .iter()
+                .find(|c| c.op == op && c.result == "applied" && c.id.as_deref() == Some(id))
+                .unwrap()
+                .at
+        };
+        let (granted, x_gone, y_granted) =
+            (applied(StoreOp::Acquire, &me()), applied(StoreOp::Remove, &x_id), applied(StoreOp::Acquire, &y_id));
+        assert!(granted <= x_gone && x_gone <= y_granted, "the boundary fell after the grant");
+        assert!(boundary.y_held.lock().await.is_some());
+        assert!(!h.lb.is_serving(&y_id), "y still out");
+        assert!(h.lb.is_serving(&me()));
+        assert_eq!(holders(&store), vec![y_id]);
     }
 
     #[tokio::test(start_paused = true)]
