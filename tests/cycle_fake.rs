@@ -600,6 +600,25 @@ mod strict {
         assert_eq!(holders(&store), vec![y_id]);
     }
 
+    /// A later restart finds the view its last one left, stale: it reads the item once, waits its
+    /// random moment (so that a fleet asked at once does not all try to take the refresh), reads
+    /// it again and takes the refresh. Not twice at the start: at 1,000 instances each read is
+    /// charged the whole item, all in the same second.
+    #[tokio::test(start_paused = true)]
+    async fn a_later_restart_reads_the_stale_view_once_before_its_pause() {
+        let mut h = harness(4, S(0), S(5));
+        let store = FakeStore::new();
+        strict(&mut h, &store);
+        let Outcome::Done(_) = h.cycle.run(&web()).await.unwrap() else { panic!() };
+        tokio::time::sleep(S(120)).await;
+        let before = store.calls().len();
+        let Outcome::Done(_) = h.cycle.run(&web()).await.unwrap() else { panic!() };
+        let calls = store.calls()[before..].to_vec();
+        let first: Vec<StoreOp> = calls.iter().map(|c| c.op).take_while(|op| *op != StoreOp::LeaseView).collect();
+        assert_eq!(first, vec![StoreOp::LoadView, StoreOp::LoadView], "{calls:?}");
+        assert!(h.lb.is_serving(&me()));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn throttling_at_acquire_fails_closed_and_never_writes_to_the_load_balancer() {
         let mut h = harness(4, S(0), S(5));

@@ -34,7 +34,7 @@ use crate::lb::{
     AttachmentSpec, Kind as AttachmentKind, LbError, LbTimings, LoadBalancer, Target, TargetHealth, TargetState,
 };
 use crate::lease::batch::Way;
-use crate::lease::{plan, Acquired, Holder, Kind, LeaseError, Permit, Permits, Plan, Toucher};
+use crate::lease::{plan, Acquired, Holder, Kind, LeaseError, Permit, Permits, Plan, Shared, Toucher};
 use crate::quorum::{combine, decide, holds_without_me, Decision, Members, Reason, Rule, Snapshot, Verdict, Zone};
 use crate::supervisor::{Services, SupervisorError};
 use crate::trigger::RestartRequest;
@@ -1025,8 +1025,11 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     }
                     // Whether this instance serves, from a view at most `EXEMPTION_VIEW_AGE` old.
                     let old = permits.now().saturating_sub(seen_at) > EXEMPTION_VIEW_AGE.as_millis() as u64;
-                    let listed =
-                        if old { self.shared_view(permits, 0, seen_n).await?.0.listed } else { seen.listed.clone() };
+                    let listed = if old {
+                        self.shared_view(permits, 0, seen_n, None).await?.0.listed
+                    } else {
+                        seen.listed.clone()
+                    };
                     if self.serving_anywhere(&listed) {
                         return Ok(StrictCheck::Full { holders, permits: limit });
                     }
@@ -1036,7 +1039,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 }
             };
             // Read after the permit was granted: only this view may let the instance leave.
-            let (view, n) = match self.shared_view(permits, permit.ver, 0).await {
+            let (view, n) = match self.shared_view(permits, permit.ver, 0, None).await {
                 Ok(v) => v,
                 Err(e) => {
                     permit.release().await;
@@ -1092,7 +1095,8 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 Ok((View::decode(&s.data).map_err(|d| self.malformed_view(permits, d))?, s.at, s.n))
             }
             s => {
-                let (view, n) = self.shared_view(permits, 0, s.map_or(0, |s| s.n)).await?;
+                let after_n = s.as_ref().map_or(0, |s| s.n);
+                let (view, n) = self.shared_view(permits, 0, after_n, Some(s)).await?;
                 Ok((view, permits.now(), n))
             }
         }
@@ -1110,10 +1114,18 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// after publication `after_n`, with its publication number. When the stored one is not, this
     /// instance refreshes it if the refresh lease is free (members, every attachment's targets, and
     /// their timings when older than `TIMINGS_MAX_AGE`), else waits for the instance that holds
-    /// the lease; within `VIEW_WAIT`.
-    async fn shared_view(&self, permits: &Permits, need: u64, after_n: u64) -> Result<(View, u64), CycleError> {
+    /// the lease; within `VIEW_WAIT`. `read`: the item as the caller just read it, if it did (at a
+    /// fleet's restart every instance reads it at once: a second read would double that second's
+    /// cost, each read charged the item's size).
+    async fn shared_view(
+        &self,
+        permits: &Permits,
+        need: u64,
+        after_n: u64,
+        read: Option<Option<Shared>>,
+    ) -> Result<(View, u64), CycleError> {
         let deadline = Instant::now() + VIEW_WAIT;
-        let (mut spread, mut known) = (false, None);
+        let (mut spread, mut known) = (false, read);
         loop {
             let current = match known.take() {
                 Some(held) => held,
@@ -1180,7 +1192,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     async fn shared_round(&self) -> Option<Result<Vec<Vec<TargetHealth>>, CycleError>> {
         let cursor = self.cursor.lock().unwrap().clone()?;
         let permits = self.permits.as_ref()?;
-        Some(self.shared_view(permits, cursor.need, cursor.last_n).await.map(|(view, n)| {
+        Some(self.shared_view(permits, cursor.need, cursor.last_n, None).await.map(|(view, n)| {
             if let Some(c) = self.cursor.lock().unwrap().as_mut() {
                 c.last_n = n;
             }
