@@ -23,11 +23,25 @@ pub const VIEW_POLL: Duration = Duration::from_millis(500);
 pub const VIEW_WAIT: Duration = Duration::from_secs(30);
 /// A waiter sizes the cluster (L) from a view at most this old; an older one is refreshed first.
 pub const VIEW_MAX_AGE: Duration = Duration::from_secs(60);
-/// A cluster's very first view (no item yet) is taken after a random pause of up to this long, so
-/// that instances asked at once do not all try to take the refresh.
+/// A cluster's first view in a while (no item yet, or one older than `VIEW_MAX_AGE`) is taken
+/// after a random pause of up to this long, so that instances asked at once do not all try to take
+/// the refresh; longer in a large cluster (`first_view_spread`).
 pub const FIRST_VIEW_SPREAD: Duration = Duration::from_secs(2);
+/// After that pause each instance reads the item again: a stale view's members say how many may
+/// be doing so, and the pause's window keeps their reads to about this many per second.
+pub const FIRST_VIEW_READS_PER_S: f64 = 250.0;
 /// The attachments' timings are read again when the view's are older than this.
 pub const TIMINGS_MAX_AGE: Duration = Duration::from_secs(300);
+
+/// The window of the random pause before a cluster's first view in a while: `FIRST_VIEW_SPREAD`,
+/// or longer when the stale view it replaces lists `members` that may all be reading it now. A
+/// fleet of 1,000 restarted at once reads the 12 KB item once each in the same second (2,000 read
+/// units of one item's 3,000); with the pause's reads spread over 4 s instead of 2, that second
+/// stays within the item's capacity. The first of the fleet still begins the refresh within a few
+/// milliseconds; a lone instance of such a fleet waits 2 s on average instead of 1.
+pub fn first_view_spread(members: usize) -> Duration {
+    FIRST_VIEW_SPREAD.max(Duration::from_secs_f64(members as f64 / FIRST_VIEW_READS_PER_S))
+}
 
 /// What one refresh read.
 #[derive(Debug, Clone, PartialEq)]
@@ -240,14 +254,15 @@ impl View {
 
     pub fn decode(data: &str) -> Result<View, String> {
         let w: Wire = serde_json::from_str(data).map_err(|e| format!("the shared view is malformed: {e}"))?;
-        let (ids, members) = match (w.m, w.mp, w.c) {
-            (Some(ids), _, _) => (ids.clone(), Members::Ids(ids.into_iter().collect())),
-            (None, Some(packed), _) => {
-                let ids = unpack_ids(&packed)?;
-                (ids.clone(), Members::Ids(ids.into_iter().collect()))
-            }
-            (None, None, Some(n)) => (Vec::new(), Members::Count(n)),
-            (None, None, None) => return Err("the shared view has no members".into()),
+        let ids = match (w.m, w.mp) {
+            (Some(ids), _) => Some(ids),
+            (None, Some(packed)) => Some(unpack_ids(&packed)?),
+            (None, None) => None,
+        };
+        let (ids, members) = match (ids, w.c) {
+            (Some(ids), _) => (ids.clone(), Members::Ids(ids.into_iter().collect())),
+            (None, Some(n)) => (Vec::new(), Members::Count(n)),
+            (None, None) => return Err("the shared view has no members".into()),
         };
         let lbs = w.b.or(w.a).ok_or("the shared view has no attachments")?;
         let mut listed = Vec::with_capacity(lbs.len());
@@ -405,5 +420,16 @@ mod tests {
         let short = r#"{"mp":"8:EjSrzQ","b":[{"k":"AAAA","s":[],"o":[],"d":null,"h":1}],"t":1}"#;
         assert!(View::decode(short).unwrap_err().contains("bitmap"), "{:?}", View::decode(short).err());
         assert!(View::decode(r#"{"mp":"8:EjSr","b":[],"t":1}"#).unwrap_err().contains("packed"));
+    }
+
+    #[test]
+    fn a_large_clusters_first_view_waits_in_a_window_sized_by_its_members() {
+        // The window of the 250 second reads per second: 4 s for 1,000 members.
+        assert_eq!(first_view_spread(1000), Duration::from_secs(4));
+        assert_eq!(first_view_spread(750), Duration::from_secs(3));
+        // No view yet (0), or a cluster small enough: the floor.
+        for small in [0, 1, 12, 100, 500] {
+            assert_eq!(first_view_spread(small), FIRST_VIEW_SPREAD, "{small} members");
+        }
     }
 }
