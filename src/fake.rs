@@ -1636,6 +1636,7 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
         let cycle = cycle.with_members(members.clone()).with_batch_registrations(p.batch);
         let (throttle, api, kept, store) = (throttle.clone(), p.members, p.ran_before, store.clone());
         tasks.push(tokio::spawn(async move {
+            let mut cycle = cycle;
             // `--members asg`: the process's group lookup as `build_for` makes it: the name
             // (`DescribeAutoScalingInstances`, unless kept), then the group (strict mode: from the
             // shared view when it holds it; else `DescribeAutoScalingGroups`), retried as the
@@ -1651,18 +1652,20 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
                     if !kept {
                         lookup().await?;
                     }
-                    let shared = match &store {
-                        Some(s) => s.load_shared(&crate::lease::view_key("fleet")).await.ok().flatten(),
+                    let read = match &store {
+                        Some(s) => s.load_shared(&crate::lease::view_key("fleet")).await.ok(),
                         None => None,
                     };
-                    let view = shared.and_then(|s| crate::cycle::view::View::decode(&s.data).ok());
+                    let view = read.clone().flatten().and_then(|s| crate::cycle::view::View::decode(&s.data).ok());
                     if view.is_none_or(|v| v.roster.group.is_none()) {
                         lookup().await?;
                     }
-                    Ok::<(), MembersError>(())
+                    Ok::<_, MembersError>(read)
                 };
-                if started.await.is_err() {
-                    return (Ok(Outcome::Aborted), 0);
+                match started.await {
+                    Ok(Some(read)) => cycle = cycle.with_view_read(read),
+                    Ok(None) => {}
+                    Err(_) => return (Ok(Outcome::Aborted), 0),
                 }
             }
             let r = cycle.run(&RestartRequest::new(["web".to_string()], Origin::Remote)).await;

@@ -20,7 +20,7 @@ use elb_quorum::lb::members::{
 };
 use elb_quorum::lb::{Attachment, LoadBalancer, TargetState};
 use elb_quorum::lease::dynamo::DynamoStore;
-use elb_quorum::lease::{self, Permits};
+use elb_quorum::lease::{self, Permits, Shared};
 use elb_quorum::listener::{self, End, Signal};
 use elb_quorum::metrics::Metrics;
 use elb_quorum::quorum::Reason;
@@ -133,6 +133,7 @@ async fn build_for(
     let mut specs = identity.attachments.clone();
     let mut key = identity.cluster_key().to_owned();
     let from_group = specs.is_empty() && matches!(members, AnyMembers::Asg(_));
+    let mut view_read = None;
     if let AnyMembers::Asg(asg) = &members {
         let failed = |e| Failure::from(CycleError::from(e));
         // Strict mode: the group as the cluster's shared view last found it, when the view lists
@@ -142,8 +143,9 @@ async fn build_for(
             true => {
                 let name = retry_at_start("looking the Auto Scaling group up", || asg.name()).await.map_err(failed)?;
                 let key = format!("asg:{name}");
-                group_from_view(&permits(settings, &key, &identity.instance_id, &aws), &name, &identity.instance_id)
-                    .await
+                // The first check takes this read over (`Cycle::with_view_read`).
+                view_read = permits(settings, &key, &identity.instance_id, &aws).shared().await.ok();
+                view_read.as_ref().and_then(|read| group_in_view(read.as_ref()?, &name, &identity.instance_id))
             }
             false => None,
         };
@@ -189,15 +191,18 @@ async fn build_for(
             .with_hooks(settings.hooks.clone())
             .with_attachments_from_group(from_group)
             .with_batch_registrations(settings.lease.batch_registrations);
+    let cycle = match view_read {
+        Some(read) => cycle.with_view_read(read),
+        None => cycle,
+    };
     info!(attachments = %cycle.attachments(), leave_via = ?settings.leave_via, instance_id = %identity.instance_id, hostname = %identity.hostname, members = %cycle.members.describe(), quorum_ppm = settings.rule.quorum_ppm, dry_run = settings.dry_run, strict = settings.strict, "elb-quorum {}", env!("CARGO_PKG_VERSION"));
     Ok(cycle)
 }
 
 /// Strict mode: Auto Scaling group `name` as the cluster's shared view holds it (read with the
-/// members by the last refresh), when it does and lists `me`; a missing, older or unreadable view
-/// is `None`.
-async fn group_from_view(permits: &Permits, name: &str, me: &str) -> Option<GroupInfo> {
-    let shared = permits.shared().await.ok()??;
+/// members by the last refresh), when it does and lists `me`; an older or unreadable view is
+/// `None`.
+fn group_in_view(shared: &Shared, name: &str, me: &str) -> Option<GroupInfo> {
     let view = elb_quorum::cycle::view::View::decode(&shared.data).ok()?;
     view.roster.group.filter(|g| g.name == name && view.roster.lifecycle.contains_key(me)).map(|g| *g)
 }

@@ -620,6 +620,29 @@ mod strict {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_start_read_of_the_view_is_the_first_checks_read_while_recent() {
+        // `--members asg` reads the view at the process's start (the group's attachments) and
+        // hands that read to the first check: taken over when it is recent, read again when not.
+        let mut h = harness(4, S(0), S(5));
+        let store = FakeStore::new();
+        strict(&mut h, &store);
+        let Outcome::Done(_) = h.cycle.run(&web()).await.unwrap() else { panic!() };
+        for (late, reads) in [(Duration::ZERO, 1), (Duration::from_secs(1), 2)] {
+            tokio::time::sleep(S(120)).await;
+            let read = h.cycle.permits.as_ref().unwrap().shared().await.unwrap();
+            assert!(read.is_some(), "the first run left a view");
+            h.cycle = h.cycle.with_view_read(read);
+            tokio::time::sleep(late).await;
+            let before = store.calls().len();
+            let Outcome::Done(_) = h.cycle.run(&web()).await.unwrap() else { panic!() };
+            let calls = store.calls()[before..].to_vec();
+            let first: Vec<StoreOp> = calls.iter().map(|c| c.op).take_while(|op| *op != StoreOp::LeaseView).collect();
+            assert_eq!(first, vec![StoreOp::LoadView; reads], "handed over {late:?} before: {calls:?}");
+            assert!(h.lb.is_serving(&me()));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn throttling_at_acquire_fails_closed_and_never_writes_to_the_load_balancer() {
         let mut h = harness(4, S(0), S(5));
         let store = FakeStore::new();

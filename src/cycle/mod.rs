@@ -410,6 +410,9 @@ pub struct Cycle<L, M, S> {
     pub from_group: bool,
     /// Strict mode, `--batch-registrations`: registration calls through the cluster's batches.
     pub batch: bool,
+    /// Strict mode: the shared view's item as the process read it at its start, and when
+    /// (`with_view_read`).
+    view_read: std::sync::Mutex<Option<(Instant, Option<Shared>)>>,
 }
 
 /// Strict mode, while a permit is held: the shared view this holder may use.
@@ -526,6 +529,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             cursor: std::sync::Mutex::new(None),
             from_group: false,
             batch: false,
+            view_read: std::sync::Mutex::new(None),
         }
     }
 
@@ -550,6 +554,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             cursor: self.cursor,
             from_group: self.from_group,
             batch: self.batch,
+            view_read: self.view_read,
         }
     }
 
@@ -562,6 +567,16 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// (`--batch-registrations`; without a permit store it changes nothing).
     pub fn with_batch_registrations(mut self, batch: bool) -> Self {
         self.batch = batch;
+        self
+    }
+
+    /// Strict mode: the shared view's item (`None`: missing) as the process just read it before
+    /// its first check (`--members asg` reads it at the start for the group's attachments). The
+    /// first check takes that read instead of reading the item again when it comes within
+    /// `VIEW_POLL` (a one-shot restart; not a listener's request hours later): a fleet asked at
+    /// once would otherwise read the item twice in its first second, each read charged its size.
+    pub fn with_view_read(self, read: Option<Shared>) -> Self {
+        *self.view_read.lock().unwrap() = Some((Instant::now(), read));
         self
     }
 
@@ -1089,7 +1104,11 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// serves: the shared one when at most `VIEW_MAX_AGE` old, else a fresh one.
     /// Returns it with when it was read (Unix ms, its reader's clock) and its publication number.
     async fn view_for_limit(&self, permits: &Permits) -> Result<(View, u64, u64), CycleError> {
-        let current = permits.shared().await?;
+        let start_read = self.view_read.lock().unwrap().take();
+        let current = match start_read.filter(|(at, _)| at.elapsed() < VIEW_POLL) {
+            Some((_, read)) => read,
+            None => permits.shared().await?,
+        };
         match current {
             Some(s) if !s.data.is_empty() && permits.now().saturating_sub(s.at) <= VIEW_MAX_AGE.as_millis() as u64 => {
                 Ok((View::decode(&s.data).map_err(|d| self.malformed_view(permits, d))?, s.at, s.n))
