@@ -34,7 +34,10 @@ use crate::lb::{
     AttachmentSpec, Kind as AttachmentKind, LbError, LbTimings, LoadBalancer, Target, TargetHealth, TargetState,
 };
 use crate::lease::batch::Way;
-use crate::lease::{plan, Acquired, Holder, Kind, LeaseError, Permit, Permits, Plan, Shared, Toucher};
+use crate::lease::{
+    plan, unpaced_beyond_item, Acquired, Holder, Kind, LeaseError, Permit, Permits, Plan, Shared, Toucher,
+    UNPACED_PERMITS_WITHIN_ITEM,
+};
 use crate::quorum::{combine, decide, holds_without_me, Decision, Members, Reason, Rule, Snapshot, Verdict, Zone};
 use crate::supervisor::{Services, SupervisorError};
 use crate::trigger::RestartRequest;
@@ -884,6 +887,10 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             Err(CycleError::Lease(e)) if !e.is_retryable() => return Err(CycleError::Lease(e)),
             Err(_) => 0,
         };
+        let limit = self.rule.permits(members);
+        if unpaced_beyond_item(permits.leave_rate, limit) {
+            warn!(members, permits = limit, "no pace (--leave-rate 0) with {limit} permits: the permit record's writes may exceed what one DynamoDB item takes (measured within up to {UNPACED_PERMITS_WITHIN_ITEM} permits unpaced); DynamoDB then throttles some of them and checks fail closed, slower; a pace (the default --leave-rate 2) keeps 1,000 instances within");
+        }
         let spread = Duration::from_secs_f64(members as f64 / FIRST_CHECKS_PER_S);
         if !spread.is_zero() && !self.pause(spread.mul_f64(fastrand::f64())).await {
             return Ok(Gate::Aborted);

@@ -164,6 +164,21 @@ pub const PACE_WINDOW: Duration = Duration::from_secs(10);
 /// last one may grant `rate` × this many permits.
 pub const PACE_BURST: Duration = Duration::from_secs(15);
 
+/// The most permits a cluster without a pace (`--leave-rate 0`) is measured to hold while its
+/// record's writes stay within one DynamoDB item's capacity (about 1,000 write units a second; each
+/// write costs the record's size, which grows with its holders): 50 (K = 200 in the fleet bench:
+/// 602 write units in the busiest second, 704 batched), not 75 (K = 300: 1,228). Beyond it
+/// DynamoDB throttles some writes, which strict mode counts as failed checks (slower, never
+/// unsafe); `unpaced_beyond_item` says when to warn.
+pub const UNPACED_PERMITS_WITHIN_ITEM: usize = 50;
+
+/// Whether a cluster of `permits` slots at `leave_rate` (0: no pace) may make more record writes
+/// than one item takes: only unpaced, beyond `UNPACED_PERMITS_WITHIN_ITEM` (the default pace keeps
+/// 1,000 instances within: `benches/README.md`).
+pub fn unpaced_beyond_item(leave_rate: f64, permits: usize) -> bool {
+    leave_rate == 0.0 && permits > UNPACED_PERMITS_WITHIN_ITEM
+}
+
 /// How a paced claim counts itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pace {
@@ -768,6 +783,17 @@ mod tests {
 
     fn remove(id: &str, kind: Kind) -> Write {
         Write::Remove { id: id.into(), tok: id.into(), kind }
+    }
+
+    #[test]
+    fn only_an_unpaced_cluster_beyond_the_measured_permits_is_warned_of() {
+        // K = 200 (50 permits) unpaced was measured within one item; K = 300 (75) was not.
+        let rule = crate::quorum::Rule { quorum_ppm: 750_000, min_in_service: 1 };
+        assert!(!unpaced_beyond_item(0.0, rule.permits(200)));
+        assert!(unpaced_beyond_item(0.0, rule.permits(300)));
+        // The default pace keeps 1,000 instances within; a pace of any rate is not warned of.
+        assert!(!unpaced_beyond_item(crate::config::DEFAULT_LEAVE_RATE, rule.permits(1000)));
+        assert!(!unpaced_beyond_item(0.5, rule.permits(1000)));
     }
 
     #[test]
