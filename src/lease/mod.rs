@@ -169,14 +169,19 @@ pub const PACE_BURST: Duration = Duration::from_secs(15);
 /// write costs the record's size, which grows with its holders): 50 (K = 200 in the fleet bench:
 /// 602 write units in the busiest second, 704 batched), not 75 (K = 300: 1,228). Beyond it
 /// DynamoDB throttles some writes, which strict mode counts as failed checks (slower, never
-/// unsafe); `unpaced_beyond_item` says when to warn.
-pub const UNPACED_PERMITS_WITHIN_ITEM: usize = 50;
+/// unsafe); `record_beyond_item` says when to warn.
+pub const PERMITS_WITHIN_ITEM: usize = 50;
+
+/// A pace of R permits a second counts as this many times R permits against `PERMITS_WITHIN_ITEM`:
+/// K = 1,000 is measured within at the default 2 (502 write units, 710 batched), not at 3 (1,408
+/// batched) nor 4 (2,395 batched).
+pub const PACE_PERMITS_PER_RATE: f64 = 25.0;
 
 /// Whether a cluster of `permits` slots at `leave_rate` (0: no pace) may make more record writes
-/// than one item takes: only unpaced, beyond `UNPACED_PERMITS_WITHIN_ITEM` (the default pace keeps
-/// 1,000 instances within: `benches/README.md`).
-pub fn unpaced_beyond_item(leave_rate: f64, permits: usize) -> bool {
-    leave_rate == 0.0 && permits > UNPACED_PERMITS_WITHIN_ITEM
+/// than one item takes.
+pub fn record_beyond_item(leave_rate: f64, permits: usize) -> bool {
+    let paced = if leave_rate == 0.0 { f64::INFINITY } else { leave_rate * PACE_PERMITS_PER_RATE };
+    (permits as f64).min(paced) > PERMITS_WITHIN_ITEM as f64
 }
 
 /// How a paced claim counts itself.
@@ -786,14 +791,19 @@ mod tests {
     }
 
     #[test]
-    fn only_an_unpaced_cluster_beyond_the_measured_permits_is_warned_of() {
-        // K = 200 (50 permits) unpaced was measured within one item; K = 300 (75) was not.
+    fn a_cluster_whose_record_may_outgrow_one_item_is_warned_of() {
+        // Unpaced: K = 200 (50 permits) was measured within one item; K = 300 (75) was not.
         let rule = crate::quorum::Rule { quorum_ppm: 750_000, min_in_service: 1 };
-        assert!(!unpaced_beyond_item(0.0, rule.permits(200)));
-        assert!(unpaced_beyond_item(0.0, rule.permits(300)));
-        // The default pace keeps 1,000 instances within; a pace of any rate is not warned of.
-        assert!(!unpaced_beyond_item(crate::config::DEFAULT_LEAVE_RATE, rule.permits(1000)));
-        assert!(!unpaced_beyond_item(0.5, rule.permits(1000)));
+        assert!(!record_beyond_item(0.0, rule.permits(200)));
+        assert!(record_beyond_item(0.0, rule.permits(300)));
+        // K = 1,000: within at the default pace and below, not at 3 or 4 per second.
+        for rate in [0.5, 1.0, crate::config::DEFAULT_LEAVE_RATE] {
+            assert!(!record_beyond_item(rate, rule.permits(1000)), "{rate}");
+        }
+        assert!(record_beyond_item(3.0, rule.permits(1000)));
+        assert!(record_beyond_item(4.0, rule.permits(1000)));
+        // A small cluster at any pace.
+        assert!(!record_beyond_item(8.0, rule.permits(100)));
     }
 
     #[test]
