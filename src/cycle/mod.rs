@@ -36,7 +36,7 @@ use crate::lb::{
 use crate::lease::batch::Way;
 use crate::lease::{
     plan, record_beyond_item, Acquired, Holder, Kind, LeaseError, Permit, Permits, Plan, Shared, Toucher,
-    PERMITS_WITHIN_ITEM,
+    PACE_WITHIN_ITEM, PERMITS_WITHIN_ITEM,
 };
 use crate::quorum::{combine, decide, holds_without_me, Decision, Members, Reason, Rule, Snapshot, Verdict, Zone};
 use crate::supervisor::{Services, SupervisorError};
@@ -893,7 +893,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 0.0 => "no pace (--leave-rate 0)".to_string(),
                 rate => format!("--leave-rate {rate}"),
             };
-            warn!(members, permits = limit, leave_rate = permits.leave_rate, "{pace} with {limit} permits: the permit record's writes may exceed what one DynamoDB item takes (measured within up to {PERMITS_WITHIN_ITEM} permits unpaced, and at the default pace, 2, with 1,000 instances); DynamoDB then throttles some of them and checks fail closed, slower");
+            warn!(members, permits = limit, leave_rate = permits.leave_rate, "{pace} with {limit} permits: the permit record's writes may exceed what one DynamoDB item takes (measured within up to {PERMITS_WITHIN_ITEM} permits at any pace, and at {PACE_WITHIN_ITEM} per second or slower at any size); DynamoDB then throttles some of them and checks fail closed, slower");
         }
         let spread = Duration::from_secs_f64(members as f64 / FIRST_CHECKS_PER_S);
         if !spread.is_zero() && !self.pause(spread.mul_f64(fastrand::f64())).await {

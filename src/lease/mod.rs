@@ -172,16 +172,15 @@ pub const PACE_BURST: Duration = Duration::from_secs(15);
 /// unsafe); `record_beyond_item` says when to warn.
 pub const PERMITS_WITHIN_ITEM: usize = 50;
 
-/// A pace of R permits a second counts as this many times R permits against `PERMITS_WITHIN_ITEM`:
-/// K = 1,000 is measured within at the default 2 (502 write units, 710 batched), not at 3 (1,408
-/// batched) nor 4 (2,395 batched).
-pub const PACE_PERMITS_PER_RATE: f64 = 25.0;
+/// The fastest pace measured to keep the record within one item however many permits: the
+/// default (K = 1,000: 502 write units, 710 batched), not 3 (1,408 batched) nor 4 (2,395 batched).
+pub const PACE_WITHIN_ITEM: f64 = 2.0;
 
 /// Whether a cluster of `permits` slots at `leave_rate` (0: no pace) may make more record writes
-/// than one item takes.
+/// than one item takes: more than `PERMITS_WITHIN_ITEM` permits, with no pace or one above
+/// `PACE_WITHIN_ITEM`.
 pub fn record_beyond_item(leave_rate: f64, permits: usize) -> bool {
-    let paced = if leave_rate == 0.0 { f64::INFINITY } else { leave_rate * PACE_PERMITS_PER_RATE };
-    (permits as f64).min(paced) > PERMITS_WITHIN_ITEM as f64
+    permits > PERMITS_WITHIN_ITEM && (leave_rate == 0.0 || leave_rate > PACE_WITHIN_ITEM)
 }
 
 /// How a paced claim counts itself.
