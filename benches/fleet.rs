@@ -244,6 +244,7 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
                 .collect();
             let worst = |f: fn(&FleetReport) -> f64| reports.iter().map(f).fold(f64::MIN, f64::max);
             let makespan = worst(|r| r.makespan.as_secs_f64());
+            let busiest = reports.iter().max_by(|a, b| a.store_writes_peak_per_s.total_cmp(&b.store_writes_peak_per_s));
             let row = serde_json::json!({
                 "k": k,
                 "strict": strict,
@@ -269,6 +270,8 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
                 "registration_calls": reports.iter().map(|r| r.registration_calls).max().unwrap(),
                 "gave_up": reports.iter().map(|r| r.failures).sum::<usize>(),
                 "store_writes_peak_per_s": round(worst(|r| r.store_writes_peak_per_s)),
+                "store_writes_peak_at_s": busiest.map(|r| round(r.store_writes_peak_at.as_secs_f64())),
+                "store_writes_peak_by_op": busiest.map(|r| r.store_writes_peak_by_op.clone()),
                 "store_reads_peak_per_s": round(worst(|r| r.store_reads_peak_per_s)),
                 "store_read_units_peak_per_s": round(worst(|r| r.store_read_units_peak_per_s)),
                 "store_write_units_peak_per_s": round(worst(|r| r.store_write_units_peak_per_s)),

@@ -710,6 +710,26 @@ pub fn peak_rate(times: &[Duration], window: Duration) -> f64 {
     best as f64 / window.as_secs_f64()
 }
 
+/// The busiest `window` of `events` (time, kind): when it began and its events by kind.
+pub fn busiest(events: &[(Duration, String)], window: Duration) -> (Duration, BTreeMap<String, usize>) {
+    let mut events = events.to_vec();
+    events.sort();
+    let (mut best, mut at, mut j) = ((0, 0), Duration::ZERO, 0);
+    for i in 0..events.len() {
+        while j < events.len() && events[j].0 < events[i].0 + window {
+            j += 1;
+        }
+        if j - i > best.1 - best.0 {
+            (best, at) = ((i, j), events[i].0);
+        }
+    }
+    let mut by_kind = BTreeMap::new();
+    for (_, kind) in &events[best.0..best.1] {
+        *by_kind.entry(kind.clone()).or_insert(0) += 1;
+    }
+    (at, by_kind)
+}
+
 /// The largest sum of weights within any `window`, per second.
 pub fn peak_sum(events: &[(Duration, f64)], window: Duration) -> f64 {
     let mut events = events.to_vec();
@@ -1560,6 +1580,9 @@ pub struct FleetReport {
     pub registration_calls: usize,
     /// Permit-store writes (the record's and the shared view's) in the busiest second.
     pub store_writes_peak_per_s: f64,
+    /// That second: when it began, and its writes by kind and result (`acquire applied`, ...).
+    pub store_writes_peak_at: Duration,
+    pub store_writes_peak_by_op: BTreeMap<String, usize>,
     /// Permit-store reads (the record's and the shared view's) in the busiest second.
     pub store_reads_peak_per_s: f64,
     /// DynamoDB read units those reads would cost in the busiest second of the busier item (the
@@ -1694,6 +1717,15 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
     let calls_lost_to_throttling = throttle.as_ref().map_or(0, |t| t.throttled(&reads).1);
     let mutate = [Api::ElbV1Mutate, Api::ElbV2Mutate];
     let (registration_throttled, registration_calls_lost) = throttle.as_ref().map_or((0, 0), |t| t.throttled(&mutate));
+    let busiest_writes = store.as_ref().map_or_else(Default::default, |s| {
+        let writes: Vec<(Duration, String)> = s
+            .calls()
+            .iter()
+            .filter(|c| !c.op.is_read())
+            .map(|c| (c.at, format!("{:?} {}", c.op, c.result).to_lowercase()))
+            .collect();
+        busiest(&writes, Duration::from_secs(1))
+    });
     FleetReport {
         k: p.k,
         makespan,
@@ -1730,6 +1762,8 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
         registration_throttled,
         registration_calls_lost,
         registration_calls: lb.calls().iter().filter(|c| matches!(c.op, Op::Register | Op::Deregister)).count(),
+        store_writes_peak_at: busiest_writes.0,
+        store_writes_peak_by_op: busiest_writes.1,
         store_writes_peak_per_s: store.as_ref().map_or(0.0, |s| {
             let writes: Vec<Duration> = s.calls().iter().filter(|c| !c.op.is_read()).map(|c| c.at).collect();
             peak_rate(&writes, Duration::from_secs(1))

@@ -115,7 +115,7 @@ async fn strict_fleets_never_dip_below_quorum() {
 /// and the SDK's attempts (each takes a token; the call is lost when all five were throttled).
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn throttle_buckets_refill_and_the_sdk_attempts_each_take_a_token() {
-    use elb_quorum::fake::{peak_rate, Api, Throttle};
+    use elb_quorum::fake::{busiest, peak_rate, Api, Throttle};
     let t = Throttle::aws();
     for _ in 0..40 {
         t.call(Api::ElbV1Describe).await.unwrap();
@@ -151,6 +151,14 @@ async fn throttle_buckets_refill_and_the_sdk_attempts_each_take_a_token() {
     assert_eq!(peak_rate(&times, Duration::from_secs(10)), 0.4);
     assert_eq!(peak_rate(&times, Duration::from_secs(1)), 3.0);
     assert_eq!(peak_rate(&[], Duration::from_secs(1)), 0.0);
+    // The busiest second's writes by kind: the three within 0.2 s, not the later two.
+    let kinds = ["acquire applied", "remove applied", "acquire conflict", "renew applied", "remove applied"];
+    let events: Vec<(Duration, String)> = times.iter().zip(kinds).map(|(t, k)| (*t, k.to_string())).collect();
+    let (at, by_kind) = busiest(&events, Duration::from_secs(1));
+    assert_eq!(at, Duration::ZERO);
+    let expected = [("acquire applied", 1), ("acquire conflict", 1), ("remove applied", 1)];
+    assert_eq!(by_kind, expected.iter().map(|(k, n)| (k.to_string(), *n)).collect());
+    assert_eq!(busiest(&[], Duration::from_secs(1)), (Duration::ZERO, Default::default()));
 }
 
 /// K = 100 strict in the throttled world (AWS's account buckets, the SDK's attempts, members
