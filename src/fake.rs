@@ -695,39 +695,41 @@ impl Throttle {
     }
 }
 
-/// The highest number of events in any `window` (sliding, starting at each event), per second.
-pub fn peak_rate(times: &[Duration], window: Duration) -> f64 {
-    let mut times = times.to_vec();
-    times.sort();
-    let mut best = 0;
-    let mut j = 0;
+/// The busiest `window` of sorted `times` (sliding, starting at each event): the index range of
+/// its events, the first such window when several tie.
+fn busiest_span(times: &[Duration], window: Duration) -> (usize, usize) {
+    let (mut best, mut j) = ((0, 0), 0);
     for i in 0..times.len() {
         while j < times.len() && times[j] < times[i] + window {
             j += 1;
         }
-        best = best.max(j - i);
+        if j - i > best.1 - best.0 {
+            best = (i, j);
+        }
     }
-    best as f64 / window.as_secs_f64()
+    best
 }
 
-/// The busiest `window` of `events` (time, kind): when it began and its events by kind.
+/// The highest number of events in any `window` (sliding, starting at each event), per second.
+pub fn peak_rate(times: &[Duration], window: Duration) -> f64 {
+    let mut times = times.to_vec();
+    times.sort();
+    let (i, j) = busiest_span(&times, window);
+    (j - i) as f64 / window.as_secs_f64()
+}
+
+/// The busiest `window` of `events` (time, kind), as `peak_rate` finds it: when it began and its
+/// events by kind.
 pub fn busiest(events: &[(Duration, String)], window: Duration) -> (Duration, BTreeMap<String, usize>) {
     let mut events = events.to_vec();
     events.sort();
-    let (mut best, mut at, mut j) = ((0, 0), Duration::ZERO, 0);
-    for i in 0..events.len() {
-        while j < events.len() && events[j].0 < events[i].0 + window {
-            j += 1;
-        }
-        if j - i > best.1 - best.0 {
-            (best, at) = ((i, j), events[i].0);
-        }
-    }
+    let times: Vec<Duration> = events.iter().map(|e| e.0).collect();
+    let (i, j) = busiest_span(&times, window);
     let mut by_kind = BTreeMap::new();
-    for (_, kind) in &events[best.0..best.1] {
+    for (_, kind) in &events[i..j] {
         *by_kind.entry(kind.clone()).or_insert(0) += 1;
     }
-    (at, by_kind)
+    (times.get(i).copied().unwrap_or_default(), by_kind)
 }
 
 /// The largest sum of weights within any `window`, per second.
@@ -1762,12 +1764,10 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
         registration_throttled,
         registration_calls_lost,
         registration_calls: lb.calls().iter().filter(|c| matches!(c.op, Op::Register | Op::Deregister)).count(),
+        // The busiest second's writes, counted.
+        store_writes_peak_per_s: busiest_writes.1.values().sum::<usize>() as f64,
         store_writes_peak_at: busiest_writes.0,
         store_writes_peak_by_op: busiest_writes.1,
-        store_writes_peak_per_s: store.as_ref().map_or(0.0, |s| {
-            let writes: Vec<Duration> = s.calls().iter().filter(|c| !c.op.is_read()).map(|c| c.at).collect();
-            peak_rate(&writes, Duration::from_secs(1))
-        }),
         store_reads_peak_per_s: store.as_ref().map_or(0.0, |s| {
             let reads: Vec<Duration> = s.calls().iter().filter(|c| c.op.is_read()).map(|c| c.at).collect();
             peak_rate(&reads, Duration::from_secs(1))

@@ -432,7 +432,7 @@ async fn an_instance_already_out_is_not_sent_back_by_the_recheck() {
 
 mod strict {
     use super::*;
-    use elb_quorum::fake::{fake_permits, FakeStore, StoreFault, StoreOp};
+    use elb_quorum::fake::{fake_permits, FakeStore, StoreCall, StoreFault, StoreOp};
     use elb_quorum::lease::{
         Acquired, BoxFuture, Holder, Kind, LeaseError, PermitStore, Permits, Record, Shared, SharedWrite, Write,
         Written,
@@ -452,6 +452,11 @@ mod strict {
 
     fn holders(store: &FakeStore) -> Vec<String> {
         store.record(KEY).map(|r| r.holders.into_keys().collect()).unwrap_or_default()
+    }
+
+    /// The store calls' kinds before the first try at the view's refresh lease.
+    fn ops_before_refresh(calls: &[StoreCall]) -> Vec<StoreOp> {
+        calls.iter().map(|c| c.op).take_while(|op| *op != StoreOp::LeaseView).collect()
     }
 
     fn store_ops(store: &FakeStore, op: StoreOp) -> Vec<&'static str> {
@@ -614,8 +619,7 @@ mod strict {
         let before = store.calls().len();
         let Outcome::Done(_) = h.cycle.run(&web()).await.unwrap() else { panic!() };
         let calls = store.calls()[before..].to_vec();
-        let first: Vec<StoreOp> = calls.iter().map(|c| c.op).take_while(|op| *op != StoreOp::LeaseView).collect();
-        assert_eq!(first, vec![StoreOp::LoadView, StoreOp::LoadView], "{calls:?}");
+        assert_eq!(ops_before_refresh(&calls), vec![StoreOp::LoadView, StoreOp::LoadView], "{calls:?}");
         assert!(h.lb.is_serving(&me()));
     }
 
@@ -636,8 +640,11 @@ mod strict {
             let before = store.calls().len();
             let Outcome::Done(_) = h.cycle.run(&web()).await.unwrap() else { panic!() };
             let calls = store.calls()[before..].to_vec();
-            let first: Vec<StoreOp> = calls.iter().map(|c| c.op).take_while(|op| *op != StoreOp::LeaseView).collect();
-            assert_eq!(first, vec![StoreOp::LoadView; reads], "handed over {late:?} before: {calls:?}");
+            assert_eq!(
+                ops_before_refresh(&calls),
+                vec![StoreOp::LoadView; reads],
+                "handed over {late:?} before: {calls:?}"
+            );
             assert!(h.lb.is_serving(&me()));
         }
     }
