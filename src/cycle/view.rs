@@ -38,7 +38,8 @@ pub const TIMINGS_MAX_AGE: Duration = Duration::from_secs(300);
 /// fleet of 1,000 restarted at once reads the 12 KB item once each in the same second (2,000 read
 /// units of one item's 3,000); with the pause's reads spread over 4 s instead of 2, that second
 /// stays within the item's capacity. The first of the fleet still begins the refresh within a few
-/// milliseconds; a lone instance of such a fleet waits 2 s on average instead of 1.
+/// milliseconds; a lone instance of such a fleet waits 2 s on average (1 s in a cluster of 500
+/// or fewer).
 pub fn first_view_spread(members: usize) -> Duration {
     FIRST_VIEW_SPREAD.max(Duration::from_secs_f64(members as f64 / FIRST_VIEW_READS_PER_S))
 }
