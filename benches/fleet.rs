@@ -12,9 +12,10 @@
 //! - Throttled world (`Throttle::aws`: AWS's per-account buckets, the SDK's attempts; members read
 //!   through EC2's budget): K = 12, 100 and 1,000, strict and not, 3 seeds; or only the
 //!   configurations asked for with `-- --fleet K[,K...] [--strict] [--json] [--seeds N]
-//!   [--leave-rate R] [--registration SIZE,REFILL] [--members asg] [--ran-before]
+//!   [--leave-rate R] [--registration SIZE,REFILL] [--members asg|asg:NAME] [--ran-before]
 //!   [--batch-registrations]` (`asg`: members
 //!   and attachments from the Auto Scaling group, its one shared bucket assumed at 40 + 10/s;
+//!   `asg:NAME`: the group named, so that no process looks its name up;
 //!   `--ran-before`: a later restart of the fleet, not its first).
 
 use std::time::Duration;
@@ -47,6 +48,7 @@ fn params(k: usize, drain: u64, restart: u64, health: u64, settle: f64) -> Fleet
         members: Api::Ec2Describe,
         ran_before: false,
         batch: false,
+        named_group: false,
     }
 }
 
@@ -76,6 +78,8 @@ struct BudgetArgs {
     ran_before: bool,
     /// `--batch-registrations`.
     batch: bool,
+    /// `--members asg:NAME`: the group named (no lookup for its name).
+    named_group: bool,
 }
 
 fn budget_args() -> Option<BudgetArgs> {
@@ -94,9 +98,10 @@ fn budget_args() -> Option<BudgetArgs> {
         }),
         members: match value("--members").as_deref() {
             None | Some("ec2-name") => Api::Ec2Describe,
-            Some("asg") => Api::AutoScaling,
-            Some(other) => panic!("--members ec2-name|asg, not {other}"),
+            Some(asg) if asg == "asg" || asg.starts_with("asg:") => Api::AutoScaling,
+            Some(other) => panic!("--members ec2-name|asg|asg:NAME, not {other}"),
         },
+        named_group: value("--members").is_some_and(|m| m.starts_with("asg:")),
         ran_before: args.iter().any(|a| a == "--ran-before"),
         batch: args.iter().any(|a| a == "--batch-registrations"),
     })
@@ -192,6 +197,7 @@ fn main() {
             members: Api::Ec2Describe,
             ran_before: false,
             batch: false,
+            named_group: false,
         },
     );
 }
@@ -204,7 +210,7 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
         let asg = b.members == Api::AutoScaling;
         println!(
             "  the SDK's 5 attempts each; members read through {}; same fleet settings, settle 5 s without --strict; {} seeds)",
-            if asg { "Auto Scaling (40 + 10/s assumed), each process looking its group up first" } else { "EC2" },
+            if asg { "Auto Scaling (40 + 10/s assumed)" } else { "EC2" },
             b.seeds
         );
         println!(
@@ -234,6 +240,7 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
                 members: b.members,
                 ran_before: b.ran_before,
                 batch: b.batch,
+                named_group: b.named_group,
                 ..params(k, 20, 10, 15, if strict { 0.0 } else { 5.0 })
             };
             let reports: Vec<FleetReport> = (0..b.seeds)
@@ -258,7 +265,11 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
                 "required": reports[0].required,
                 "elb_describe_peak_per_s": round(worst(|r| r.elb_describe_peak_per_s)),
                 "ec2_describe_peak_per_s": round(worst(|r| r.ec2_describe_peak_per_s)),
-                "members": if b.members == Api::AutoScaling { "asg" } else { "ec2-name" },
+                "members": match (b.members, b.named_group) {
+                    (Api::AutoScaling, true) => "asg:NAME",
+                    (Api::AutoScaling, false) => "asg",
+                    _ => "ec2-name",
+                },
                 "ran_before": b.ran_before,
                 "batch_registrations": b.batch,
                 "autoscaling_peak_per_s": round(worst(|r| r.autoscaling_peak_per_s)),

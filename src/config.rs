@@ -98,7 +98,7 @@ pub struct Layer {
     /// This instance's id [default: from the EC2 metadata service (IMDSv2)]
     #[arg(long, global = true, env = "ELB_QUORUM_INSTANCE_ID", value_name = "ID")]
     pub instance_id: Option<String>,
-    /// Where the cluster size comes from: ec2-name (EC2 instances, not terminated, tagged Name=*.CLUSTER.DOMAIN), asg (this instance's Auto Scaling group; its attachments too unless --lb/--target-group), asg:NAME, or static:N [default: ec2-name]
+    /// Where the cluster size comes from: ec2-name (EC2 instances, not terminated, tagged Name=*.CLUSTER.DOMAIN), asg (this instance's Auto Scaling group; its attachments too unless --lb/--target-group), asg:NAME (a named group: with --strict, a fleet asks Auto Scaling nothing for its name, even on its first run), or static:N [default: ec2-name]
     #[arg(long, global = true, env = "ELB_QUORUM_MEMBERS", value_name = "SOURCE")]
     pub members: Option<String>,
     /// How to leave: deregister (from every attachment) or standby (Auto Scaling Standby, with --members asg) [default: deregister]

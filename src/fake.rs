@@ -1531,6 +1531,8 @@ pub struct FleetParams {
     pub ran_before: bool,
     /// Strict mode: `--batch-registrations`.
     pub batch: bool,
+    /// `--members asg:NAME`: the group named, so a process needs no lookup for its name.
+    pub named_group: bool,
 }
 
 /// What a fleet run measured.
@@ -1649,46 +1651,52 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
     let mut tasks = Vec::new();
     for id in &ids {
         let services = FakeServices::new(p.restart, &["web"]);
+        let permits = store.as_ref().map(|s| crate::lease::Permits {
+            clock,
+            leave_rate: p.leave_rate,
+            ..fake_permits(s, "fleet", id)
+        });
         let cycle = fake_cycle(vec![lb.clone()], &ids, id, &services, StateFile::new(base.join(id)), rx.clone())
             .with_clock(clock)
             .with_rule(p.rule)
             .with_timing(p.timing.clone())
-            .with_permits(store.as_ref().map(|s| crate::lease::Permits {
-                clock,
-                leave_rate: p.leave_rate,
-                ..fake_permits(s, "fleet", id)
-            }));
+            .with_permits(permits.clone());
         let cycle = cycle.with_members(members.clone()).with_batch_registrations(p.batch);
-        let (throttle, api, kept, store) = (throttle.clone(), p.members, p.ran_before, store.clone());
+        let (throttle, api, members) = (throttle.clone(), p.members, members.clone());
+        let name_known = p.ran_before || p.named_group;
         tasks.push(tokio::spawn(async move {
             let mut cycle = cycle;
-            // `--members asg`: the process's group lookup as `build_for` makes it: the name
-            // (`DescribeAutoScalingInstances`, unless kept), then the group (strict mode: from the
-            // shared view when it holds it; else `DescribeAutoScalingGroups`), retried as the
-            // product does; failing it for good, the process ends (exit 3) with nothing changed.
+            // `--members asg`: the process's start as `build_for` makes it: the group's name
+            // (`DescribeAutoScalingInstances`, unless kept or named), then the group (strict mode:
+            // `group_at_start`, from the shared view or one process's lookup; else
+            // `DescribeAutoScalingGroups`), retried as the product does; failing it for good, the
+            // process ends (exit 3) with nothing changed.
             if let (Some(t), Api::AutoScaling) = (&throttle, api) {
                 let lookup = || {
                     crate::lb::members::retry_at_start("the group lookup", || async {
                         let throttled = || MembersError::Transient("Auto Scaling: throttled".into());
-                        t.call(Api::AutoScaling).await.map_err(|()| throttled())
+                        t.call(Api::AutoScaling).await.map_err(|()| throttled())?;
+                        Ok(members.roster().group.map(|g| *g).unwrap_or_default())
                     })
                 };
                 let started = async {
-                    if !kept {
+                    if !name_known {
                         lookup().await?;
                     }
-                    let read = match &store {
-                        Some(s) => s.load_shared(&crate::lease::view_key("fleet")).await.ok(),
-                        None => None,
-                    };
-                    let view = read.clone().flatten().and_then(|s| crate::cycle::view::View::decode(&s.data).ok());
-                    if view.is_none_or(|v| v.roster.group.is_none()) {
-                        lookup().await?;
+                    match &permits {
+                        Some(permits) => crate::cycle::start::group_at_start(permits, "fleet", lookup).await.map(Some),
+                        None => lookup().await.map(|_| None),
                     }
-                    Ok::<_, MembersError>(read)
                 };
                 match started.await {
-                    Ok(Some(read)) => cycle = cycle.with_view_read(read),
+                    Ok(Some(start)) => {
+                        if let Some(read) = start.read {
+                            cycle = cycle.with_view_read(Some(read));
+                        }
+                        if start.publish {
+                            let _ = cycle.prime_view().await;
+                        }
+                    }
                     Ok(None) => {}
                     Err(_) => return (Ok(Outcome::Aborted), 0),
                 }

@@ -11,16 +11,17 @@ use tracing::{error, info, warn};
 
 use elb_quorum::cli::{Cli, Command, LeaseCommand};
 use elb_quorum::config::{ConfigError, MembersSource, Settings};
+use elb_quorum::cycle::start::group_at_start;
 use elb_quorum::cycle::state_file::LeaveVia;
 use elb_quorum::cycle::state_file::{StateFile, StateFileError};
 use elb_quorum::cycle::{chain, held_by, Cycle, CycleError, Outcome, Recovery, Timing};
 use elb_quorum::identity::{self, Identity};
 use elb_quorum::lb::members::{
-    retry_at_start, AnyMembers, AsgMembers, Ec2NameMembers, GroupInfo, Membership, StaticMembers, GROUP_CACHE_FILE,
+    retry_at_start, AnyMembers, AsgMembers, Ec2NameMembers, Membership, StaticMembers, GROUP_CACHE_FILE,
 };
 use elb_quorum::lb::{Attachment, LoadBalancer, TargetState};
 use elb_quorum::lease::dynamo::DynamoStore;
-use elb_quorum::lease::{self, Permits, Shared};
+use elb_quorum::lease::{self, Permits};
 use elb_quorum::listener::{self, End, Signal};
 use elb_quorum::metrics::Metrics;
 use elb_quorum::quorum::Reason;
@@ -133,25 +134,27 @@ async fn build_for(
     let mut specs = identity.attachments.clone();
     let mut key = identity.cluster_key().to_owned();
     let from_group = specs.is_empty() && matches!(members, AnyMembers::Asg(_));
-    let mut view_read = None;
+    let (mut view_read, mut prime) = (None, false);
     if let AnyMembers::Asg(asg) = &members {
         let failed = |e| Failure::from(CycleError::from(e));
-        // Strict mode: the group as the cluster's shared view last found it, when the view lists
-        // this instance (no Auto Scaling call; every check compares it with the group's
-        // attachments read after the grant); else the group itself.
-        let shared = match settings.strict {
+        // Strict mode: the group as the cluster's shared view holds it, when the view lists this
+        // instance (no Auto Scaling call; every check compares it with the group's attachments
+        // read after the grant), or as one process looks it up for the others at a fleet's start
+        // (`start::group_at_start`); else the group itself.
+        let lookup = || retry_at_start("looking the Auto Scaling group up", || members.group());
+        let group = match settings.strict {
             true => {
-                let name = retry_at_start("looking the Auto Scaling group up", || asg.name()).await.map_err(failed)?;
-                let key = format!("asg:{name}");
-                // The first check takes this read over (`Cycle::with_view_read`).
-                view_read = permits(settings, &key, &identity.instance_id, &aws).shared().await.ok();
-                view_read.as_ref().and_then(|read| group_in_view(read.as_ref()?, &name, &identity.instance_id))
+                let name = match asg.presume_name() {
+                    Some(name) => name,
+                    None => retry_at_start("looking the Auto Scaling group up", || asg.name()).await.map_err(failed)?,
+                };
+                let permits = permits(settings, &format!("asg:{name}"), &identity.instance_id, &aws);
+                let start = group_at_start(&permits, &name, lookup).await.map_err(failed)?;
+                view_read = start.read;
+                prime = start.publish;
+                start.group
             }
-            false => None,
-        };
-        let group = match shared {
-            Some(g) => g,
-            None => retry_at_start("looking the Auto Scaling group up", || members.group()).await.map_err(failed)?,
+            false => lookup().await.map_err(failed)?,
         };
         key = format!("asg:{}", group.name);
         if specs.is_empty() {
@@ -192,19 +195,17 @@ async fn build_for(
             .with_attachments_from_group(from_group)
             .with_batch_registrations(settings.lease.batch_registrations);
     let cycle = match view_read {
-        Some(read) => cycle.with_view_read(read),
+        Some(read) => cycle.with_view_read(Some(read)),
         None => cycle,
     };
+    if prime {
+        // Others may be waiting for the view this process took the lease to make.
+        if let Err(e) = cycle.prime_view().await {
+            warn!(error = %chain(&e), "publishing the cluster's shared view failed; the next check tries again");
+        }
+    }
     info!(attachments = %cycle.attachments(), leave_via = ?settings.leave_via, instance_id = %identity.instance_id, hostname = %identity.hostname, members = %cycle.members.describe(), quorum_ppm = settings.rule.quorum_ppm, dry_run = settings.dry_run, strict = settings.strict, "elb-quorum {}", env!("CARGO_PKG_VERSION"));
     Ok(cycle)
-}
-
-/// Strict mode: Auto Scaling group `name` as the cluster's shared view holds it (read with the
-/// members by the last refresh), when it does and lists `me`; an older or unreadable view is
-/// `None`.
-fn group_in_view(shared: &Shared, name: &str, me: &str) -> Option<GroupInfo> {
-    let view = elb_quorum::cycle::view::View::decode(&shared.data).ok()?;
-    view.roster.group.filter(|g| g.name == name && view.roster.lifecycle.contains_key(me)).map(|g| *g)
 }
 
 /// Strict mode's permits: the DynamoDB table, keyed by the cluster (its namespace, or

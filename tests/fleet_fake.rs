@@ -32,6 +32,7 @@ fn params(k: usize, settle: u64) -> FleetParams {
         members: Api::Ec2Describe,
         ran_before: false,
         batch: false,
+        named_group: false,
     }
 }
 
@@ -216,5 +217,25 @@ async fn a_strict_fleet_of_100_with_batched_registrations() {
         assert!(r.registration_calls <= 100, "{why}");
         assert!(r.registration_peak_per_s <= 2.0 && r.registration_throttled == 0, "{why}");
         assert!(r.elb_describe_peak_per_s <= 5.0 && r.ec2_describe_peak_per_s <= 10.0, "{why}");
+    }
+}
+
+/// An Auto Scaling fleet's first run (`--members asg:NAME`, no shared view yet): K = 100 strict in
+/// the throttled world, Auto Scaling's one bucket assumed at ELB's `Describe*` figures. The
+/// processes take the group from the view one of them looks it up for (`start::group_at_start`)
+/// instead of each asking Auto Scaling, so the fleet stays within half the bucket's refill from
+/// its first second, nothing is lost and the makespan goal holds.
+#[tokio::test(start_paused = true)]
+async fn a_strict_auto_scaling_fleet_of_100_stays_within_its_budget_on_its_first_run() {
+    let p = FleetParams { members: Api::AutoScaling, named_group: true, ..strict_throttled_100() };
+    for seed in 0..2 {
+        fastrand::seed(seed);
+        let r = simulate_fleet(&p).await;
+        let why = format!("seed {seed}: {r:?}");
+        assert_eq!((r.failures, r.calls_lost_to_throttling), (0, 0), "{why}");
+        assert_eq!(r.restarts, vec![1; 100], "{why}");
+        assert!(r.min_serving >= r.required && r.most_out <= r.permits, "{why}");
+        assert!(r.autoscaling_peak_per_s <= 5.0 && r.elb_describe_peak_per_s <= 5.0, "{why}");
+        assert!(r.makespan.as_secs_f64() <= 1.10 * r.theoretical.as_secs_f64(), "{why}");
     }
 }

@@ -16,6 +16,7 @@
 //! (`CycleError::StillDeregistered`, said loudly).
 
 mod batch;
+pub mod start;
 pub mod state_file;
 pub mod view;
 
@@ -1180,23 +1181,8 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             }
             let mine = current.as_ref().is_some_and(|s| s.lease_holder == permits.me);
             let free = current.as_ref().is_none_or(|s| s.lease_free(&permits.me, permits.now()));
-            if free && permits.lease_view(VIEW_REFRESH * self.lbs.len().max(1) as u32).await? {
-                let seen_ver = permits.read().await?.ver;
-                let at = permits.now();
-                let max_age = TIMINGS_MAX_AGE.as_millis() as u64;
-                let previous = current
-                    .as_ref()
-                    .and_then(|s| View::decode(&s.data).ok())
-                    .filter(|v| v.timings.len() == self.lbs.len() && at.saturating_sub(v.timings_at) < max_age);
-                let roster = self.members.members().await?;
-                let listed = self.read_targets().await?;
-                let (timings, timings_at) = match previous {
-                    Some(v) => (v.timings, v.timings_at),
-                    None => (self.timings().await?, at),
-                };
-                let view = View { roster, listed, timings, timings_at };
-                permits.publish_view(seen_ver, at, view.encode()).await?;
-                return Ok((view, current.map_or(0, |s| s.n) + 1));
+            if free && permits.lease_view(self.view_lease()).await? {
+                return self.refresh_view(permits, current.as_ref()).await;
             }
             if Instant::now() >= deadline {
                 return Err(CycleError::Lease(LeaseError::Unavailable {
@@ -1218,6 +1204,46 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             }
             tokio::time::sleep(jitter(VIEW_POLL)).await;
         }
+    }
+
+    /// The refresh lease's length: `VIEW_REFRESH` per attachment.
+    fn view_lease(&self) -> Duration {
+        VIEW_REFRESH * self.lbs.len().max(1) as u32
+    }
+
+    /// Reads the members and every attachment's targets (and their timings when `current`'s are
+    /// older than `TIMINGS_MAX_AGE`) and publishes them, holding the refresh lease; returns the
+    /// view with its publication number.
+    async fn refresh_view(&self, permits: &Permits, current: Option<&Shared>) -> Result<(View, u64), CycleError> {
+        let seen_ver = permits.read().await?.ver;
+        let at = permits.now();
+        let max_age = TIMINGS_MAX_AGE.as_millis() as u64;
+        let previous = current
+            .and_then(|s| View::decode(&s.data).ok())
+            .filter(|v| v.timings.len() == self.lbs.len() && at.saturating_sub(v.timings_at) < max_age);
+        let roster = self.members.members().await?;
+        let listed = self.read_targets().await?;
+        let (timings, timings_at) = match previous {
+            Some(v) => (v.timings, v.timings_at),
+            None => (self.timings().await?, at),
+        };
+        let view = View { roster, listed, timings, timings_at };
+        permits.publish_view(seen_ver, at, view.encode()).await?;
+        Ok((view, current.map_or(0, |s| s.n) + 1))
+    }
+
+    /// Strict mode: publishes a view now, for the processes waiting on one at their start
+    /// (`start::group_at_start`: this process took the refresh lease to look the Auto Scaling
+    /// group up for them). Under that lease while it lasts, else under a new one; nothing when
+    /// another instance holds it by now (it publishes).
+    pub async fn prime_view(&self) -> Result<(), CycleError> {
+        let Some(permits) = &self.permits else { return Ok(()) };
+        let current = permits.shared().await?;
+        let held = current.as_ref().is_some_and(|s| s.lease_holder == permits.me && s.lease_until > permits.now());
+        if held || permits.lease_view(self.view_lease()).await? {
+            self.refresh_view(permits, current.as_ref()).await?;
+        }
+        Ok(())
     }
 
     /// One poll round's targets for every attachment from the shared view (one published after

@@ -344,6 +344,20 @@ impl AsgMembers {
         Ok(name)
     }
 
+    /// The group's name without asking Auto Scaling: kept from an earlier run (and matching the
+    /// one named), else the one named. Taken as known until a read of the group does not list this
+    /// instance; then it is looked up (`DescribeAutoScalingInstances`) as `name` does.
+    pub fn presume_name(&self) -> Option<String> {
+        if let Some(name) = self.known() {
+            return Some(name);
+        }
+        let kept = self.cache.as_deref().and_then(|p| read_group_cache(p, &self.me));
+        let name = kept.filter(|own| self.named.as_ref().is_none_or(|n| n == own)).or_else(|| self.named.clone())?;
+        self.cached.store(true, std::sync::atomic::Ordering::SeqCst);
+        *self.name.lock().expect("name lock") = Some(name.clone());
+        Some(name)
+    }
+
     fn known(&self) -> Option<String> {
         self.name.lock().expect("name lock").clone()
     }
