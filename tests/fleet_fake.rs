@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use elb_quorum::cycle::Timing;
-use elb_quorum::fake::{simulate_fleet, Api, FleetParams};
+use elb_quorum::fake::{simulate_fleet, Api, FleetParams, FleetReport};
 use elb_quorum::quorum::Rule;
 
 fn params(k: usize, settle: u64) -> FleetParams {
@@ -182,14 +182,7 @@ fn strict_throttled_100() -> FleetParams {
 /// K = 1,000 runs in `cargo bench --bench fleet` (benches/README.md).
 #[tokio::test(start_paused = true)]
 async fn a_strict_fleet_of_100_stays_within_the_account_budgets() {
-    let p = strict_throttled_100();
-    for seed in 0..3 {
-        fastrand::seed(seed);
-        let r = simulate_fleet(&p).await;
-        let why = format!("seed {seed}: {r:?}");
-        assert_eq!((r.failures, r.calls_lost_to_throttling), (0, 0), "nobody gave up, no check lost: {why}");
-        assert_eq!(r.restarts, vec![1; 100], "{why}");
-        assert!(r.min_serving >= r.required && r.most_out <= r.permits, "{why}");
+    each_seed(&strict_throttled_100(), 3, |r, why| {
         assert!(r.makespan.as_secs_f64() <= 1.10 * r.theoretical.as_secs_f64(), "{why}");
         assert!(r.elb_describe_peak_per_s <= 5.0 && r.ec2_describe_peak_per_s <= 10.0, "{why}");
         // The registration bucket (20 + 4/s): the pace keeps the fleet within it; an attempt
@@ -197,6 +190,21 @@ async fn a_strict_fleet_of_100_stays_within_the_account_budgets() {
         assert!(r.registration_peak_per_s <= 4.0 && r.registration_calls_lost == 0, "{why}");
         assert!(r.conflicts <= r.acquires, "at most one conflict per granted acquire: {why}");
         assert!(r.store_writes_peak_per_s <= 200.0, "{why}");
+    })
+    .await;
+}
+
+/// Runs `p` (K = 100) with seeds `0..seeds`: nobody gave up, no check lost, every instance
+/// restarted once, never below quorum nor more than L out; then `more`'s checks on each report.
+async fn each_seed(p: &FleetParams, seeds: u64, more: impl Fn(&FleetReport, &str)) {
+    for seed in 0..seeds {
+        fastrand::seed(seed);
+        let r = simulate_fleet(p).await;
+        let why = format!("seed {seed}: {r:?}");
+        assert_eq!((r.failures, r.calls_lost_to_throttling), (0, 0), "nobody gave up, no check lost: {why}");
+        assert_eq!(r.restarts, vec![1; 100], "{why}");
+        assert!(r.min_serving >= r.required && r.most_out <= r.permits, "{why}");
+        more(&r, &why);
     }
 }
 
@@ -206,18 +214,12 @@ async fn a_strict_fleet_of_100_stays_within_the_account_budgets() {
 /// making its own, within half the bucket's refill, none throttled.
 #[tokio::test(start_paused = true)]
 async fn a_strict_fleet_of_100_with_batched_registrations() {
-    let p = FleetParams { batch: true, ..strict_throttled_100() };
-    for seed in 0..2 {
-        fastrand::seed(seed);
-        let r = simulate_fleet(&p).await;
-        let why = format!("seed {seed}: {r:?}");
-        assert_eq!((r.failures, r.calls_lost_to_throttling), (0, 0), "{why}");
-        assert_eq!(r.restarts, vec![1; 100], "{why}");
-        assert!(r.min_serving >= r.required && r.most_out <= r.permits, "{why}");
+    each_seed(&FleetParams { batch: true, ..strict_throttled_100() }, 2, |r, why| {
         assert!(r.registration_calls <= 100, "{why}");
         assert!(r.registration_peak_per_s <= 2.0 && r.registration_throttled == 0, "{why}");
         assert!(r.elb_describe_peak_per_s <= 5.0 && r.ec2_describe_peak_per_s <= 10.0, "{why}");
-    }
+    })
+    .await;
 }
 
 /// An Auto Scaling fleet's first run (`--members asg:NAME`, no shared view yet): K = 100 strict in
@@ -228,14 +230,9 @@ async fn a_strict_fleet_of_100_with_batched_registrations() {
 #[tokio::test(start_paused = true)]
 async fn a_strict_auto_scaling_fleet_of_100_stays_within_its_budget_on_its_first_run() {
     let p = FleetParams { members: Api::AutoScaling, named_group: true, ..strict_throttled_100() };
-    for seed in 0..2 {
-        fastrand::seed(seed);
-        let r = simulate_fleet(&p).await;
-        let why = format!("seed {seed}: {r:?}");
-        assert_eq!((r.failures, r.calls_lost_to_throttling), (0, 0), "{why}");
-        assert_eq!(r.restarts, vec![1; 100], "{why}");
-        assert!(r.min_serving >= r.required && r.most_out <= r.permits, "{why}");
+    each_seed(&p, 2, |r, why| {
         assert!(r.autoscaling_peak_per_s <= 5.0 && r.elb_describe_peak_per_s <= 5.0, "{why}");
         assert!(r.makespan.as_secs_f64() <= 1.10 * r.theoretical.as_secs_f64(), "{why}");
-    }
+    })
+    .await;
 }

@@ -43,7 +43,7 @@ use crate::quorum::{combine, decide, holds_without_me, Decision, Members, Reason
 use crate::supervisor::{Services, SupervisorError};
 use crate::trigger::RestartRequest;
 use state_file::{LeaveVia, Record, StateFile, StateFileError, Step, Taken};
-use view::{first_view_spread, View, TIMINGS_MAX_AGE, VIEW_MAX_AGE, VIEW_POLL, VIEW_REFRESH, VIEW_WAIT};
+use view::{first_view_pause, View, TIMINGS_MAX_AGE, VIEW_MAX_AGE, VIEW_POLL, VIEW_REFRESH, VIEW_WAIT};
 
 /// Strict mode: the fleet's waiters read the permit record about this many times per second in
 /// all. Each checks (view, permit) every `members / WAITER_CHECKS_PER_S` seconds or
@@ -1174,9 +1174,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             let max_age = VIEW_MAX_AGE.as_millis() as u64;
             if !spread && current.as_ref().is_none_or(|s| permits.now().saturating_sub(s.at) > max_age) {
                 spread = true;
-                let members =
-                    current.as_ref().and_then(|s| View::decode(&s.data).ok()).map_or(0, |v| v.roster.members.len());
-                tokio::time::sleep(first_view_spread(members).mul_f64(fastrand::f64())).await;
+                first_view_pause(current.as_ref()).await;
                 continue;
             }
             let mine = current.as_ref().is_some_and(|s| s.lease_holder == permits.me);

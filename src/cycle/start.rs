@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tracing::info;
 
 use super::jitter;
-use super::view::{first_view_spread, View, VIEW_MAX_AGE, VIEW_POLL, VIEW_REFRESH, VIEW_WAIT};
+use super::view::{first_view_pause, View, VIEW_MAX_AGE, VIEW_POLL, VIEW_REFRESH, VIEW_WAIT};
 use crate::lb::members::{GroupInfo, MembersError};
 use crate::lease::{Permits, Shared};
 
@@ -68,9 +68,7 @@ where
         }
         if !spread {
             spread = true;
-            let members =
-                current.as_ref().and_then(|s| View::decode(&s.data).ok()).map_or(0, |v| v.roster.members.len());
-            tokio::time::sleep(first_view_spread(members).mul_f64(fastrand::f64())).await;
+            first_view_pause(current.as_ref()).await;
             continue;
         }
         let free = current.as_ref().is_none_or(|s| s.lease_free(&permits.me, now));

@@ -44,6 +44,13 @@ pub fn first_view_spread(members: usize) -> Duration {
     FIRST_VIEW_SPREAD.max(Duration::from_secs_f64(members as f64 / FIRST_VIEW_READS_PER_S))
 }
 
+/// Sleeps the random pause before a cluster's first view in a while: within `first_view_spread`
+/// of the members of the stale view in `item` (the view's item as read; none: 0 members).
+pub async fn first_view_pause(item: Option<&crate::lease::Shared>) {
+    let members = item.and_then(|s| View::decode(&s.data).ok()).map_or(0, |v| v.roster.members.len());
+    tokio::time::sleep(first_view_spread(members).mul_f64(fastrand::f64())).await;
+}
+
 /// What one refresh read.
 #[derive(Debug, Clone, PartialEq)]
 pub struct View {
