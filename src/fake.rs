@@ -1691,7 +1691,7 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
                 match started.await {
                     Ok(Some(start)) => {
                         if let Some(read) = start.read {
-                            cycle = cycle.with_view_read(Some(read));
+                            cycle = cycle.with_view_read(read);
                         }
                         if start.publish {
                             let _ = cycle.prime_view().await;

@@ -195,7 +195,7 @@ async fn build_for(
             .with_attachments_from_group(from_group)
             .with_batch_registrations(settings.lease.batch_registrations);
     let cycle = match view_read {
-        Some(read) => cycle.with_view_read(Some(read)),
+        Some(read) => cycle.with_view_read(read),
         None => cycle,
     };
     if prime {

@@ -416,7 +416,7 @@ pub struct Cycle<L, M, S> {
     pub batch: bool,
     /// Strict mode: the shared view's item as the process read it at its start, and when
     /// (`with_view_read`).
-    view_read: std::sync::Mutex<Option<(Instant, Option<Shared>)>>,
+    view_read: std::sync::Mutex<Option<(Instant, Shared)>>,
 }
 
 /// Strict mode, while a permit is held: the shared view this holder may use.
@@ -574,12 +574,12 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         self
     }
 
-    /// Strict mode: the shared view's item (`None`: missing) as the process just read it before
-    /// its first check (`--members asg` reads it at the start for the group's attachments). The
+    /// Strict mode: the shared view's item as the process just read it before its first check
+    /// (`--members asg` takes the group's attachments from it: `start::group_at_start`). The
     /// first check takes that read instead of reading the item again when it comes within
     /// `VIEW_POLL` (a one-shot restart; not a listener's request hours later): a fleet asked at
     /// once would otherwise read the item twice in its first second, each read charged its size.
-    pub fn with_view_read(self, read: Option<Shared>) -> Self {
+    pub fn with_view_read(self, read: Shared) -> Self {
         *self.view_read.lock().unwrap() = Some((Instant::now(), read));
         self
     }
@@ -1118,7 +1118,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     async fn view_for_limit(&self, permits: &Permits) -> Result<(View, u64, u64), CycleError> {
         let start_read = self.view_read.lock().unwrap().take();
         let current = match start_read.filter(|(at, _)| at.elapsed() < VIEW_POLL) {
-            Some((_, read)) => read,
+            Some((_, read)) => Some(read),
             None => permits.shared().await?,
         };
         match current {
