@@ -827,8 +827,13 @@ async fn lease_release(settings: Settings, instance: String) -> Result<u8, Failu
     let aws = identity::aws_config().await;
     let key = match &settings.members {
         MembersSource::Asg(named) => {
+            // A named group is the key as named (no lookup: `lease release` may run off the group).
             let asg = AsgMembers::new(&aws, named.clone(), identity.instance_id.clone());
-            format!("asg:{}", asg.name().await.map_err(|e| Failure::from(CycleError::from(e)))?)
+            let name = match asg.presume_name() {
+                Some(name) => name,
+                None => asg.name().await.map_err(|e| Failure::from(CycleError::from(e)))?,
+            };
+            format!("asg:{name}")
         }
         _ => identity.cluster_key().to_owned(),
     };

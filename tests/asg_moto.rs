@@ -253,3 +253,41 @@ fn the_group_is_looked_up_once_and_then_kept() {
     assert_eq!(instances, 1);
     assert_eq!(std::fs::read_to_string(&cache).unwrap(), format!("{} {group}\n", ids[1]));
 }
+
+/// A named group in strict mode (`--members asg:NAME`) is the permit record's key as named: a
+/// one-shot's first run asks no `DescribeAutoScalingInstances` (the group's read checks that it
+/// lists the instance) and looks the group up once for the view it then publishes; `lease
+/// release`, run from an instance outside the group, finds the record under that key without a
+/// lookup either.
+#[test]
+fn a_named_group_is_its_records_key_without_a_lookup() {
+    let r = recorded_group(0);
+    let (record, moto, group, ids, sup, env) = (&r.record, &r.moto, &r.group, &r.ids, &r.sup, &r.env);
+    moto.permit_table("permits");
+    let named = format!("asg:{group}");
+    let state = sup.path("state");
+    let common = ["--members", &named, "--lease-table", "permits", "--hostname", "host"];
+    let counts = || {
+        let calls = recorded(record);
+        std::fs::write(record, "").unwrap();
+        let count = |action: &str| calls.iter().filter(|c| c.action == action).count();
+        let publications = calls.iter().filter(|c| c.kind.as_deref() == Some("view-publish")).count();
+        (count("DescribeAutoScalingInstances"), count("DescribeAutoScalingGroups"), publications)
+    };
+
+    let mut args = vec!["restart", "web", "--strict", "--instance-id", &ids[0], "--state-dir", state.to_str().unwrap()];
+    args.extend(common);
+    args.extend(["--poll-interval", "0.2", "--check-interval", "0.5"]);
+    let out = run_bin(&args, env);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let (instances, groups, publications) = counts();
+    assert_eq!(instances, 0, "the name as named");
+    assert!(publications >= 1 && groups == publications + 1, "{groups} group reads, {publications} publications");
+
+    let mut args = vec!["lease", "release", "--instance", &ids[1], "--instance-id", "i-0000000000000adm1"];
+    args.extend(common);
+    let out = run_bin(&args, env);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&format!("key {named})")), "{}", text(&out.stdout));
+    assert_eq!(counts().0, 0, "no lookup for the key");
+}
