@@ -1646,6 +1646,8 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
         let old = Shared { seen_ver: 0, n: 1, at: 0, data: view.encode(), ..Shared::default() };
         store.inner.lock().unwrap().shared.insert(crate::lease::view_key("fleet"), old);
     }
+    // What a group lookup answers (`--members asg`).
+    let group = members.roster().group.map(|g| *g).unwrap_or_default();
     // One wall clock for the whole simulated fleet, as NTP gives real ones.
     let clock = crate::clock::WallClock::tokio();
     let mut tasks = Vec::new();
@@ -1662,7 +1664,7 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
             .with_timing(p.timing.clone())
             .with_permits(permits.clone());
         let cycle = cycle.with_members(members.clone()).with_batch_registrations(p.batch);
-        let (throttle, api, members) = (throttle.clone(), p.members, members.clone());
+        let (throttle, api, group) = (throttle.clone(), p.members, group.clone());
         let name_known = p.ran_before || p.named_group;
         tasks.push(tokio::spawn(async move {
             let mut cycle = cycle;
@@ -1676,7 +1678,7 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
                     crate::lb::members::retry_at_start("the group lookup", || async {
                         let throttled = || MembersError::Transient("Auto Scaling: throttled".into());
                         t.call(Api::AutoScaling).await.map_err(|()| throttled())?;
-                        Ok(members.roster().group.map(|g| *g).unwrap_or_default())
+                        Ok(group.clone())
                     })
                 };
                 let started = async {

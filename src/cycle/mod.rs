@@ -43,7 +43,7 @@ use crate::quorum::{combine, decide, holds_without_me, Decision, Members, Reason
 use crate::supervisor::{Services, SupervisorError};
 use crate::trigger::RestartRequest;
 use state_file::{LeaveVia, Record, StateFile, StateFileError, Step, Taken};
-use view::{first_view_pause, View, TIMINGS_MAX_AGE, VIEW_MAX_AGE, VIEW_POLL, VIEW_REFRESH, VIEW_WAIT};
+use view::{first_view_pause, is_fresh, View, TIMINGS_MAX_AGE, VIEW_MAX_AGE, VIEW_POLL, VIEW_REFRESH, VIEW_WAIT};
 
 /// Strict mode: the fleet's waiters read the permit record about this many times per second in
 /// all. Each checks (view, permit) every `members / WAITER_CHECKS_PER_S` seconds or
@@ -1122,7 +1122,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             None => permits.shared().await?,
         };
         match current {
-            Some(s) if !s.data.is_empty() && permits.now().saturating_sub(s.at) <= VIEW_MAX_AGE.as_millis() as u64 => {
+            Some(s) if is_fresh(&s, permits.now()) => {
                 Ok((View::decode(&s.data).map_err(|d| self.malformed_view(permits, d))?, s.at, s.n))
             }
             s => {

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tracing::info;
 
 use super::jitter;
-use super::view::{first_view_pause, View, VIEW_MAX_AGE, VIEW_POLL, VIEW_REFRESH, VIEW_WAIT};
+use super::view::{first_view_pause, is_fresh, View, VIEW_POLL, VIEW_REFRESH, VIEW_WAIT};
 use crate::lb::members::{GroupInfo, MembersError};
 use crate::lease::{Permits, Shared};
 
@@ -61,9 +61,7 @@ where
             return Ok(GroupAtStart { group, read: current, publish: false });
         }
         let now = permits.now();
-        let max_age = VIEW_MAX_AGE.as_millis() as u64;
-        let fresh = current.as_ref().is_some_and(|s| !s.data.is_empty() && now.saturating_sub(s.at) <= max_age);
-        if fresh || Instant::now() >= deadline {
+        if current.as_ref().is_some_and(|s| is_fresh(s, now)) || Instant::now() >= deadline {
             return Ok(GroupAtStart { group: lookup().await?, read: None, publish: false });
         }
         if !spread {

@@ -44,6 +44,12 @@ pub fn first_view_spread(members: usize) -> Duration {
     FIRST_VIEW_SPREAD.max(Duration::from_secs_f64(members as f64 / FIRST_VIEW_READS_PER_S))
 }
 
+/// Whether the view's `item` holds a view at most `VIEW_MAX_AGE` old at `now` (Unix ms): recent
+/// enough to size the cluster from.
+pub fn is_fresh(item: &crate::lease::Shared, now: u64) -> bool {
+    !item.data.is_empty() && now.saturating_sub(item.at) <= VIEW_MAX_AGE.as_millis() as u64
+}
+
 /// Sleeps the random pause before a cluster's first view in a while: within `first_view_spread`
 /// of the members of the stale view in `item` (the view's item as read; none: 0 members).
 pub async fn first_view_pause(item: Option<&crate::lease::Shared>) {
