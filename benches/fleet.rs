@@ -283,6 +283,8 @@ fn budget_runs(rt: &tokio::runtime::Runtime, b: &BudgetArgs) {
                 "store_writes_peak_per_s": round(worst(|r| r.store_writes_peak_per_s)),
                 "store_writes_peak_at_s": busiest.map(|r| round(r.store_writes_peak_at.as_secs_f64())),
                 "store_writes_peak_by_op": busiest.map(|r| r.store_writes_peak_by_op.clone()),
+                "store_item_writes_peak_per_s": round(worst(|r| r.store_item_writes_peak_per_s)),
+                "store_items": busiest.map(|r| r.store_items.clone()),
                 "store_reads_peak_per_s": round(worst(|r| r.store_reads_peak_per_s)),
                 "store_read_units_peak_per_s": round(worst(|r| r.store_read_units_peak_per_s)),
                 "store_write_units_peak_per_s": round(worst(|r| r.store_write_units_peak_per_s)),

@@ -84,10 +84,12 @@ fn main() {
                         skew_ms: 0,
                         leave_rate: 0.0,
                         clock: Default::default(),
+                        seen_shards: Default::default(),
                     };
                     tokio::spawn(async move {
                         let t = Instant::now();
-                        let granted = matches!(p.acquire(Kind::Slot, permits).await.unwrap(), Acquired::Granted(_));
+                        let granted =
+                            matches!(p.acquire(Kind::Slot, permits, None).await.unwrap(), Acquired::Granted(_));
                         (granted, t.elapsed().as_secs_f64() * 1000.0)
                     })
                 })

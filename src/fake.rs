@@ -1113,6 +1113,8 @@ pub enum StoreFault {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreCall {
     pub at: Duration,
+    /// The item's key (the record's shards and the shared view are items of their own).
+    pub key: String,
     pub op: StoreOp,
     /// The entry written (writes only).
     pub id: Option<String>,
@@ -1230,10 +1232,10 @@ impl FakeStore {
         st.faults.get_mut(&op).and_then(|q| q.pop_front()).or_else(|| st.sticky.get(&op).copied())
     }
 
-    fn log(&self, op: StoreOp, id: Option<&str>, result: &'static str) {
+    fn log(&self, key: &str, op: StoreOp, id: Option<&str>, result: &'static str) {
         let mut st = self.inner.lock().unwrap();
         let at = st.start.elapsed();
-        st.calls.push(StoreCall { at, op, id: id.map(str::to_owned), result, bytes: 0 });
+        st.calls.push(StoreCall { at, key: key.to_owned(), op, id: id.map(str::to_owned), result, bytes: 0 });
     }
 
     fn error(fault: StoreFault, action: &'static str) -> LeaseError {
@@ -1324,6 +1326,19 @@ impl FakeStore {
                 b.claim = Some(claim.clone());
                 rec.ver += 1;
             }
+            Write::Shards { n } => {
+                let Some(rec) = st.records.get_mut(key).filter(|r| r.complete && r.shards < *n) else {
+                    return conflict();
+                };
+                rec.shards = *n;
+                rec.ver += 1;
+            }
+            Write::Forget { elems } => {
+                let rec = st.records.entry(key.into()).or_default();
+                rec.batches.want_out.retain(|e| !elems.contains(e));
+                rec.batches.want_in.retain(|e| !elems.contains(e));
+                rec.ver += 1;
+            }
             Write::EndBatch { tok, out, back, next } => {
                 let Some(rec) = st.records.get_mut(key) else { return conflict() };
                 let b = &mut rec.batches;
@@ -1351,11 +1366,11 @@ impl FakeStore {
                 }
                 (item.lease_until, item.lease_holder) = (until, me);
             }
-            SharedWrite::Publish { seen_ver, at, data } => {
+            SharedWrite::Publish { seen_ver, seen, at, data } => {
                 if item.n > 0 && item.seen_ver > seen_ver {
                     return false;
                 }
-                *item = Shared { seen_ver, n: item.n + 1, at, data, ..std::mem::take(item) };
+                *item = Shared { seen_ver, seen, n: item.n + 1, at, data, ..std::mem::take(item) };
             }
         }
         true
@@ -1369,16 +1384,17 @@ impl FakeStore {
     /// One read (`op`): the latency, a scripted fault, else `value()`.
     async fn read<T>(
         &self,
+        key: &str,
         op: StoreOp,
         value: impl FnOnce() -> T,
         bytes: impl Fn(&T) -> usize,
     ) -> Result<T, LeaseError> {
         tokio::time::sleep(self.latency).await;
         if let Some(f) = self.take_fault(op) {
-            self.log(op, None, "error");
+            self.log(key, op, None, "error");
             return Err(Self::error(f, "GetItem"));
         }
-        self.log(op, None, "read");
+        self.log(key, op, None, "read");
         let value = value();
         if let Some(c) = self.inner.lock().unwrap().calls.last_mut() {
             c.bytes = bytes(&value);
@@ -1390,6 +1406,7 @@ impl FakeStore {
     /// (whether it was applied says `applied`); a lost reply applies it and answers the fault.
     async fn conditional<T>(
         &self,
+        key: &str,
         op: StoreOp,
         id: Option<&str>,
         apply: impl FnOnce() -> T,
@@ -1399,12 +1416,12 @@ impl FakeStore {
         tokio::time::sleep(self.latency).await;
         let fault = self.take_fault(op);
         if let Some(f) = fault.filter(|f| *f != StoreFault::LostReply) {
-            self.log(op, id, "error");
+            self.log(key, op, id, "error");
             return Err(Self::error(f, "UpdateItem"));
         }
         let before = bytes();
         let written = apply();
-        self.log(op, id, if applied(&written) { "applied" } else { "conflict" });
+        self.log(key, op, id, if applied(&written) { "applied" } else { "conflict" });
         let size = before.max(bytes());
         if let Some(c) = self.inner.lock().unwrap().calls.last_mut() {
             c.bytes = size;
@@ -1421,12 +1438,13 @@ impl FakeStore {
             SharedWrite::Publish { .. } => StoreOp::PublishView,
         };
         let bytes = || shared_bytes(self.shared(key).as_ref());
-        self.conditional(op, None, || self.apply_shared(key, write), |applied| *applied, bytes).await
+        self.conditional(key, op, None, || self.apply_shared(key, write), |applied| *applied, bytes).await
     }
 
     async fn do_write(&self, key: &str, write: Write) -> Result<Written, LeaseError> {
         let (op, id) = match &write {
-            Write::Init => (StoreOp::Init, String::new()),
+            Write::Init | Write::Shards { .. } => (StoreOp::Init, String::new()),
+            Write::Forget { .. } => (StoreOp::Batch, String::new()),
             Write::Claim { id, .. } => (StoreOp::Acquire, id.clone()),
             Write::Renew { id, .. } => (StoreOp::Renew, id.clone()),
             Write::Remove { id, .. } => (StoreOp::Remove, id.clone()),
@@ -1434,7 +1452,7 @@ impl FakeStore {
             Write::TakeBatch { .. } | Write::EndBatch { .. } => (StoreOp::Batch, String::new()),
         };
         let bytes = || record_bytes(self.record(key).as_ref());
-        self.conditional(op, Some(&id), || self.apply(key, &write), Written::applied, bytes).await
+        self.conditional(key, op, Some(&id), || self.apply(key, &write), Written::applied, bytes).await
     }
 }
 
@@ -1443,13 +1461,18 @@ impl PermitStore for FakeStore {
         "fake-permits"
     }
     fn load<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Record>, LeaseError>> {
-        Box::pin(self.read(StoreOp::Load, move || self.record(key), |r: &Option<Record>| record_bytes(r.as_ref())))
+        Box::pin(self.read(key, StoreOp::Load, move || self.record(key), |r: &Option<Record>| record_bytes(r.as_ref())))
     }
     fn write<'a>(&'a self, key: &'a str, write: Write) -> BoxFuture<'a, Result<Written, LeaseError>> {
         Box::pin(self.do_write(key, write))
     }
     fn load_shared<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Shared>, LeaseError>> {
-        Box::pin(self.read(StoreOp::LoadView, move || self.shared(key), |s: &Option<Shared>| shared_bytes(s.as_ref())))
+        Box::pin(self.read(
+            key,
+            StoreOp::LoadView,
+            move || self.shared(key),
+            |s: &Option<Shared>| shared_bytes(s.as_ref()),
+        ))
     }
     fn write_shared<'a>(&'a self, key: &'a str, write: SharedWrite) -> BoxFuture<'a, Result<bool, LeaseError>> {
         Box::pin(self.do_write_shared(key, write))
@@ -1497,6 +1520,7 @@ pub fn fake_permits(store: &FakeStore, key: &str, me: &str) -> crate::lease::Per
         skew_ms: 0,
         leave_rate: 0.0,
         clock: crate::clock::WallClock::tokio(),
+        seen_shards: Default::default(),
     }
 }
 
@@ -1587,11 +1611,16 @@ pub struct FleetReport {
     /// That second: when it began, and its writes by kind and result (`acquire applied`, ...).
     pub store_writes_peak_at: Duration,
     pub store_writes_peak_by_op: BTreeMap<String, usize>,
+    /// Each item's busiest second (writes, read units, write units), by key.
+    pub store_items: BTreeMap<String, [f64; 3]>,
+    /// Permit-store writes in the busiest second of the busiest item (a shard of the record, or the
+    /// shared view).
+    pub store_item_writes_peak_per_s: f64,
     /// Permit-store reads (the record's and the shared view's) in the busiest second.
     pub store_reads_peak_per_s: f64,
-    /// DynamoDB read units those reads would cost in the busiest second of the busier item (the
-    /// record or the view; `StoreCall::read_units`): one partition key takes at most about 3,000
-    /// per second.
+    /// DynamoDB read units those reads would cost in the busiest second of the busiest item (a
+    /// shard of the record, or the view; `StoreCall::read_units`): one partition key takes at most
+    /// about 3,000 per second.
     pub store_read_units_peak_per_s: f64,
     /// The same for write units (`StoreCall::write_units`): one partition key takes at most about
     /// 1,000 per second.
@@ -1782,23 +1811,47 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
             let reads: Vec<Duration> = s.calls().iter().filter(|c| c.op.is_read()).map(|c| c.at).collect();
             peak_rate(&reads, Duration::from_secs(1))
         }),
-        store_read_units_peak_per_s: store.as_ref().map_or(0.0, |s| {
-            // Per item (the record, the view: two partition keys), the busier one.
-            let item = |op: StoreOp| -> Vec<(Duration, f64)> {
-                s.calls().iter().filter(|c| c.op == op).map(|c| (c.at, c.read_units())).collect()
-            };
-            let second = Duration::from_secs(1);
-            peak_sum(&item(StoreOp::Load), second).max(peak_sum(&item(StoreOp::LoadView), second))
-        }),
-        store_write_units_peak_per_s: store.as_ref().map_or(0.0, |s| {
-            let item = |view: bool| -> Vec<(Duration, f64)> {
-                let of_view = |op| matches!(op, StoreOp::LeaseView | StoreOp::PublishView);
-                s.calls().iter().filter(|c| of_view(c.op) == view).map(|c| (c.at, c.write_units())).collect()
-            };
-            let second = Duration::from_secs(1);
-            peak_sum(&item(false), second).max(peak_sum(&item(true), second))
-        }),
+        store_items: store.as_ref().map_or_else(Default::default, |s| item_peaks(&s.calls())),
+        store_item_writes_peak_per_s: store
+            .as_ref()
+            .map_or(0.0, |s| per_item(&s.calls(), |c| (!c.op.is_read()).then_some(1.0))),
+        store_read_units_peak_per_s: store
+            .as_ref()
+            .map_or(0.0, |s| per_item(&s.calls(), |c| c.op.is_read().then(|| c.read_units()))),
+        store_write_units_peak_per_s: store
+            .as_ref()
+            .map_or(0.0, |s| per_item(&s.calls(), |c| (!c.op.is_read()).then(|| c.write_units()))),
     }
+}
+
+/// Each item's busiest second for writes, read units and write units, by key.
+fn item_peaks(calls: &[StoreCall]) -> BTreeMap<String, [f64; 3]> {
+    let keys: BTreeSet<&str> = calls.iter().map(|c| c.key.as_str()).collect();
+    keys.into_iter()
+        .map(|k| {
+            let of = |amount: &dyn Fn(&StoreCall) -> Option<f64>| -> f64 {
+                let v: Vec<(Duration, f64)> =
+                    calls.iter().filter(|c| c.key == k).filter_map(|c| amount(c).map(|a| (c.at, a))).collect();
+                peak_sum(&v, Duration::from_secs(1))
+            };
+            let writes = of(&|c| (!c.op.is_read()).then_some(1.0));
+            let reads = of(&|c| c.op.is_read().then(|| c.read_units()));
+            let units = of(&|c| (!c.op.is_read()).then(|| c.write_units()));
+            (k.to_owned(), [writes, reads, units])
+        })
+        .collect()
+}
+
+/// The busiest second of the busiest item (one DynamoDB partition key: a shard of the record, or
+/// the shared view): the sum of `amount` over its calls (`None`: not counted).
+fn per_item(calls: &[StoreCall], amount: impl Fn(&StoreCall) -> Option<f64>) -> f64 {
+    let mut items: BTreeMap<&str, Vec<(Duration, f64)>> = BTreeMap::new();
+    for c in calls {
+        if let Some(a) = amount(c) {
+            items.entry(c.key.as_str()).or_default().push((c.at, a));
+        }
+    }
+    items.values().map(|v| peak_sum(v, Duration::from_secs(1))).fold(0.0, f64::max)
 }
 
 const ALL_APIS: [Api; 6] =

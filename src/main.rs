@@ -221,6 +221,7 @@ fn permits(settings: &Settings, key: &str, me: &str, aws: &aws_config::SdkConfig
         skew_ms: 0,
         leave_rate: settings.lease.leave_rate,
         clock: Default::default(),
+        seen_shards: Default::default(),
     }
 }
 
@@ -640,6 +641,7 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
                     serde_json::json!({
                         "instance_id": id,
                         "kind": h.kind,
+                        "shard": record.shard(id),
                         "since_ms": h.since,
                         "exp_ms": h.exp,
                         "expired": h.exp < *now,
@@ -651,6 +653,8 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
                 "table": settings.lease.table,
                 "key": p.key,
                 "ver": record.ver,
+                "shards": record.shards.max(1),
+                "versions": record.vers,
                 "permits": permits,
                 "free": free,
                 "holders": holders,
@@ -660,6 +664,7 @@ async fn status(settings: Settings, json: bool) -> Result<u8, Failure> {
                     "age_s": now.saturating_sub(v.at) as f64 / 1000.0,
                     "publications": v.n,
                     "read_after_version": v.seen_ver,
+                    "read_after_versions": v.seen,
                 })),
             });
         }
@@ -844,7 +849,7 @@ async fn lease_release(settings: Settings, instance: String) -> Result<u8, Failu
         println!("no permit entry for {instance} (table {}, key {}); nothing to remove", settings.lease.table, p.key);
         return Ok(OK);
     };
-    if p.remove(&instance, &h.tok, h.kind).await.map_err(runtime)? {
+    if p.remove(record.shard(&instance), &instance, &h.tok, h.kind).await.map_err(runtime)? {
         warn!(instance_id = %instance, key = %p.key, "permit entry removed by hand");
         println!(
             "removed the {} entry of {instance} (taken at {} ms, expiring at {} ms)",

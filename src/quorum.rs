@@ -55,6 +55,14 @@ impl Members {
         }
     }
 
+    /// `id`'s place among the members by id (`None`: not a member, or only a count is known).
+    pub fn rank(&self, id: &str) -> Option<usize> {
+        match self {
+            Members::Ids(ids) => ids.contains(id).then(|| ids.iter().take_while(|m| m.as_str() < id).count()),
+            Members::Count(_) => None,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

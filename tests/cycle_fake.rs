@@ -491,7 +491,7 @@ mod strict {
         let store = FakeStore::new();
         strict(&mut h, &store);
         let peer = fake_permits(&store, KEY, "i-0003");
-        let Acquired::Granted(held) = peer.acquire(Kind::Slot, 1).await.unwrap() else { panic!() };
+        let Acquired::Granted(held) = peer.acquire(Kind::Slot, 1, None).await.unwrap() else { panic!() };
         let start = tokio::time::Instant::now();
         let release = tokio::spawn(async move {
             tokio::time::sleep(S(5)).await;
@@ -546,7 +546,7 @@ mod strict {
             Box::pin(async move {
                 if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
                     self.x.lock().await.take().unwrap().release().await;
-                    let Acquired::Granted(p) = self.y.acquire(Kind::Slot, 2).await.unwrap() else {
+                    let Acquired::Granted(p) = self.y.acquire(Kind::Slot, 2, None).await.unwrap() else {
                         panic!("y takes the slot x freed")
                     };
                     *self.y_held.lock().await = Some(p);
@@ -571,7 +571,7 @@ mod strict {
         h.cycle.timing.max_checks = 1;
         let store = FakeStore::new();
         let (x_id, y_id) = (ids(8)[6].clone(), ids(8)[7].clone());
-        let Acquired::Granted(x) = fake_permits(&store, KEY, &x_id).acquire(Kind::Slot, 2).await.unwrap() else {
+        let Acquired::Granted(x) = fake_permits(&store, KEY, &x_id).acquire(Kind::Slot, 2, None).await.unwrap() else {
             panic!()
         };
         let boundary = Arc::new(Boundary {
@@ -758,10 +758,10 @@ mod strict {
         let slow = Permits { skew_ms: -(skew.as_millis() as i64), ..fake_permits(&store, KEY, "i-slow") };
         let peer = fake_permits(&store, KEY, "i-peer");
         let start = tokio::time::Instant::now();
-        let Acquired::Granted(held) = slow.acquire(Kind::Slot, 1).await.unwrap() else { panic!() };
+        let Acquired::Granted(held) = slow.acquire(Kind::Slot, 1, None).await.unwrap() else { panic!() };
         loop {
             tokio::time::sleep(S(1)).await;
-            if let Acquired::Granted(_) = peer.acquire(Kind::Slot, 1).await.unwrap() {
+            if let Acquired::Granted(_) = peer.acquire(Kind::Slot, 1, None).await.unwrap() {
                 return (held.lost().is_none(), start.elapsed());
             }
         }
@@ -782,11 +782,11 @@ mod strict {
         let store = FakeStore::new();
         let dead = fake_permits(&store, KEY, "i-dead");
         let peer = fake_permits(&store, KEY, "i-peer");
-        let Acquired::Granted(held) = dead.acquire(Kind::Slot, 1).await.unwrap() else { panic!() };
+        let Acquired::Granted(held) = dead.acquire(Kind::Slot, 1, None).await.unwrap() else { panic!() };
         drop(held); // kill -9: no more renewals, no release
         let start = tokio::time::Instant::now();
         let waited = loop {
-            match peer.acquire(Kind::Slot, 1).await.unwrap() {
+            match peer.acquire(Kind::Slot, 1, None).await.unwrap() {
                 Acquired::Granted(_) => break start.elapsed(),
                 Acquired::Refused { holders } => assert_eq!(holders, vec!["i-dead".to_string()]),
                 Acquired::Paced { .. } => panic!("no pacing here"),
@@ -809,10 +809,7 @@ mod strict {
                 ver: 4,
                 holders: [(me(), old), ("i-0003".into(), peer)].into(),
                 complete: true,
-                window_start: 0,
-                window_grants: 0,
-                window_quota: None,
-                batches: Default::default(),
+                ..Record::default()
             },
         );
         strict(&mut h, &store);
@@ -825,10 +822,7 @@ mod strict {
                 ver: 9,
                 holders: [(me(), Holder { tok: "x".into(), exp: u64::MAX / 2, since: 1, kind: Kind::Slot })].into(),
                 complete: true,
-                window_start: 0,
-                window_grants: 0,
-                window_quota: None,
-                batches: Default::default(),
+                ..Record::default()
             },
         );
         h.cycle.state.save(&record(Step::Deregistering, &me())).unwrap();
@@ -849,18 +843,7 @@ mod strict {
         let mut h = harness(4, S(0), S(5));
         let store = FakeStore::new();
         let old = Holder { tok: "old".into(), exp: u64::MAX / 2, since: 1, kind: Kind::Slot };
-        store.set_record(
-            KEY,
-            Record {
-                ver: 4,
-                holders: [(me(), old)].into(),
-                complete: true,
-                window_start: 0,
-                window_grants: 0,
-                window_quota: None,
-                batches: Default::default(),
-            },
-        );
+        store.set_record(KEY, Record { ver: 4, holders: [(me(), old)].into(), complete: true, ..Record::default() });
         store.fault(StoreOp::Remove, StoreFault::ServerError);
         store.fault(StoreOp::Remove, StoreFault::Throttled);
         strict(&mut h, &store);
@@ -874,12 +857,14 @@ mod strict {
         let store = FakeStore::new();
         let holder = Permits { max_hold: S(12), ..short(&store, "i-long") };
         let peer = short(&store, "i-peer");
-        let Acquired::Granted(held) = holder.acquire(Kind::Slot, 1).await.unwrap() else { panic!() };
+        let Acquired::Granted(held) = holder.acquire(Kind::Slot, 1, None).await.unwrap() else { panic!() };
         tokio::time::sleep(S(60)).await;
         let renewals: Vec<Duration> = store.calls().iter().filter(|c| c.op == StoreOp::Renew).map(|c| c.at).collect();
         assert!(!renewals.is_empty() && renewals.iter().all(|at| *at < S(12)), "{renewals:?}");
         assert!(held.lost().is_some(), "past exp − G without renewal");
-        let Acquired::Granted(_) = peer.acquire(Kind::Slot, 1).await.unwrap() else { panic!("the entry expired") };
+        let Acquired::Granted(_) = peer.acquire(Kind::Slot, 1, None).await.unwrap() else {
+            panic!("the entry expired")
+        };
     }
 
     #[tokio::test(start_paused = true)]
@@ -905,15 +890,7 @@ mod strict {
         let peer = Holder { tok: "p".into(), exp: u64::MAX / 2, since: 1, kind: Kind::Slot };
         store.set_record(
             KEY,
-            Record {
-                ver: 1,
-                holders: [("i-0003".to_string(), peer)].into(),
-                complete: true,
-                window_start: 0,
-                window_grants: 0,
-                window_quota: None,
-                batches: Default::default(),
-            },
+            Record { ver: 1, holders: [("i-0003".to_string(), peer)].into(), complete: true, ..Record::default() },
         );
         strict(&mut h, &store);
         h.cycle.timing.max_checks = 2;

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use common::*;
 use elb_quorum::lease::dynamo::DynamoStore;
-use elb_quorum::lease::{view_key, Acquired, Kind, LeaseError, PermitStore, Permits, SharedWrite, Write, Written};
+use elb_quorum::lease::{
+    view_key, Acquired, Kind, LeaseError, PermitStore, Permits, Record, SharedWrite, Write, Written,
+};
 
 const TABLE: &str = "elb-quorum-permits";
 
@@ -36,6 +38,7 @@ fn permits<S: PermitStore + 'static>(store: &Arc<S>, key: &str, me: &str) -> Per
         skew_ms: 0,
         leave_rate: 0.0,
         clock: Default::default(),
+        seen_shards: Default::default(),
     }
 }
 
@@ -52,17 +55,17 @@ async fn acquire_full_exempt_heartbeat_release() {
     let (_moto, store) = setup().await;
     let key = "web.example.com";
     let (a, b) = (permits(&store, key, "i-a"), permits(&store, key, "i-b"));
-    let held = granted(a.acquire(Kind::Slot, 1).await.unwrap());
+    let held = granted(a.acquire(Kind::Slot, 1, None).await.unwrap());
     let r = a.read().await.unwrap();
-    assert_eq!((r.ver, held.ver), (2, 2), "the record made (ver 1), then the claim (ver 2)");
+    assert_eq!((r.ver, held.after.ver), (2, 2), "the record made (ver 1), then the claim (ver 2)");
     assert!(r.complete);
     assert_eq!(r.holders["i-a"].tok, held.holder.tok);
     assert_eq!(r.holders["i-a"].kind, Kind::Slot);
-    match b.acquire(Kind::Slot, 1).await.unwrap() {
+    match b.acquire(Kind::Slot, 1, None).await.unwrap() {
         Acquired::Refused { holders } => assert_eq!(holders, vec!["i-a".to_string()]),
         Acquired::Granted(_) | Acquired::Paced { .. } => panic!("one permit, already held"),
     }
-    let exempt = granted(b.acquire(Kind::Exempt, 1).await.unwrap());
+    let exempt = granted(b.acquire(Kind::Exempt, 1, None).await.unwrap());
     assert_eq!(exempt.others, ["i-a".to_string()].into(), "the slot holder counts as out");
     let first = a.read().await.unwrap();
     // The heartbeats renew every D/4 (2 s here): wait for both renewals, not for a time.
@@ -88,13 +91,13 @@ async fn acquire_full_exempt_heartbeat_release() {
 async fn an_expired_entry_is_taken_over_and_pruned() {
     let (_moto, store) = setup().await;
     let key = "web.example.com";
-    let dead = granted(permits(&store, key, "i-dead").acquire(Kind::Slot, 1).await.unwrap());
+    let dead = granted(permits(&store, key, "i-dead").acquire(Kind::Slot, 1, None).await.unwrap());
     drop(dead); // kill -9: no renewal, no release
     let peer = permits(&store, key, "i-peer");
-    assert!(matches!(peer.acquire(Kind::Slot, 1).await.unwrap(), Acquired::Refused { .. }));
+    assert!(matches!(peer.acquire(Kind::Slot, 1, None).await.unwrap(), Acquired::Refused { .. }));
     // The peer's clock 11 s later (> D + G = 11 s after the entry was taken), without waiting.
     let later = Permits { skew_ms: 11_500, ..peer };
-    let held = granted(later.acquire(Kind::Slot, 1).await.unwrap());
+    let held = granted(later.acquire(Kind::Slot, 1, None).await.unwrap());
     assert!(held.others.is_empty());
     let r = later.read().await.unwrap();
     assert_eq!(r.holders.keys().collect::<Vec<_>>(), ["i-peer"], "the dead entry was removed, by its token");
@@ -105,11 +108,11 @@ async fn a_holder_notices_when_its_entry_is_removed() {
     let (_moto, store) = setup().await;
     let key = "web.example.com";
     let a = permits(&store, key, "i-a");
-    let held = granted(a.acquire(Kind::Slot, 1).await.unwrap());
+    let held = granted(a.acquire(Kind::Slot, 1, None).await.unwrap());
     // An operator's `lease release --instance i-a`: conditional on the token read.
     let tok = a.read().await.unwrap().holders["i-a"].tok.clone();
-    assert!(!a.remove("i-a", "not-the-token", Kind::Slot).await.unwrap(), "a stale token removes nothing");
-    assert!(a.remove("i-a", &tok, Kind::Slot).await.unwrap());
+    assert!(!a.remove(0, "i-a", "not-the-token", Kind::Slot).await.unwrap(), "a stale token removes nothing");
+    assert!(a.remove(0, "i-a", &tok, Kind::Slot).await.unwrap());
     // The next renewal (D/4 = 2 s) finds the token gone; `trusted until` (5 s) is not reached yet.
     let why = tokio::time::timeout(Duration::from_secs(4), async {
         loop {
@@ -145,7 +148,7 @@ async fn twenty_contenders_two_permits_fifty_rounds() {
         let tasks: Vec<_> = (0..20)
             .map(|i| {
                 let p = permits(&store, &key, &format!("i-{i:02}"));
-                tokio::spawn(async move { p.acquire(Kind::Slot, 2).await })
+                tokio::spawn(async move { p.acquire(Kind::Slot, 2, None).await })
             })
             .collect();
         let mut winners = Vec::new();
@@ -171,8 +174,8 @@ async fn claims_are_capped_by_size_and_the_shared_view_is_leased_and_ordered() {
     let (_moto, store) = setup().await;
     let key = "cap.example.com";
     let ps: Vec<Permits> = (0..4).map(|i| permits(&store, key, &format!("i-{i}"))).collect();
-    let a = granted(ps[0].acquire(Kind::Slot, 2).await.unwrap());
-    let b = granted(ps[1].acquire(Kind::Slot, 2).await.unwrap());
+    let a = granted(ps[0].acquire(Kind::Slot, 2, None).await.unwrap());
+    let b = granted(ps[1].acquire(Kind::Slot, 2, None).await.unwrap());
     assert_eq!((a.others.len(), b.others.len()), (0, 1), "each grant counts the holders the store had then");
     // A claim written past a stale read: the store's size condition refuses it.
     let holder = elb_quorum::lease::Holder { tok: "t".into(), exp: u64::MAX / 2, since: 1, kind: Kind::Slot };
@@ -219,7 +222,7 @@ async fn claims_are_capped_by_size_and_the_shared_view_is_leased_and_ordered() {
     assert!(store.write_shared(&vk, lease("i-a", now + 1001, now + 2000)).await.unwrap());
     assert!(!store.write_shared(&vk, lease("i-b", now + 2000 + handoff, now + 3000)).await.unwrap());
     assert!(store.write_shared(&vk, lease("i-b", now + 2001 + handoff, now + 3000)).await.unwrap(), "handed off");
-    let publish = |v: u64, d: &str| SharedWrite::Publish { seen_ver: v, at: now, data: d.into() };
+    let publish = |v: u64, d: &str| SharedWrite::Publish { seen_ver: v, seen: Vec::new(), at: now, data: d.into() };
     assert!(store.write_shared(&vk, publish(5, "five")).await.unwrap());
     assert!(store.write_shared(&vk, publish(5, "five again")).await.unwrap(), "the same version: a later read");
     assert!(!store.write_shared(&vk, publish(4, "older")).await.unwrap());
@@ -239,13 +242,20 @@ async fn batch_writes(store: Arc<dyn PermitStore>) {
     let key = "batch.example.com";
     let ps = |me: &str| Permits { store: store.clone(), ..permits_on(key, me) };
     let (a, b, c) = (ps("i-a"), ps("i-b"), ps("i-c"));
-    let held_a = granted(a.acquire(Kind::Slot, 2).await.unwrap());
-    let held_b = granted(b.acquire(Kind::Slot, 2).await.unwrap());
+    let held_a = granted(a.acquire(Kind::Slot, 2, None).await.unwrap());
+    let held_b = granted(b.acquire(Kind::Slot, 2, None).await.unwrap());
     let set = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<std::collections::BTreeSet<String>>();
-    let after = a.ask(&held_a.holder, Way::Out, set(&["t1/i-a@0000000a"])).await.unwrap().expect("a's entry");
+    let after = a.ask(0, &held_a.holder, Way::Out, set(&["t1/i-a@0000000a"])).await.unwrap().expect("a's entry");
     assert_eq!(after.batches.want_out, set(&["t1/i-a@0000000a"]), "the record after the ask");
-    assert!(b.ask(&held_b.holder, Way::Out, set(&["t1/i-b:80@0000000a", "t2/i-b@0000000a"])).await.unwrap().is_some());
-    assert!(c.ask(&held_a.holder, Way::In, set(&["t1/i-c@0000000a"])).await.unwrap().is_none(), "i-c holds no entry");
+    assert!(b
+        .ask(0, &held_b.holder, Way::Out, set(&["t1/i-b:80@0000000a", "t2/i-b@0000000a"]))
+        .await
+        .unwrap()
+        .is_some());
+    assert!(
+        c.ask(0, &held_a.holder, Way::In, set(&["t1/i-c@0000000a"])).await.unwrap().is_none(),
+        "i-c holds no entry"
+    );
     let r = c.read().await.unwrap();
     assert_eq!(r.batches.want_out, set(&["t1/i-a@0000000a", "t1/i-b:80@0000000a", "t2/i-b@0000000a"]));
     assert!(r.batches.want_in.is_empty() && r.batches.claim.is_none());
@@ -261,8 +271,11 @@ async fn batch_writes(store: Arc<dyn PermitStore>) {
     let claim_after = c.read().await.unwrap().batches;
     assert_eq!((claim_after.withdrawals, claim_after.want_out.len()), (1, 3), "i-c's withdrawal counted");
     let ended = c.now();
-    assert!(c.end_batch(&claim, set(&["t1/i-b:80@0000000a"]), set(&[]), 3).await.unwrap());
-    assert!(!c.end_batch(&claim, set(&["t1/i-a@0000000a"]), set(&[]), 1).await.unwrap(), "ended already");
+    assert!(c.end_batch(&Record::default(), &claim, set(&["t1/i-b:80@0000000a"]), set(&[]), 3).await.unwrap());
+    assert!(
+        !c.end_batch(&Record::default(), &claim, set(&["t1/i-a@0000000a"]), set(&[]), 1).await.unwrap(),
+        "ended already"
+    );
     let r = c.read().await.unwrap();
     assert_eq!(r.batches.want_out, set(&["t1/i-a@0000000a", "t2/i-b@0000000a"]));
     assert!(r.batches.claim.is_none(), "{:?}", r.batches);
@@ -272,14 +285,17 @@ async fn batch_writes(store: Arc<dyn PermitStore>) {
     a.withdraw(Duration::from_secs(1)).await.unwrap();
     let r = c.read().await.unwrap();
     assert_eq!((r.batches.want_out.clone(), r.batches.withdrawals), (set(&["t2/i-b@0000000a"]), 2));
-    assert!(b.ask(&held_b.holder, Way::In, set(&["t1/i-b:80@0000000a"])).await.unwrap().is_some());
+    assert!(b.ask(0, &held_b.holder, Way::In, set(&["t1/i-b:80@0000000a"])).await.unwrap().is_some());
     // Past the gap, a claim that read the withdrawals before the last one is refused.
     let gap = r.batches.next.saturating_sub(c.now());
     tokio::time::sleep(Duration::from_millis(gap + 1)).await;
     assert!(c.take_batch(set(&["i-b"]), 1).await.unwrap().is_none(), "a withdrawal came since");
     let claim = c.take_batch(set(&["i-b"]), 2).await.unwrap().expect("the gap is over");
     assert!(claim.until >= c.now() + BATCH_CLAIM.as_millis() as u64 - 1000);
-    assert!(c.end_batch(&claim, set(&["t2/i-b@0000000a"]), set(&["t1/i-b:80@0000000a"]), 2).await.unwrap());
+    assert!(c
+        .end_batch(&Record::default(), &claim, set(&["t2/i-b@0000000a"]), set(&["t1/i-b:80@0000000a"]), 2)
+        .await
+        .unwrap());
     let r = c.read().await.unwrap();
     assert!(r.batches.want_out.is_empty() && r.batches.want_in.is_empty(), "{:?}", r.batches);
     held_a.release().await;
@@ -299,4 +315,92 @@ async fn batch_writes_in_dynamodb() {
 #[tokio::test(flavor = "current_thread")]
 async fn batch_writes_in_the_fake_store() {
     batch_writes(Arc::new(elb_quorum::fake::FakeStore::new())).await;
+}
+
+/// The record spread over shards (a cluster of more than `SLOTS_PER_SHARD` permits and no pace),
+/// as DynamoDB (moto) evaluates its writes, and the fake store the same way: `np` only grows, a
+/// slot goes to the claimant's home shard and is renewed and released there, asks are made in it,
+/// `Forget` removes elements from a shard and a withdrawal with none left in shard 0 is still
+/// counted there, and a view's per-shard versions read back.
+async fn shard_writes(store: Arc<dyn PermitStore>) {
+    use elb_quorum::lease::batch::Way;
+    use elb_quorum::lease::{shard_key, shards_for, After};
+    let key = "big.example.com";
+    let ps = |me: &str| Permits { store: store.clone(), ..permits_on(key, me) };
+    let (limit, members) = (60, 240);
+    assert_eq!(shards_for(limit, 0.0), 3);
+    let (a, b) = (ps("i-a"), ps("i-b"));
+    let held_a = granted(a.acquire(Kind::Slot, limit, Some((0, members))).await.unwrap());
+    let held_b = granted(b.acquire(Kind::Slot, limit, Some((239, members))).await.unwrap());
+    assert_eq!((held_a.after.shard, held_b.after.shard), (1, 2));
+    let r = a.read().await.unwrap();
+    assert_eq!((r.shards, r.vers.len(), r.holders.len()), (3, 3, 2));
+    assert_eq!((r.shard("i-a"), r.shard("i-b")), (1, 2));
+    let first = store.load(key).await.unwrap().unwrap();
+    assert!(first.holders.is_empty(), "shard 0 holds no slot once spread");
+    assert_eq!(first.shards, 3);
+    assert!(!store.write(key, Write::Shards { n: 2 }).await.unwrap().applied(), "never fewer shards");
+    assert!(!store.write(key, Write::Shards { n: 3 }).await.unwrap().applied());
+    let touched = held_a.toucher().touch().await.unwrap();
+    assert_eq!(touched.shard, 1);
+    assert_eq!(touched.ver, store.load(&shard_key(key, 1)).await.unwrap().unwrap().ver);
+    let set = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<std::collections::BTreeSet<String>>();
+    assert!(a.ask(1, &held_a.holder, Way::Out, set(&["t1/i-a@0000000a"])).await.unwrap().is_some());
+    assert!(a.ask(2, &held_a.holder, Way::Out, set(&["t1/i-a@0000000b"])).await.unwrap().is_none(), "not its shard");
+    assert!(b.ask(2, &held_b.holder, Way::In, set(&["t1/i-b@0000000a"])).await.unwrap().is_some());
+    let r = a.read().await.unwrap();
+    assert_eq!(
+        (r.batches.want_out.clone(), r.batches.want_in.clone()),
+        (set(&["t1/i-a@0000000a"]), set(&["t1/i-b@0000000a"]))
+    );
+    assert!(store
+        .write(&shard_key(key, 2), Write::Forget { elems: set(&["t1/i-b@0000000a"]) })
+        .await
+        .unwrap()
+        .applied());
+    a.withdraw(Duration::from_secs(1)).await.unwrap();
+    let r = a.read().await.unwrap();
+    assert!(r.batches.want_out.is_empty() && r.batches.want_in.is_empty(), "{:?}", r.batches);
+    assert_eq!(r.batches.withdrawals, 1, "counted in shard 0 though its element was in shard 1");
+    // A view read after both shards' writes, and one read before b's grant.
+    let vk = view_key(key);
+    let now = a.now();
+    let vers = r.vers.clone();
+    assert!(a.publish_view(&vers, now, "v".into()).await.unwrap());
+    let s = store.load_shared(&vk).await.unwrap().unwrap();
+    assert_eq!((s.seen.clone(), s.seen_ver), (vers.clone(), vers.iter().sum::<u64>()));
+    assert!(s.read_after(held_b.after) && s.read_after(touched));
+    assert!(!s.read_after(After { shard: 2, ver: vers[2] + 1 }));
+    let older: Vec<u64> = vers.iter().map(|v| v - 1).collect();
+    assert!(!a.publish_view(&older, now, "older".into()).await.unwrap(), "an earlier read never replaces it");
+    held_a.release().await;
+    held_b.release().await;
+    let r = a.read().await.unwrap();
+    assert!(r.holders.is_empty(), "released in their shards");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn shard_writes_in_dynamodb() {
+    let (moto, store) = setup().await;
+    shard_writes(store).await;
+    // `np` lives in an entry of `exempt` with no token: a version that knows no shards reads the
+    // record as malformed and fails closed, rather than count shard 0's holders alone.
+    let client = aws_sdk_dynamodb::Client::new(&moto.sdk_config().await);
+    let item = client
+        .get_item()
+        .table_name(TABLE)
+        .key("pk", aws_sdk_dynamodb::types::AttributeValue::S("big.example.com".into()))
+        .send()
+        .await
+        .unwrap()
+        .item
+        .expect("shard 0");
+    let entry = item["exempt"].as_m().unwrap()[elb_quorum::lease::dynamo::SHARDS_ENTRY].as_m().unwrap();
+    assert_eq!(entry["n"].as_n().unwrap(), "3");
+    assert!(!entry.contains_key("tok"), "{entry:?}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn shard_writes_in_the_fake_store() {
+    shard_writes(Arc::new(elb_quorum::fake::FakeStore::new())).await;
 }

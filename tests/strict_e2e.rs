@@ -218,10 +218,11 @@ fn missing_table_stuck_entries_and_bad_values_from_the_command_line() {
             skew_ms: 0,
             leave_rate: 0.0,
             clock: Default::default(),
+            seen_shards: Default::default(),
         }
     });
     rt.block_on(async {
-        let held = permits.acquire(elb_quorum::lease::Kind::Slot, 1).await.unwrap();
+        let held = permits.acquire(elb_quorum::lease::Kind::Slot, 1, None).await.unwrap();
         std::mem::forget(held); // never released
     });
     let release = ["lease", "release", "--instance", &ids[1], "--hostname", &host, "--domain", "example.com"];

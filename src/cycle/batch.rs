@@ -42,8 +42,11 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         if elems.is_empty() {
             return false;
         }
-        let mut known = match permits.ask(&permit.holder, way, elems.clone()).await {
-            Ok(Some(after)) => Some(after),
+        let shard = permit.after.shard;
+        let mut known = match permits.ask(shard, &permit.holder, way, elems.clone()).await {
+            // Shard 0's record after the ask is the whole record's first part; another shard's
+            // alone is not (the claim is in shard 0): read it all.
+            Ok(Some(after)) => (shard == 0 && after.shards <= 1).then_some(after),
             Ok(None) => {
                 warn!(instance_id = %self.me, "the permit entry is gone: making the registration calls itself");
                 return false;
@@ -147,7 +150,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 }
             }
         }
-        if let Err(e) = permits.end_batch(&claim, out, back, calls).await {
+        if let Err(e) = permits.end_batch(record, &claim, out, back, calls).await {
             warn!(error = %e, "ending the batch claim failed; it expires by itself");
         }
         true

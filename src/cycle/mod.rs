@@ -36,8 +36,8 @@ use crate::lb::{
 };
 use crate::lease::batch::Way;
 use crate::lease::{
-    plan, record_beyond_item, Acquired, Holder, Kind, LeaseError, Permit, Permits, Plan, Shared, Toucher,
-    PACE_WITHIN_ITEM, PERMITS_WITHIN_ITEM,
+    home_members, home_shard, plan, record_beyond_item, shard_limit, Acquired, After, Holder, Kind, LeaseError, Permit,
+    Permits, Plan, Shared, Toucher, PACE_WITHIN_ITEM, PERMITS_WITHIN_ITEM,
 };
 use crate::quorum::{combine, decide, holds_without_me, Decision, Members, Reason, Rule, Snapshot, Verdict, Zone};
 use crate::supervisor::{Services, SupervisorError};
@@ -422,9 +422,9 @@ pub struct Cycle<L, M, S> {
 /// Strict mode, while a permit is held: the shared view this holder may use.
 #[derive(Clone)]
 struct Cursor {
-    /// A view must have been read after this version of the permit record (the grant, then the
-    /// touch after registering).
-    need: u64,
+    /// A view must have been read after this permit write (the grant, then the touch after
+    /// registering).
+    need: After,
     /// The publication last used: the next poll round waits for a later one.
     last_n: u64,
     timings: Vec<LbTimings>,
@@ -458,6 +458,10 @@ enum Gate {
 struct Watch {
     seen: BTreeSet<String>,
     holding: usize,
+    /// This instance's place among the members at the last check (`Members::rank`), and their
+    /// number: with the record in shards, it watches and claims in its home shard
+    /// (`lease::home_shard`).
+    rank: Option<(usize, usize)>,
 }
 
 impl Watch {
@@ -903,7 +907,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         loop {
             check += 1;
             let mut raced = false;
-            let last = match self.strict_check(permits, req, &mut members).await {
+            let last = match self.strict_check(permits, req, &mut members, &mut watch.rank).await {
                 Ok(StrictCheck::InStandby) => return Ok(Gate::InStandby),
                 Ok(StrictCheck::Paced(wait)) => {
                     // Not a verdict: the cluster is leaving at its pace. Ask again after the gap,
@@ -989,7 +993,14 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// Strict mode, refused a slot: reads the permit record until one is free (true, at once) or
     /// until `until` (true); false when asked to stop. Read failures are left to the next check.
     async fn watch(&self, permits: &Permits, members: usize, until: Instant, watch: &mut Watch) -> bool {
-        let limit = self.rule.permits(members);
+        // With the record in shards, the home shard alone: its members, its share of L.
+        let shards = permits.shards_seen();
+        let all = self.rule.permits(members);
+        let home = watch.rank.filter(|_| shards > 1).map(|(r, m)| home_shard(r, m, all, shards));
+        let (members, limit) = match home {
+            Some(h) => (home_members(members, all, shards, h), shard_limit(all, shards, h)),
+            None => (members, all),
+        };
         loop {
             let now = Instant::now();
             if now >= until {
@@ -1002,7 +1013,11 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             if Instant::now() >= until {
                 return true;
             }
-            if let Ok(record) = permits.read().await {
+            let read = match home {
+                Some(h) => permits.read_shard(h).await,
+                None => permits.read().await,
+            };
+            if let Ok(record) = read {
                 let now = permits.now();
                 let slots = record.other_slots(&self.me, now, permits.grace);
                 watch.saw(&slots);
@@ -1033,9 +1048,11 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         permits: &Permits,
         req: &RestartRequest,
         members: &mut usize,
+        rank: &mut Option<(usize, usize)>,
     ) -> Result<StrictCheck, CycleError> {
         let (seen, seen_at, seen_n) = self.view_for_limit(permits).await?;
         *members = seen.roster.members.len();
+        *rank = seen.roster.members.rank(&self.me).map(|r| (r, *members));
         if seen.roster.in_standby(&self.me) {
             return Ok(StrictCheck::InStandby);
         }
@@ -1043,7 +1060,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         let mut kind = if req.serves_nothing() { Kind::Exempt } else { Kind::Slot };
         let mut exemption_lost = false;
         loop {
-            let mut permit = match permits.acquire(kind, limit).await? {
+            let mut permit = match permits.acquire(kind, limit, *rank).await? {
                 Acquired::Granted(p) => p,
                 Acquired::Paced { wait } => return Ok(StrictCheck::Paced(wait)),
                 Acquired::Refused { holders } => {
@@ -1053,7 +1070,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     // Whether this instance serves, from a view at most `EXEMPTION_VIEW_AGE` old.
                     let old = permits.now().saturating_sub(seen_at) > EXEMPTION_VIEW_AGE.as_millis() as u64;
                     let listed = if old {
-                        self.shared_view(permits, 0, seen_n, None).await?.0.listed
+                        self.shared_view(permits, After::default(), seen_n, None).await?.0.listed
                     } else {
                         seen.listed.clone()
                     };
@@ -1066,7 +1083,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 }
             };
             // Read after the permit was granted: only this view may let the instance leave.
-            let (view, n) = match self.shared_view(permits, permit.ver, 0, None).await {
+            let (view, n) = match self.shared_view(permits, permit.after, 0, None).await {
                 Ok(v) => v,
                 Err(e) => {
                     permit.release().await;
@@ -1104,7 +1121,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             }
             if decision.may_leave() {
                 *self.cursor.lock().unwrap() =
-                    Some(Cursor { need: permit.ver, last_n: n, timings: view.timings, toucher: permit.toucher() });
+                    Some(Cursor { need: permit.after, last_n: n, timings: view.timings, toucher: permit.toucher() });
                 return Ok(StrictCheck::Allowed(decision, obs, permit));
             }
             permit.release().await;
@@ -1127,7 +1144,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             }
             s => {
                 let after_n = s.as_ref().map_or(0, |s| s.n);
-                let (view, n) = self.shared_view(permits, 0, after_n, Some(s)).await?;
+                let (view, n) = self.shared_view(permits, After::default(), after_n, Some(s)).await?;
                 Ok((view, permits.now(), n))
             }
         }
@@ -1141,7 +1158,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         })
     }
 
-    /// Strict mode: a shared view read after the permit record's version `need` and published
+    /// Strict mode: a shared view read after the permit write `need` and published
     /// after publication `after_n`, with its publication number. When the stored one is not, this
     /// instance refreshes it if the refresh lease is free (members, every attachment's targets, and
     /// their timings when older than `TIMINGS_MAX_AGE`), else waits for the instance that holds
@@ -1151,7 +1168,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     async fn shared_view(
         &self,
         permits: &Permits,
-        need: u64,
+        need: After,
         after_n: u64,
         read: Option<Option<Shared>>,
     ) -> Result<(View, u64), CycleError> {
@@ -1162,7 +1179,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 Some(held) => held,
                 None => permits.shared().await?,
             };
-            if let Some(s) = current.as_ref().filter(|s| s.n > after_n && s.seen_ver >= need && !s.data.is_empty()) {
+            if let Some(s) = current.as_ref().filter(|s| s.n > after_n && s.read_after(need) && !s.data.is_empty()) {
                 let view = View::decode(&s.data).map_err(|d| self.malformed_view(permits, d))?;
                 return Ok((view, s.n));
             }
@@ -1186,7 +1203,12 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                 return Err(CycleError::Lease(LeaseError::Unavailable {
                     table: permits.store.table().into(),
                     action: "shared view",
-                    detail: format!("no view read after version {need} within {} s", VIEW_WAIT.as_secs()),
+                    detail: format!(
+                        "no view read after version {} of shard {} within {} s",
+                        need.ver,
+                        need.shard,
+                        VIEW_WAIT.as_secs()
+                    ),
                 }));
             }
             // The lease's holder refreshes again as soon as its lease ends (nobody else publishes
@@ -1213,7 +1235,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// older than `TIMINGS_MAX_AGE`) and publishes them, holding the refresh lease; returns the
     /// view with its publication number.
     async fn refresh_view(&self, permits: &Permits, current: Option<&Shared>) -> Result<(View, u64), CycleError> {
-        let seen_ver = permits.read().await?.ver;
+        let vers = permits.read().await?.vers;
         let at = permits.now();
         let max_age = TIMINGS_MAX_AGE.as_millis() as u64;
         let previous = current
@@ -1226,7 +1248,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             None => (self.timings().await?, at),
         };
         let view = View { roster, listed, timings, timings_at };
-        permits.publish_view(seen_ver, at, view.encode()).await?;
+        permits.publish_view(&vers, at, view.encode()).await?;
         Ok((view, current.map_or(0, |s| s.n) + 1))
     }
 
@@ -1746,9 +1768,9 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         let toucher = self.cursor.lock().unwrap().as_ref().map(|c| c.toucher.clone());
         if let Some(toucher) = toucher {
             match toucher.touch().await {
-                Ok(ver) => {
+                Ok(after) => {
                     if let Some(c) = self.cursor.lock().unwrap().as_mut() {
-                        c.need = c.need.max(ver);
+                        c.need.ver = c.need.ver.max(after.ver);
                     }
                 }
                 Err(e) => {

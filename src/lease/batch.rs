@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::{token, Holder, LeaseError, Permits, Record, Write, Written};
+use super::{shard_key, token, Holder, LeaseError, Permits, Record, Write, Written};
 use crate::lb::Target;
 
 /// A batch claim's lifetime: its calls are made within it.
@@ -167,11 +167,18 @@ pub fn plan_batch<T>(record: &Record, now: u64, grace: Duration, tags: &BTreeMap
 }
 
 impl Permits {
-    /// Asks the batches to move `elems` (this holder's targets) `way`: the record after the ask,
-    /// or `None` when the entry is no longer `holder`'s (the permit is lost).
-    pub async fn ask(&self, holder: &Holder, way: Way, elems: BTreeSet<String>) -> Result<Option<Record>, LeaseError> {
+    /// Asks the batches to move `elems` (this holder's targets) `way`, in the shard holding its
+    /// entry: that shard's record after the ask, or `None` when the entry is no longer `holder`'s
+    /// (the permit is lost).
+    pub async fn ask(
+        &self,
+        shard: usize,
+        holder: &Holder,
+        way: Way,
+        elems: BTreeSet<String>,
+    ) -> Result<Option<Record>, LeaseError> {
         let write = Write::Ask { id: self.me.clone(), tok: holder.tok.clone(), kind: holder.kind, way, elems };
-        Ok(match self.store.write(&self.key, write).await? {
+        Ok(match self.store.write(&shard_key(&self.key, shard), write).await? {
             Written::Applied(after) => Some(after),
             Written::Conflict(_) => None,
         })
@@ -179,8 +186,11 @@ impl Permits {
 
     /// Removes this instance's elements from both sets once no claim naming it is live, waiting
     /// that claim out (`Claim::live`): after it, no batch calls the load balancer for this
-    /// instance. Throttled or failed store calls are tried again (pauses from 0.5 s doubling to
-    /// 4 s); gives up after `wait`, or at once on a permanent error.
+    /// instance. Elements in other shards than 0 go first (`Write::Forget`), then shard 0's with
+    /// the withdrawal counted there, where the claim is: a batcher reads shard 0 before the others,
+    /// so one that read an element since forgotten read the count before it and cannot claim.
+    /// Throttled or failed store calls are tried again (pauses from 0.5 s doubling to 4 s); gives
+    /// up after `wait`, or at once on a permanent error.
     pub async fn withdraw(&self, wait: Duration) -> Result<(), LeaseError> {
         let start = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(500);
@@ -189,6 +199,8 @@ impl Permits {
             backoff = (backoff * 2).min(Duration::from_secs(4));
             pause
         };
+        // Elements forgotten in another shard: the withdrawal must still be counted in shard 0.
+        let mut forgot = false;
         loop {
             // A store failure is kept: it is the answer if the wait runs out on it.
             let (pause, failed) = match self.read().await {
@@ -199,20 +211,16 @@ impl Permits {
                     let b = &record.batches;
                     let elems = mine(b, &self.me);
                     let claimed = b.claim.as_ref().filter(|c| c.ids.contains(&self.me) && c.live(now, self.grace));
-                    match (claimed, elems.is_empty()) {
+                    match (claimed, elems.is_empty() && !forgot) {
                         (None, true) => return Ok(()),
                         (Some(c), _) => (Duration::from_millis(c.until + Self::ms(self.grace) + 1 - now), None),
-                        (None, false) => {
-                            let stale = now.saturating_sub(Self::ms(self.grace));
-                            let write = Write::Withdraw { id: self.me.clone(), elems, stale };
-                            match self.store.write(&self.key, write).await {
-                                Ok(Written::Applied(_)) => return Ok(()),
-                                Ok(Written::Conflict(_)) => (Duration::from_millis(100), None),
-                                // Applied with its reply lost, or not: the next round's read tells.
-                                Err(e) if e.is_retryable() => (next_backoff(), Some(e)),
-                                Err(e) => return Err(e),
-                            }
-                        }
+                        (None, false) => match self.withdraw_once(&record, elems, now, &mut forgot).await {
+                            Ok(true) => return Ok(()),
+                            Ok(false) => (Duration::from_millis(100), None),
+                            // Applied with its reply lost, or not: the next round's read tells.
+                            Err(e) if e.is_retryable() => (next_backoff(), Some(e)),
+                            Err(e) => return Err(e),
+                        },
                     }
                 }
             };
@@ -227,6 +235,34 @@ impl Permits {
         }
     }
 
+    /// One withdrawal of `elems` (this instance's, in the merged `record`): true when counted.
+    async fn withdraw_once(
+        &self,
+        record: &Record,
+        elems: BTreeSet<String>,
+        now: u64,
+        forgot: &mut bool,
+    ) -> Result<bool, LeaseError> {
+        for s in 1..record.shards.max(1) {
+            let b = record.part(s).batches;
+            let here: BTreeSet<String> =
+                elems.iter().filter(|e| b.want_out.contains(*e) || b.want_in.contains(*e)).cloned().collect();
+            if !here.is_empty() {
+                self.store.write(&shard_key(&self.key, s), Write::Forget { elems: here }).await?;
+                *forgot = true;
+            }
+        }
+        let first = record.part(0).batches;
+        let elems = elems.into_iter().filter(|e| first.want_out.contains(e) || first.want_in.contains(e)).collect();
+        let stale = now.saturating_sub(Self::ms(self.grace));
+        let write = Write::Withdraw { id: self.me.clone(), elems, stale };
+        let applied = self.store.write(&self.key, write).await?.applied();
+        if applied {
+            *forgot = false;
+        }
+        Ok(applied)
+    }
+
     /// Takes the batch claim for `ids`, read with `withdrawals`: the claim, or `None` when another
     /// instance took one (or a withdrawal came) since.
     pub async fn take_batch(&self, ids: BTreeSet<String>, withdrawals: u64) -> Result<Option<Claim>, LeaseError> {
@@ -238,14 +274,28 @@ impl Permits {
     }
 
     /// Ends `claim` after `calls` load-balancer calls, the elements in `out` taken out and those
-    /// in `back` put back.
+    /// in `back` put back (`record`: the merged read the batch was planned on). Each other shard's
+    /// done elements are removed there first, then the claim ends in shard 0.
     pub async fn end_batch(
         &self,
+        record: &Record,
         claim: &Claim,
         out: BTreeSet<String>,
         back: BTreeSet<String>,
         calls: u32,
     ) -> Result<bool, LeaseError> {
+        for s in 1..record.shards.max(1) {
+            let b = record.part(s).batches;
+            let here: BTreeSet<String> = out
+                .iter()
+                .filter(|e| b.want_out.contains(*e))
+                .chain(back.iter().filter(|e| b.want_in.contains(*e)))
+                .cloned()
+                .collect();
+            if !here.is_empty() {
+                self.store.write(&shard_key(&self.key, s), Write::Forget { elems: here }).await?;
+            }
+        }
         let next = self.now() + Self::ms(BATCH_GAP_PER_CALL * calls.max(1));
         let write = Write::EndBatch { tok: claim.tok.clone(), out, back, next };
         Ok(self.store.write(&self.key, write).await?.applied())

@@ -20,6 +20,11 @@ use super::{
     BoxFuture, Holder, Kind, LeaseError, Pace, PermitStore, Record, Shared, SharedWrite, Write, Written, VIEW_HANDOFF,
 };
 
+/// The entry of `exempt` that holds `np`, the cluster's shard count (`Write::Shards`): an entry
+/// with no token, which a version that knows no shards reads as a malformed record and so fails
+/// closed on, rather than count only shard 0's holders.
+pub const SHARDS_ENTRY: &str = "~np";
+
 /// One attempt may take this long before it counts as a timeout (fail closed, retried by the SDK).
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A whole call, retries included.
@@ -187,18 +192,42 @@ impl DynamoStore {
                 .expression_attribute_values(":elems", strings(&elems))
                 .expression_attribute_values(":tok", s(&tok))
                 .expression_attribute_values(":one", n(1)),
-            Write::Withdraw { id, elems, stale } => req
-                .update_expression("DELETE #wo :elems, #wi :elems ADD #wd :one SET #v = #v + :one")
-                .condition_expression("attribute_not_exists(#bt) OR #bu < :stale OR NOT contains(#bi, :id)")
+            Write::Withdraw { id, elems, stale } => {
+                let req = req
+                    .condition_expression("attribute_not_exists(#bt) OR #bu < :stale OR NOT contains(#bi, :id)")
+                    .expression_attribute_names("#wd", "wd")
+                    .expression_attribute_names("#bt", "bt")
+                    .expression_attribute_names("#bu", "bu")
+                    .expression_attribute_names("#bi", "bi")
+                    .expression_attribute_values(":stale", n(stale))
+                    .expression_attribute_values(":id", s(&id))
+                    .expression_attribute_values(":one", n(1));
+                // DELETE takes no empty set: a withdrawal whose elements are in another shard
+                // (`Write::Forget` there) only counts itself here.
+                match elems.is_empty() {
+                    true => req.update_expression("ADD #wd :one SET #v = #v + :one"),
+                    false => req
+                        .update_expression("DELETE #wo :elems, #wi :elems ADD #wd :one SET #v = #v + :one")
+                        .expression_attribute_names("#wo", "wo")
+                        .expression_attribute_names("#wi", "wi")
+                        .expression_attribute_values(":elems", strings(&elems)),
+                }
+            }
+            Write::Forget { elems } => req
+                .update_expression("DELETE #wo :elems, #wi :elems SET #v = if_not_exists(#v, :zero) + :one")
                 .expression_attribute_names("#wo", "wo")
                 .expression_attribute_names("#wi", "wi")
-                .expression_attribute_names("#wd", "wd")
-                .expression_attribute_names("#bt", "bt")
-                .expression_attribute_names("#bu", "bu")
-                .expression_attribute_names("#bi", "bi")
                 .expression_attribute_values(":elems", strings(&elems))
-                .expression_attribute_values(":stale", n(stale))
-                .expression_attribute_values(":id", s(&id))
+                .expression_attribute_values(":zero", n(0))
+                .expression_attribute_values(":one", n(1)),
+            Write::Shards { n: shards } => req
+                .update_expression("SET #x.#np = :np, #v = #v + :one")
+                .condition_expression("attribute_exists(#x) AND (attribute_not_exists(#x.#np) OR #x.#np.#k < :n)")
+                .expression_attribute_names("#x", "exempt")
+                .expression_attribute_names("#np", SHARDS_ENTRY)
+                .expression_attribute_names("#k", "n")
+                .expression_attribute_values(":np", AttributeValue::M(HashMap::from([("n".to_owned(), n(shards as u64))])))
+                .expression_attribute_values(":n", n(shards as u64))
                 .expression_attribute_values(":one", n(1)),
             Write::TakeBatch { claim, now, stale, withdrawals } => {
                 let counted = if withdrawals == 0 { "attribute_not_exists(#wd)" } else { "#wd = :wd" };
@@ -275,8 +304,18 @@ impl DynamoStore {
             None => String::new(),
             Some(_) => return Err(malformed("d is not a string".into())),
         };
+        let seen = match item.get("svs") {
+            None => Vec::new(),
+            Some(AttributeValue::S(v)) if v.is_empty() => Vec::new(),
+            Some(AttributeValue::S(v)) => v
+                .split(',')
+                .map(|x| x.parse().map_err(|_| malformed(format!("svs {v:?} is not a list of numbers"))))
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(malformed("svs is not a string".into())),
+        };
         Ok(Some(Shared {
             seen_ver: num("sv").map_err(malformed)?,
+            seen,
             n: num("n").map_err(malformed)?,
             at: num("at").map_err(malformed)?,
             data,
@@ -302,10 +341,17 @@ impl DynamoStore {
                 .expression_attribute_values(":me", AttributeValue::S(me))
                 .expression_attribute_values(":open", n(now.saturating_sub(VIEW_HANDOFF.as_millis() as u64)))
                 .expression_attribute_values(":now", n(now)),
-            SharedWrite::Publish { seen_ver, at, data } => req
-                .update_expression("SET #sv = :sv, #at = :at, #d = :d, #n = if_not_exists(#n, :zero) + :one")
+            SharedWrite::Publish { seen_ver, seen, at, data } => req
+                .update_expression(
+                    "SET #sv = :sv, #svs = :svs, #at = :at, #d = :d, #n = if_not_exists(#n, :zero) + :one",
+                )
                 .condition_expression("attribute_not_exists(#sv) OR #sv <= :sv")
                 .expression_attribute_names("#sv", "sv")
+                .expression_attribute_names("#svs", "svs")
+                .expression_attribute_values(
+                    ":svs",
+                    AttributeValue::S(seen.iter().map(u64::to_string).collect::<Vec<_>>().join(",")),
+                )
                 .expression_attribute_names("#at", "at")
                 .expression_attribute_names("#d", "d")
                 .expression_attribute_names("#n", "n")
@@ -435,6 +481,7 @@ fn decode(item: &HashMap<String, AttributeValue>) -> Result<Record, String> {
         window_grants: number_or_zero(item, "wn")?.try_into().map_err(|_| "wn is too large".to_string())?,
         window_quota: None,
         batches: decode_batches(item)?,
+        ..Record::default()
     };
     // A quota set for another window (a version without quotas began the current one) is not this
     // window's.
@@ -449,6 +496,10 @@ fn decode(item: &HashMap<String, AttributeValue>) -> Result<Record, String> {
         };
         for (id, v) in entries {
             let AttributeValue::M(e) = v else { return Err(format!("holder {id} is not a map")) };
+            if kind == Kind::Exempt && id == SHARDS_ENTRY {
+                record.shards = number(e.get("n"), "np")?.try_into().map_err(|_| "np is too large".to_string())?;
+                continue;
+            }
             let tok = match e.get("tok") {
                 Some(AttributeValue::S(t)) => t.clone(),
                 _ => return Err(format!("holder {id}: tok is missing")),

@@ -102,6 +102,18 @@ pub struct Record {
     pub window_quota: Option<u32>,
     /// `--batch-registrations`: targets asking to be taken out or put back, and the batch claim.
     pub batches: batch::Batches,
+    /// `np` (shard 0 only): the items the cluster's entries are spread over (`shard_key`); 0 and 1
+    /// both mean this item alone.
+    pub shards: usize,
+    /// A merged read (`Permits::read`): every shard's `ver`, by shard.
+    #[serde(skip)]
+    pub vers: Vec<u64>,
+    /// A merged read: the shard of each entry held outside shard 0.
+    #[serde(skip)]
+    pub shard_of: BTreeMap<String, usize>,
+    /// A merged read of several shards: each as read, alone, by shard (empty for one item).
+    #[serde(skip)]
+    pub parts: Vec<Record>,
 }
 
 impl Record {
@@ -116,6 +128,22 @@ impl Record {
             .filter(|(id, h)| id.as_str() != me && h.kind == Kind::Slot)
             .map(|(id, _)| id.clone())
             .collect()
+    }
+}
+
+impl Record {
+    /// The shard holding `id`'s entry in a merged read (0 when none does).
+    pub fn shard(&self, id: &str) -> usize {
+        self.shard_of.get(id).copied().unwrap_or(0)
+    }
+
+    /// Shard `s` of a merged read as read, alone (a read of one item is its own shard 0).
+    pub fn part(&self, s: usize) -> Record {
+        match self.parts.get(s) {
+            Some(p) => p.clone(),
+            None if s == 0 => self.clone(),
+            None => Record::default(),
+        }
     }
 }
 
@@ -150,6 +178,12 @@ pub enum Write {
     TakeBatch { claim: batch::Claim, now: u64, stale: u64, withdrawals: u64 },
     /// Ends claim `tok`: removes the elements done from `wo` and `wi`, `bn = :next`: `IF bt = :tok`.
     EndBatch { tok: String, out: BTreeSet<String>, back: BTreeSet<String>, next: u64 },
+    /// Spreads the cluster's entries over `n` shards (shard 0 only): `SET np = :n IF np < :n` (or
+    /// none yet). Never fewer: an entry in a shard stays counted.
+    Shards { n: usize },
+    /// Removes `elems` from both sets, unconditionally: a shard's part of a batch's end or of a
+    /// withdrawal (the conditions are shard 0's: `EndBatch`, `Withdraw`).
+    Forget { elems: BTreeSet<String> },
 }
 
 /// Strict mode's pacing window: permits are counted in windows of this length, each with the
@@ -181,6 +215,69 @@ pub const PACE_WITHIN_ITEM: f64 = 2.0;
 /// `PACE_WITHIN_ITEM`.
 pub fn record_beyond_item(leave_rate: f64, permits: usize) -> bool {
     permits > PERMITS_WITHIN_ITEM && (leave_rate == 0.0 || leave_rate > PACE_WITHIN_ITEM)
+}
+
+/// The most slots one shard holds: a cluster with more permits and no pace spreads its entries
+/// over `ceil(L / SLOTS_PER_SHARD)` items besides shard 0 (`shards_for`), so that each item's
+/// writes and size, and so its write units, stay within one item's capacity
+/// (`PERMITS_WITHIN_ITEM`).
+pub const SLOTS_PER_SHARD: usize = PERMITS_WITHIN_ITEM;
+
+/// The shards a claimant of `limit` slots at `leave_rate` wants: one when paced (the pace's window
+/// lives in shard 0, and a pace within `PACE_WITHIN_ITEM` keeps one item within its capacity) or
+/// when the slots fit one, else shard 0 and `ceil(limit / SLOTS_PER_SHARD)` slot shards. Spread,
+/// shard 0 holds no slots: the batch claim, the pace's window, `np` and exemptions.
+pub fn shards_for(limit: usize, leave_rate: f64) -> usize {
+    if leave_rate > 0.0 || limit <= SLOTS_PER_SHARD {
+        1
+    } else {
+        1 + limit.div_ceil(SLOTS_PER_SHARD)
+    }
+}
+
+/// Shard `s`'s share of `limit` slots over `shards` shards: all of them for one shard, else none
+/// in shard 0 and the rest dealt over the others; they add up to `limit`.
+pub fn shard_limit(limit: usize, shards: usize, s: usize) -> usize {
+    match (shards, s) {
+        (0 | 1, _) => limit,
+        (_, 0) => 0,
+        (n, s) => limit / (n - 1) + usize::from(s - 1 < limit % (n - 1)),
+    }
+}
+
+/// The home shard of the member ranked `rank` (its place among the `members` by id, which every
+/// instance reads the same from the shared view) when `limit` slots are spread over `shards`:
+/// members are dealt to the slot shards in proportion to their slots, so that every shard needs
+/// the same number of waves (within one member) and each shard's waiters contend only among
+/// themselves, for that shard's share of L.
+pub fn home_shard(rank: usize, members: usize, limit: usize, shards: usize) -> usize {
+    (1..shards).find(|&s| rank < home_bound(members, limit, shards, s)).unwrap_or(0)
+}
+
+/// How many of `members` have `home` as their home shard (`home_shard`).
+pub fn home_members(members: usize, limit: usize, shards: usize, home: usize) -> usize {
+    match (shards, home) {
+        (0 | 1, _) => members,
+        (_, 0) => 0,
+        _ => home_bound(members, limit, shards, home) - home_bound(members, limit, shards, home - 1),
+    }
+}
+
+/// The ranks below which members are at home in shards 1..=`s`: `members` × their slots / L.
+fn home_bound(members: usize, limit: usize, shards: usize, s: usize) -> usize {
+    if s + 1 >= shards {
+        return members;
+    }
+    let slots: usize = (1..=s).map(|t| shard_limit(limit, shards, t)).sum();
+    members * slots / limit.max(1)
+}
+
+/// Shard `s`'s item: the record's own key for shard 0, else `KEY#pS`.
+pub fn shard_key(key: &str, s: usize) -> String {
+    match s {
+        0 => key.to_owned(),
+        s => format!("{key}#p{s}"),
+    }
 }
 
 /// How a paced claim counts itself.
@@ -280,8 +377,11 @@ impl LeaseError {
 /// The shared view's item as stored: what one instance read, and the refresh lease.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Shared {
-    /// The permit record's `ver` read just before the view was read (0: never published).
+    /// The permit record's `ver` read just before the view was read, summed over its shards (0:
+    /// never published): the order of publications (a later read has no smaller sum).
     pub seen_ver: u64,
+    /// Every shard's `ver` as read (`svs`; empty from a read of one item: `seen_ver` is shard 0's).
+    pub seen: Vec<u64>,
     /// Publications so far: a poller waits for a higher number to see a newer read.
     pub n: u64,
     /// When it was read, Unix ms on the reader's clock (for its age only).
@@ -300,7 +400,24 @@ pub struct Shared {
 /// the same moment, do not all try to take it (each try is a write the table charges for).
 pub const VIEW_HANDOFF: Duration = Duration::from_millis(250);
 
+/// A permit write a view must have been read after: its shard and that shard's `ver` after it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct After {
+    pub shard: usize,
+    pub ver: u64,
+}
+
 impl Shared {
+    /// Whether this view was read after `after`: its read of the write's shard saw that version.
+    pub fn read_after(&self, after: After) -> bool {
+        let seen = match self.seen.get(after.shard) {
+            Some(v) => *v,
+            None if after.shard == 0 && self.seen.is_empty() => self.seen_ver,
+            None => 0,
+        };
+        seen >= after.ver
+    }
+
     /// Whether `me` may take the refresh lease at `now`: its last holder once it ended, anyone
     /// else `VIEW_HANDOFF` later (the table's condition on `SharedWrite::Lease`).
     pub fn lease_free(&self, me: &str, now: u64) -> bool {
@@ -315,9 +432,9 @@ pub enum SharedWrite {
     /// Take the refresh: `SET lu = :until, lh = :me IF attribute_not_exists(lu) OR lu < :open OR
     /// (lu < :now AND lh = :me)`, `open` = `now − VIEW_HANDOFF`.
     Lease { now: u64, until: u64, me: String },
-    /// Publish a view: `SET sv, at, d, n = n + 1 IF attribute_not_exists(sv) OR sv <= :sv` (never
-    /// replaces a view read after a later permit write).
-    Publish { seen_ver: u64, at: u64, data: String },
+    /// Publish a view: `SET sv, svs, at, d, n = n + 1 IF attribute_not_exists(sv) OR sv <= :sv`
+    /// (never replaces a view read after later permit writes).
+    Publish { seen_ver: u64, seen: Vec<u64>, at: u64, data: String },
 }
 
 /// Where the record lives.
@@ -439,6 +556,8 @@ pub struct Permits {
     pub leave_rate: f64,
     /// The wall clock expiry times are computed on: the system clock in production.
     pub clock: crate::clock::WallClock,
+    /// The shard count (`np`) last read.
+    pub seen_shards: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The answer to an acquire.
@@ -463,74 +582,178 @@ impl Permits {
         d.as_millis() as u64
     }
 
-    /// The record (empty when none exists yet).
+    /// The record (empty when none exists yet), merged over its shards: shard 0 first (it says how
+    /// many there are), then the others in order. Each shard's entries, sets and `ver` are kept
+    /// apart too (`Record::part`, `vers`).
     pub async fn read(&self) -> Result<Record, LeaseError> {
-        Ok(self.store.load(&self.key).await?.unwrap_or_default())
+        let first = self.store.load(&self.key).await?.unwrap_or_default();
+        self.read_rest(first).await
     }
 
-    /// Takes a permit of `kind` with `limit` slots (L), or says who holds them all.
-    pub async fn acquire(&self, kind: Kind, limit: usize) -> Result<Acquired, LeaseError> {
+    /// The shards after shard 0 (`first`, as read), merged into it.
+    async fn read_rest(&self, first: Record) -> Result<Record, LeaseError> {
+        let n = first.shards.max(1);
+        let mut merged = first;
+        merged.vers = vec![merged.ver];
+        if n == 1 {
+            return Ok(merged);
+        }
+        merged.parts = vec![merged.clone()];
+        // The other shards at once, each after shard 0.
+        let mut reads = tokio::task::JoinSet::new();
+        for s in 1..n {
+            let (store, key) = (self.store.clone(), shard_key(&self.key, s));
+            reads.spawn(async move { (s, store.load(&key).await) });
+        }
+        let mut parts = vec![None; n];
+        while let Some(done) = reads.join_next().await {
+            let (s, read) = done.map_err(|e| LeaseError::Unavailable {
+                table: self.store.table().into(),
+                action: "GetItem",
+                detail: e.to_string(),
+            })?;
+            parts[s] = Some(read?.unwrap_or_default());
+        }
+        for (s, part) in parts.into_iter().enumerate().skip(1) {
+            let part = part.expect("every shard read");
+            merged.vers.push(part.ver);
+            for (id, h) in &part.holders {
+                merged.shard_of.insert(id.clone(), s);
+                merged.holders.insert(id.clone(), h.clone());
+            }
+            merged.batches.want_out.extend(part.batches.want_out.iter().cloned());
+            merged.batches.want_in.extend(part.batches.want_in.iter().cloned());
+            merged.parts.push(part);
+        }
+        Ok(merged)
+    }
+
+    /// Takes a permit of `kind` with `limit` slots (L), or says who holds them all. Shard 0 first:
+    /// it is made, or spread over more shards (`shards_for`), before anything else; then every
+    /// shard's expired entries and mine from an earlier run go, and a slot is claimed with that
+    /// shard's share of L in this instance's home shard (`home_shard`, from `rank`: its place
+    /// among the members, and their number), or, with no rank, in a shard with room drawn by its
+    /// room.
+    pub async fn acquire(
+        &self,
+        kind: Kind,
+        limit: usize,
+        rank: Option<(usize, usize)>,
+    ) -> Result<Acquired, LeaseError> {
         let tok = token();
         let mut known: Option<Option<Record>> = None;
         let (mut conflicts, mut rounds) = (0, 0);
         loop {
-            let record = match known.take() {
+            let first = match known.take() {
                 Some(r) => r,
                 None => self.store.load(&self.key).await?,
             };
             let now = self.now();
             let holder = Holder { tok: tok.clone(), exp: now + Self::ms(self.duration), since: now, kind };
-            let write = match plan(record.as_ref(), &self.me, holder.clone(), limit, now, self.grace, self.leave_rate) {
-                Plan::Refuse { holders } => return Ok(Acquired::Refused { holders }),
-                Plan::Paced { until } => return Ok(Acquired::Paced { wait: Duration::from_millis(until - now) }),
-                Plan::Init => {
-                    if let Written::Applied(r) = self.store.write(&self.key, Write::Init).await? {
-                        known = Some(Some(r));
-                    }
-                    continue;
+            let Some(first) = first.filter(|r| r.complete) else {
+                if kind == Kind::Slot && limit == 0 {
+                    return Ok(Acquired::Refused { holders: Vec::new() });
                 }
-                Plan::Remove(removals) => {
-                    // Expired entries, or mine from an earlier run: each removed if unchanged, then
-                    // the record is read again.
-                    for w in removals {
-                        self.store.write(&self.key, w).await?;
-                    }
-                    rounds += 1;
-                    if rounds > MAX_CONFLICTS {
-                        return Err(self.too_many(rounds));
-                    }
-                    continue;
+                if let Written::Applied(r) = self.store.write(&self.key, Write::Init).await? {
+                    known = Some(Some(r));
                 }
-                Plan::Claim(w) => w,
+                continue;
             };
-            match self.store.write(&self.key, write).await {
-                Ok(Written::Applied(after)) => {
-                    let others = others(&after, &self.me, now, self.grace);
-                    return Ok(Acquired::Granted(Box::new(self.granted(holder, others, conflicts, after.ver))));
+            let want = if kind == Kind::Slot { shards_for(limit, self.leave_rate) } else { 1 };
+            if first.shards.max(1) < want {
+                if let Written::Applied(r) = self.store.write(&self.key, Write::Shards { n: want }).await? {
+                    known = Some(Some(r));
                 }
-                Ok(Written::Conflict(old)) => {
-                    // Full by now, or an entry of mine appeared (a lost reply): the next round
-                    // tells which, from the record the store returned.
+                rounds += 1;
+                if rounds > MAX_CONFLICTS {
+                    return Err(self.too_many(rounds));
+                }
+                continue;
+            }
+            let merged = self.read_rest(first).await?;
+            let n = merged.shards.max(1);
+            self.seen_shards.store(n, std::sync::atomic::Ordering::Relaxed);
+            let slots = merged.other_slots(&self.me, now, self.grace);
+            if kind == Kind::Slot && slots.len() >= limit {
+                return Ok(Acquired::Refused { holders: slots });
+            }
+            // Expired entries, or mine from an earlier run, in any shard: each removed if
+            // unchanged, then the record is read again.
+            let mut removed = false;
+            for s in 0..n {
+                let part = merged.part(s);
+                for (id, h) in
+                    part.holders.iter().filter(|(id, h)| id.as_str() == self.me || !h.counts(now, self.grace))
+                {
+                    let w = Write::Remove { id: id.clone(), tok: h.tok.clone(), kind: h.kind };
+                    self.store.write(&shard_key(&self.key, s), w).await?;
+                    removed = true;
+                }
+            }
+            if removed {
+                rounds += 1;
+                if rounds > MAX_CONFLICTS {
+                    return Err(self.too_many(rounds));
+                }
+                continue;
+            }
+            let Some(s) = self.pick_shard(&merged, kind, limit, now, rank) else {
+                return Ok(Acquired::Refused { holders: slots });
+            };
+            let part = merged.part(s);
+            let (lim, rate) = (shard_limit(limit, n, s), if s == 0 { self.leave_rate } else { 0.0 });
+            let key = shard_key(&self.key, s);
+            let write = match plan(Some(&part), &self.me, holder.clone(), lim, now, self.grace, rate) {
+                Plan::Paced { until } => return Ok(Acquired::Paced { wait: Duration::from_millis(until - now) }),
+                Plan::Claim(w) => w,
+                Plan::Init => {
+                    self.store.write(&key, Write::Init).await?;
+                    continue;
+                }
+                // Changed since the read: read again.
+                Plan::Remove(_) | Plan::Refuse { .. } => {
                     conflicts += 1;
                     if conflicts > MAX_CONFLICTS {
                         return Err(self.too_many(conflicts));
                     }
-                    if let Some(r) = old.as_ref().and_then(|r| r.holders.get(&self.me)) {
-                        if r.tok == tok {
-                            let r = old.expect("checked");
-                            let others = others(&r, &self.me, self.now(), self.grace);
-                            return Ok(Acquired::Granted(Box::new(self.granted(holder, others, conflicts, r.ver))));
-                        }
+                    continue;
+                }
+            };
+            let others_with = |after: &Record| {
+                let mut all: BTreeSet<String> =
+                    others(&merged, &self.me, now, self.grace).into_iter().filter(|id| merged.shard(id) != s).collect();
+                all.extend(others(after, &self.me, now, self.grace));
+                all
+            };
+            match self.store.write(&key, write).await {
+                Ok(Written::Applied(after)) => {
+                    let at = After { shard: s, ver: after.ver };
+                    return Ok(Acquired::Granted(Box::new(self.granted(holder, others_with(&after), conflicts, at))));
+                }
+                Ok(Written::Conflict(old)) => {
+                    // Full by now, or an entry of mine appeared (a lost reply): the next round
+                    // tells which.
+                    conflicts += 1;
+                    if conflicts > MAX_CONFLICTS {
+                        return Err(self.too_many(conflicts));
                     }
-                    known = old.map(Some);
+                    if let Some(r) = old.as_ref().filter(|r| r.holders.get(&self.me).is_some_and(|h| h.tok == tok)) {
+                        let at = After { shard: s, ver: r.ver };
+                        return Ok(Acquired::Granted(Box::new(self.granted(holder, others_with(r), conflicts, at))));
+                    }
+                    if s == 0 {
+                        known = old.map(Some);
+                    }
                 }
                 Err(e) if e.is_retryable() => {
                     // The write may have been applied and only its reply lost: my token tells.
-                    return match self.store.load(&self.key).await {
-                        Ok(Some(r)) if r.holders.get(&self.me).is_some_and(|h| h.tok == tok) => {
+                    return match self.read().await {
+                        Ok(r) if r.holders.get(&self.me).is_some_and(|h| h.tok == tok) => {
                             warn!(error = %e, "the permit write's reply was lost, but the write was applied");
+                            let s = r.shard(&self.me);
+                            let at = After { shard: s, ver: r.vers.get(s).copied().unwrap_or(r.ver) };
                             let others = others(&r, &self.me, self.now(), self.grace);
-                            Ok(Acquired::Granted(Box::new(self.granted(holder, others, conflicts, r.ver))))
+                            Ok(Acquired::Granted(Box::new(self.granted(holder, others, conflicts, at))))
                         }
                         _ => Err(e),
                     };
@@ -538,6 +761,56 @@ impl Permits {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The shard to claim in: shard 0 for an exemption or in a record of one item; else the home
+    /// shard (`home_shard`) if it has room, or with no rank one with room, drawn with a chance in
+    /// proportion to its room (`None`: none has room). A paced claim in a spread record is not
+    /// paced: the window is in shard 0 and its slots in the others (a cluster spreads only when
+    /// its claimants have no pace).
+    fn pick_shard(
+        &self,
+        merged: &Record,
+        kind: Kind,
+        limit: usize,
+        now: u64,
+        rank: Option<(usize, usize)>,
+    ) -> Option<usize> {
+        let n = merged.shards.max(1);
+        if kind == Kind::Exempt || n == 1 {
+            return Some(0);
+        }
+        let room = |s: usize| {
+            let held = merged.part(s).other_slots(&self.me, now, self.grace).len();
+            shard_limit(limit, n, s).saturating_sub(held)
+        };
+        if let Some((rank, members)) = rank {
+            let home = home_shard(rank, members, limit, n);
+            return (room(home) > 0).then_some(home);
+        }
+        let rooms: Vec<usize> = (0..n).map(room).collect();
+        let total: usize = rooms.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let mut draw = fastrand::usize(..total);
+        rooms.iter().position(|r| {
+            if draw < *r {
+                return true;
+            }
+            draw -= r;
+            false
+        })
+    }
+
+    /// The shard count last read (1 until a read says more).
+    pub fn shards_seen(&self) -> usize {
+        self.seen_shards.load(std::sync::atomic::Ordering::Relaxed).max(1)
+    }
+
+    /// Shard `s` alone, as read (empty when it does not exist yet).
+    pub async fn read_shard(&self, s: usize) -> Result<Record, LeaseError> {
+        Ok(self.store.load(&shard_key(&self.key, s)).await?.unwrap_or_default())
     }
 
     fn too_many(&self, conflicts: u32) -> LeaseError {
@@ -548,29 +821,30 @@ impl Permits {
         }
     }
 
-    fn granted(&self, holder: Holder, others: BTreeSet<String>, conflicts: u32, ver: u64) -> Permit {
+    fn granted(&self, holder: Holder, others: BTreeSet<String>, conflicts: u32, after: After) -> Permit {
         let health = Arc::new(Mutex::new(PermitHealth {
             trusted_until: holder.exp.saturating_sub(Self::ms(self.grace)),
             lost: None,
         }));
         info!(key = %self.key, instance_id = %self.me, kind = holder.kind.as_str(), others = others.len(), conflicts, "permit acquired");
-        let toucher = Toucher { permits: self.clone(), holder: holder.clone(), health: health.clone() };
+        let toucher =
+            Toucher { permits: self.clone(), holder: holder.clone(), shard: after.shard, health: health.clone() };
         let heartbeat = tokio::spawn(heartbeat(toucher));
-        Permit { holder, others, conflicts, ver, permits: self.clone(), health, heartbeat }
+        Permit { holder, others, conflicts, after, permits: self.clone(), health, heartbeat }
     }
 
-    /// Removes entry `id` of `kind` if its token is still `tok`. True when removed, false when it
-    /// was gone or changed.
-    pub async fn remove(&self, id: &str, tok: &str, kind: Kind) -> Result<bool, LeaseError> {
+    /// Removes entry `id` of `kind` from shard `shard` if its token is still `tok`. True when
+    /// removed, false when it was gone or changed.
+    pub async fn remove(&self, shard: usize, id: &str, tok: &str, kind: Kind) -> Result<bool, LeaseError> {
         let write = Write::Remove { id: id.into(), tok: tok.into(), kind };
-        Ok(self.store.write(&self.key, write).await?.applied())
+        Ok(self.store.write(&shard_key(&self.key, shard), write).await?.applied())
     }
 
     /// Removes this instance's own entry, whatever its token (one left by an earlier run).
     pub async fn remove_mine(&self) -> Result<bool, LeaseError> {
         let record = self.read().await?;
         match record.holders.get(&self.me) {
-            Some(h) => self.remove(&self.me, &h.tok, h.kind).await,
+            Some(h) => self.remove(record.shard(&self.me), &self.me, &h.tok, h.kind).await,
             None => Ok(false),
         }
     }
@@ -588,9 +862,11 @@ impl Permits {
         self.store.write_shared(&view_key(&self.key), write).await
     }
 
-    /// Publishes a view read after the record's version `seen_ver`, at `at` (this clock).
-    pub async fn publish_view(&self, seen_ver: u64, at: u64, data: String) -> Result<bool, LeaseError> {
-        self.store.write_shared(&view_key(&self.key), SharedWrite::Publish { seen_ver, at, data }).await
+    /// Publishes a view read after the record's versions `vers` (by shard), at `at` (this clock).
+    pub async fn publish_view(&self, vers: &[u64], at: u64, data: String) -> Result<bool, LeaseError> {
+        let seen_ver = vers.iter().sum();
+        let seen = if vers.len() > 1 { vers.to_vec() } else { Vec::new() };
+        self.store.write_shared(&view_key(&self.key), SharedWrite::Publish { seen_ver, seen, at, data }).await
     }
 }
 
@@ -610,8 +886,8 @@ pub struct Permit {
     pub others: BTreeSet<String>,
     /// Conflicting writes before it was granted.
     pub conflicts: u32,
-    /// The record's version right after the grant: a shared view read after it is fresh enough.
-    pub ver: u64,
+    /// The write of the grant (its shard and version): a shared view read after it is fresh enough.
+    pub after: After,
     permits: Permits,
     health: Arc<Mutex<PermitHealth>>,
     heartbeat: tokio::task::JoinHandle<()>,
@@ -636,14 +912,20 @@ impl Permit {
 
     /// A handle that renews this permit on demand (`Toucher::touch`).
     pub fn toucher(&self) -> Toucher {
-        Toucher { permits: self.permits.clone(), holder: self.holder.clone(), health: self.health.clone() }
+        Toucher {
+            permits: self.permits.clone(),
+            holder: self.holder.clone(),
+            shard: self.after.shard,
+            health: self.health.clone(),
+        }
     }
 
     /// Stops renewing and removes the entry (a few tries; if they all fail it expires by itself).
     pub async fn release(self) {
         self.heartbeat.abort();
         let (p, holder) = (&self.permits, &self.holder);
-        match removal_retried("releasing the permit", || p.remove(&p.me, &holder.tok, holder.kind)).await {
+        let shard = self.after.shard;
+        match removal_retried("releasing the permit", || p.remove(shard, &p.me, &holder.tok, holder.kind)).await {
             Ok(true) => info!(key = %p.key, instance_id = %p.me, "permit released"),
             Ok(false) => warn!(key = %p.key, instance_id = %p.me, "permit entry was already gone or taken over"),
             Err(e) => {
@@ -689,6 +971,8 @@ where
 pub struct Toucher {
     permits: Permits,
     holder: Holder,
+    /// The shard holding the entry.
+    shard: usize,
     health: Arc<Mutex<PermitHealth>>,
 }
 
@@ -696,8 +980,8 @@ pub struct Toucher {
 const TAKEN_OVER: &str = "its entry was removed or taken over";
 
 impl Toucher {
-    /// One renewal: the record's version after it, or `None` when the entry was removed or taken
-    /// over (the permit is then lost for good, see `Permit::lost`).
+    /// One renewal: the entry's shard's version after it, or `None` when the entry was removed or
+    /// taken over (the permit is then lost for good, see `Permit::lost`).
     async fn renew(&self) -> Result<Option<u64>, LeaseError> {
         let p = &self.permits;
         let now = p.now();
@@ -707,7 +991,7 @@ impl Toucher {
             exp: now + Permits::ms(p.duration),
             kind: self.holder.kind,
         };
-        match p.store.write(&p.key, write).await? {
+        match p.store.write(&shard_key(&p.key, self.shard), write).await? {
             Written::Applied(r) => {
                 let mut h = self.health.lock().unwrap();
                 h.trusted_until = h.trusted_until.max(now + Permits::ms(p.duration.saturating_sub(p.grace)));
@@ -720,14 +1004,15 @@ impl Toucher {
         }
     }
 
-    /// Renews the entry now and returns the record's version after the write: a shared view with
-    /// `seen_ver` at least that was read after this moment.
-    pub async fn touch(&self) -> Result<u64, LeaseError> {
-        self.renew().await?.ok_or_else(|| LeaseError::Unavailable {
+    /// Renews the entry now and returns the write: a shared view read after it
+    /// (`Shared::read_after`) was read after this moment.
+    pub async fn touch(&self) -> Result<After, LeaseError> {
+        let ver = self.renew().await?.ok_or_else(|| LeaseError::Unavailable {
             table: self.permits.store.table().into(),
             action: "renew",
             detail: TAKEN_OVER.into(),
-        })
+        })?;
+        Ok(After { shard: self.shard, ver })
     }
 }
 
@@ -778,10 +1063,7 @@ mod tests {
             ver: 7,
             holders: entries.iter().map(|(id, exp, k)| (id.to_string(), holder(id, *exp, *k))).collect(),
             complete: true,
-            window_start: 0,
-            window_grants: 0,
-            window_quota: None,
-            batches: Default::default(),
+            ..Record::default()
         }
     }
 
@@ -999,5 +1281,190 @@ mod tests {
             let out_members = others.iter().filter(|id| id.as_str() != "i-0" && ids(0..m).contains(*id)).count();
             prop_assert!(strict.serving_after + out_members >= plain.serving_after);
         }
+    }
+}
+
+/// The record spread over shards (`shards_for`), on the in-process store: claims racing in many
+/// shards at once are what this needs to show, and moto answers them one at a time (its side of
+/// the shard writes is in `tests/lease_moto.rs`).
+#[cfg(test)]
+mod shard_tests {
+    use super::batch::{Way, BATCH_CLAIM};
+    use super::*;
+    use crate::fake::{fake_permits, FakeStore, StoreFault, StoreOp};
+
+    #[test]
+    fn shards_add_up_to_l_and_deal_the_members_so_every_shard_needs_the_same_waves() {
+        assert_eq!(shards_for(250, 2.0), 1, "paced: one item");
+        assert_eq!(shards_for(SLOTS_PER_SHARD, 0.0), 1);
+        assert_eq!(shards_for(SLOTS_PER_SHARD + 1, 0.0), 3);
+        assert_eq!(shards_for(250, 0.0), 6, "shard 0 and five of 50");
+        for (members, limit) in [(1000, 250), (300, 75), (240, 60), (1001, 250), (999, 249), (5000, 1250)] {
+            let n = shards_for(limit, 0.0);
+            assert!(n > 1);
+            assert_eq!(shard_limit(limit, n, 0), 0, "shard 0 holds no slot once spread");
+            assert_eq!((0..n).map(|s| shard_limit(limit, n, s)).sum::<usize>(), limit, "{members}/{limit}");
+            assert!((1..n).all(|s| shard_limit(limit, n, s) <= SLOTS_PER_SHARD));
+            let mut dealt = vec![0; n];
+            for rank in 0..members {
+                dealt[home_shard(rank, members, limit, n)] += 1;
+            }
+            assert_eq!(dealt[0], 0);
+            let waves = members.div_ceil(limit);
+            for (s, &got) in dealt.iter().enumerate().skip(1) {
+                assert_eq!(got, home_members(members, limit, n, s), "{members}/{limit} shard {s}");
+                let own = got.div_ceil(shard_limit(limit, n, s));
+                assert!(own <= waves + 1, "{members}/{limit} shard {s}: {own} waves of {waves}");
+            }
+            if members % limit == 0 {
+                assert!((1..n).all(|s| dealt[s].div_ceil(shard_limit(limit, n, s)) == waves), "{members}/{limit}");
+            }
+        }
+        assert_eq!(home_shard(7, 10, 2, 1), 0);
+        assert_eq!(home_members(10, 2, 1, 0), 10);
+    }
+
+    #[test]
+    fn a_view_is_read_after_a_write_in_its_own_shard() {
+        let one = Shared { seen_ver: 9, ..Shared::default() };
+        assert!(one.read_after(After { shard: 0, ver: 9 }));
+        assert!(!one.read_after(After { shard: 0, ver: 10 }));
+        assert!(!one.read_after(After { shard: 1, ver: 1 }), "a view of one item knows no other shard");
+        let spread = Shared { seen_ver: 14, seen: vec![3, 7, 4], ..Shared::default() };
+        assert!(spread.read_after(After { shard: 1, ver: 7 }));
+        assert!(!spread.read_after(After { shard: 2, ver: 7 }), "the sum is not a shard's version");
+        assert!(!spread.read_after(After { shard: 3, ver: 1 }));
+    }
+
+    fn permits(store: &FakeStore, me: &str) -> Permits {
+        fake_permits(store, "web", me)
+    }
+
+    fn slots_in(store: &FakeStore, s: usize) -> usize {
+        store.record(&shard_key("web", s)).map_or(0, |r| r.holders.len())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn racing_claims_spread_over_shards_never_hold_more_than_l_nor_a_shard_more_than_its_share() {
+        let (members, limit) = (500, 120);
+        let mut store = FakeStore::new();
+        store.latency = Duration::from_millis(40);
+        let n = shards_for(limit, 0.0);
+        assert_eq!(n, 4);
+        // Half claim at home, half with no rank (drawn by room): all at once.
+        let tasks: Vec<_> = (0..members)
+            .map(|i| {
+                let p = permits(&store, &format!("i-{i:05}"));
+                let rank = (i % 2 == 0).then_some((i, members));
+                tokio::spawn(async move { (p.acquire(Kind::Slot, limit, rank).await.unwrap(), p) })
+            })
+            .collect();
+        let mut held = Vec::new();
+        for t in tasks {
+            if let (Acquired::Granted(permit), p) = t.await.unwrap() {
+                held.push((permit, p));
+            }
+        }
+        assert_eq!(held.len(), limit, "every slot taken, none more");
+        assert_eq!(slots_in(&store, 0), 0);
+        for s in 1..n {
+            assert_eq!(slots_in(&store, s), shard_limit(limit, n, s), "shard {s}");
+        }
+        let merged = held[0].1.read().await.unwrap();
+        assert_eq!((merged.shards, merged.vers.len(), merged.holders.len()), (n, n, limit));
+        for (permit, p) in &held {
+            assert!(permit.after.shard >= 1);
+            assert_eq!(merged.shard(&p.me), permit.after.shard, "the merged read knows each entry's shard");
+        }
+        // A released slot goes to a waiter at home there; a waiter of another shard is refused.
+        let (freed, p) = held.pop().unwrap();
+        let shard = freed.after.shard;
+        let me = p.me.clone();
+        freed.release().await;
+        assert_eq!(slots_in(&store, shard), shard_limit(limit, n, shard) - 1);
+        assert!(!p.read().await.unwrap().holders.contains_key(&me));
+        let waiter = |home: usize| {
+            (0..members).find(|&r| home_shard(r, members, limit, n) == home && r % 2 == 1).expect("a waiter")
+        };
+        let other = waiter(if shard == 1 { 2 } else { 1 });
+        let refused = permits(&store, &format!("i-{other:05}"));
+        assert!(matches!(
+            refused.acquire(Kind::Slot, limit, Some((other, members))).await.unwrap(),
+            Acquired::Refused { .. }
+        ));
+        let at_home = waiter(shard);
+        let taker = permits(&store, &format!("i-{at_home:05}"));
+        let taken = taker.acquire(Kind::Slot, limit, Some((at_home, members))).await.unwrap();
+        let Acquired::Granted(taken) = taken else { panic!("the freed slot") };
+        assert_eq!(taken.after.shard, shard);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_reply_in_a_shard_is_found_by_its_token_and_the_entry_renewed_and_released_there() {
+        let store = FakeStore::new();
+        let (limit, members) = (60, 240);
+        let other = permits(&store, "i-00000");
+        let Acquired::Granted(first) = other.acquire(Kind::Slot, limit, Some((0, members))).await.unwrap() else {
+            panic!()
+        };
+        assert_eq!(first.after.shard, 1);
+        store.fault(StoreOp::Acquire, StoreFault::LostReply);
+        let p = permits(&store, "i-00201");
+        let Acquired::Granted(held) = p.acquire(Kind::Slot, limit, Some((201, members))).await.unwrap() else {
+            panic!("the write was applied")
+        };
+        let home = home_shard(201, members, limit, shards_for(limit, 0.0));
+        assert_eq!(held.after.shard, home);
+        assert_eq!(held.after.ver, store.record(&shard_key("web", home)).unwrap().ver);
+        let after = held.toucher().touch().await.unwrap();
+        assert_eq!(after.shard, home);
+        assert!(after.ver > held.after.ver);
+        held.release().await;
+        assert_eq!(slots_in(&store, home), 0);
+        assert_eq!(slots_in(&store, 1), 1, "the other shard's holder kept");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batches_take_asks_from_every_shard_and_a_withdrawal_is_counted_in_shard_0() {
+        let store = FakeStore::new();
+        let (limit, members) = (60, 240);
+        let ranks = [0, 121, 200];
+        let ps: Vec<Permits> = ranks.iter().map(|r| permits(&store, &format!("i-{r:05}"))).collect();
+        let mut held = Vec::new();
+        for (i, p) in ps.iter().enumerate() {
+            let rank = Some((ranks[i], members));
+            let Acquired::Granted(h) = p.acquire(Kind::Slot, limit, rank).await.unwrap() else { panic!() };
+            held.push(h);
+        }
+        assert_eq!(held.iter().map(|h| h.after.shard).collect::<Vec<_>>(), vec![1, 2, 2]);
+        let elem = |i: usize| format!("aa/i-{:05}@{}", ranks[i], &held[i].holder.tok[..8]);
+        for i in 0..3 {
+            let set: BTreeSet<String> = [elem(i)].into();
+            assert!(ps[i].ask(held[i].after.shard, &held[i].holder, Way::Out, set).await.unwrap().is_some());
+        }
+        // An ask in another shard than the entry's finds no entry there: refused.
+        let wrong: BTreeSet<String> = [elem(0)].into();
+        assert!(ps[0].ask(2, &held[0].holder, Way::Out, wrong).await.unwrap().is_none());
+        let record = ps[0].read().await.unwrap();
+        assert_eq!(record.batches.want_out.len(), 3, "merged from shards 1 and 2");
+        let tags: BTreeMap<String, usize> = [("aa".to_string(), 0)].into();
+        let plan = batch::plan_batch(&record, ps[0].now(), ps[0].grace, &tags).unwrap();
+        assert_eq!(plan.ids.len(), 3);
+        let claim = ps[0].take_batch(plan.ids.clone(), record.batches.withdrawals).await.unwrap().unwrap();
+        // Instance 2 withdraws while the claim names it: it waits the claim out (claim + G).
+        let withdrawing = {
+            let p = ps[2].clone();
+            tokio::spawn(async move { p.withdraw(BATCH_CLAIM + p.grace * 2).await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let done: BTreeSet<String> = [elem(0), elem(1)].into();
+        assert!(ps[0].end_batch(&record, &claim, done, BTreeSet::new(), 1).await.unwrap());
+        let after = ps[0].read().await.unwrap();
+        assert_eq!(after.batches.want_out, [elem(2)].into(), "done elements gone from their shards");
+        withdrawing.await.unwrap().unwrap();
+        let after = ps[0].read().await.unwrap();
+        assert!(after.batches.want_out.is_empty(), "forgotten in shard 2");
+        assert_eq!(after.batches.withdrawals, 1, "and counted in shard 0");
+        assert_eq!(store.record("web").unwrap().batches.withdrawals, 1);
     }
 }
