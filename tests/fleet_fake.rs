@@ -194,7 +194,7 @@ async fn a_strict_fleet_of_100_stays_within_the_account_budgets() {
     .await;
 }
 
-/// Runs `p` (K = 100) with seeds `0..seeds`: nobody gave up, no check lost, every instance
+/// Runs `p` with seeds `0..seeds`: nobody gave up, no check lost, every instance
 /// restarted once, never below quorum nor more than L out; then `more`'s checks on each report.
 async fn each_seed(p: &FleetParams, seeds: u64, more: impl Fn(&FleetReport, &str)) {
     for seed in 0..seeds {
@@ -202,7 +202,7 @@ async fn each_seed(p: &FleetParams, seeds: u64, more: impl Fn(&FleetReport, &str
         let r = simulate_fleet(p).await;
         let why = format!("seed {seed}: {r:?}");
         assert_eq!((r.failures, r.calls_lost_to_throttling), (0, 0), "nobody gave up, no check lost: {why}");
-        assert_eq!(r.restarts, vec![1; 100], "{why}");
+        assert_eq!(r.restarts, vec![1; p.k], "{why}");
         assert!(r.min_serving >= r.required && r.most_out <= r.permits, "{why}");
         more(&r, &why);
     }
@@ -233,6 +233,32 @@ async fn a_strict_auto_scaling_fleet_of_100_stays_within_its_budget_on_its_first
     each_seed(&p, 2, |r, why| {
         assert!(r.autoscaling_peak_per_s <= 5.0 && r.elb_describe_peak_per_s <= 5.0, "{why}");
         assert!(r.makespan.as_secs_f64() <= 1.10 * r.theoretical.as_secs_f64(), "{why}");
+    })
+    .await;
+}
+
+/// A strict fleet of 300 without a pace (75 permits, beyond what one DynamoDB item takes: 1,228
+/// write units in its busiest second when the record was one item), batched: the record spreads
+/// over shard 0 and two slot shards, and every item, the shared view's too, stays within one
+/// item's capacity (1,000 write units and 3,000 read units a second) and under 200 writes a second,
+/// with at most one conflict per granted permit; every instance restarts once within quorum.
+#[tokio::test(start_paused = true)]
+async fn a_strict_unpaced_fleet_of_300_spreads_its_record_and_keeps_every_item_within_capacity() {
+    let p = FleetParams {
+        leave_rate: 0.0,
+        batch: true,
+        timing: Timing { max_checks: 500, ..params(300, 0).timing },
+        ..FleetParams { k: 300, ..strict_throttled_100() }
+    };
+    each_seed(&p, 1, |r, why| {
+        assert_eq!(r.permits, 75, "{why}");
+        let keys: Vec<&str> = r.store_items.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["fleet", "fleet#p1", "fleet#p2", "fleet#view"], "{why}");
+        for (key, [writes, read_units, write_units]) in &r.store_items {
+            assert!(*writes <= 200.0 && *write_units <= 1000.0 && *read_units <= 3000.0, "{key}: {why}");
+        }
+        assert!(r.conflicts <= r.acquires, "{why}");
+        assert!(r.registration_throttled == 0 && r.elb_describe_peak_per_s <= 5.0, "{why}");
     })
     .await;
 }

@@ -894,11 +894,8 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         };
         let limit = self.rule.permits(members);
         if record_beyond_item(permits.leave_rate, limit) {
-            let pace = match permits.leave_rate {
-                0.0 => "no pace (--leave-rate 0)".to_string(),
-                rate => format!("--leave-rate {rate}"),
-            };
-            warn!(members, permits = limit, leave_rate = permits.leave_rate, "{pace} with {limit} permits: the permit record's writes may exceed what one DynamoDB item takes (measured within up to {PERMITS_WITHIN_ITEM} permits at any pace, and at {PACE_WITHIN_ITEM} per second or slower at any size); DynamoDB then throttles some of them and checks fail closed, slower");
+            let rate = permits.leave_rate;
+            warn!(members, permits = limit, leave_rate = rate, "--leave-rate {rate} with {limit} permits: the permit record's writes may exceed what one DynamoDB item takes (measured within up to {PERMITS_WITHIN_ITEM} permits at any pace, and at {PACE_WITHIN_ITEM} per second or slower at any size; without a pace the record is spread over several items); DynamoDB then throttles some of them and checks fail closed, slower");
         }
         let spread = Duration::from_secs_f64(members as f64 / FIRST_CHECKS_PER_S);
         if !spread.is_zero() && !self.pause(spread.mul_f64(fastrand::f64())).await {

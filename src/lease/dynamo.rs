@@ -1,7 +1,8 @@
 //! `PermitStore` on a DynamoDB table (hash key `pk`, a string) through `aws-sdk-dynamodb`. Every
 //! attribute name goes through a placeholder (`#h` holders, `#x` exempt, `#v` ver, `#id` one
 //! holder), so no name can collide with DynamoDB's reserved words. The shared view is a second
-//! item of the same table (`pk` = key + `#view`). All `SdkError` mapping happens here.
+//! item of the same table (`pk` = key + `#view`), and each shard of a spread record another (key
+//! + `#pN`). All `SdkError` mapping happens here.
 
 use std::collections::HashMap;
 use std::time::Duration;

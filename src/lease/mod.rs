@@ -4,11 +4,11 @@
 //! the load balancer, and a store behind a trait (`dynamo.rs` for DynamoDB, the fake in
 //! `crate::fake`); never the load balancer itself.
 //!
-//! The record (one DynamoDB item, hash key `pk` = the cluster's namespace): `ver` (number, bumped
-//! by every write), `holders` = `{instance id → {tok, exp, since}}` (slots, at most L) and `exempt`
-//! (the same, for instances that serve nothing already; uncapped), the pace's window (`ws`, `wn`,
-//! `wq`, `wqs`) and `--batch-registrations`' sets and claim (`wo`, `wi`, `bt`, `bu`, `bi`, `bn`,
-//! `wd`: `batch.rs`), times in Unix milliseconds.
+//! The record (one DynamoDB item, or shards of it: below; hash key `pk` = the cluster's
+//! namespace): `ver` (number, bumped by every write), `holders` = `{instance id → {tok, exp,
+//! since}}` (slots, at most L) and `exempt` (the same, for instances that serve nothing already;
+//! uncapped), the pace's window (`ws`, `wn`, `wq`, `wqs`) and `--batch-registrations`' sets and
+//! claim (`wo`, `wi`, `bt`, `bu`, `bi`, `bn`, `wd`: `batch.rs`), times in Unix milliseconds.
 //!
 //! - Acquire: read; remove expired entries (`exp + G < now`) and an entry of my own from an earlier
 //!   run, each `IF` its token; refuse a slot when the other live slots are L or more; else add my
@@ -21,11 +21,22 @@
 //! - Heartbeat (every D/4) and release change only my own entry, `IF` its token is mine.
 //! - A holder trusts its permit until `exp − G` (G covers clock skew between instances); one past
 //!   the max hold H stops renewing.
+//! - Shards: a cluster of more than `SLOTS_PER_SHARD` (50) permits and no pace spreads its slots
+//!   over items `KEY#p1`..`KEY#pN` of at most 50 each (`shards_for`, `np` in shard 0, which keeps
+//!   the pace, the batch claim and exemptions and holds no slot then), so that no item takes more
+//!   writes, nor write units, than one DynamoDB item takes. Every read reads shard 0, then the
+//!   others at once, merged (`Permits::read`); a member claims in its home shard (members dealt to
+//!   the slot shards in proportion to their slots, by their place among the members in the shared
+//!   view: `home_shard`), so a shard's waiters contend only among themselves. Any two holders
+//!   still count each other out: each reads every shard after its own grant. `np` is an entry of
+//!   `exempt` with no token, which versions that know no shards read as malformed: they fail
+//!   closed rather than count shard 0 alone.
 //! - The shared view (a second item, `pk` = namespace + `#view`): members, every attachment's
-//!   targets and timings as one instance read them, `sv` = the record's `ver` it read just before,
-//!   `n` = publications so far, `at` its clock. A holder needs a view with `sv` ≥ the version of
-//!   its own last write (its grant, or a touch after registering): that view was read after the
-//!   write, so after what the write followed. One instance refreshes at a time, at most once per
+//!   targets and timings as one instance read them, `sv` = the record's `ver` it read just before
+//!   (summed over the shards; `svs` each shard's), `n` = publications so far, `at` its clock. A
+//!   holder needs a view whose version of its shard is ≥ that of its own last write (its grant,
+//!   or a touch after registering: `After`): that view was read after the write, so after what
+//!   the write followed. One instance refreshes at a time, at most once per
 //!   `cycle::view::VIEW_REFRESH` per attachment (a short lease in the same item, kept by its last
 //!   holder while it refreshes on time: `VIEW_HANDOFF`), so the load balancer and EC2 see about
 //!   two reads per second whatever the fleet's size.
@@ -198,23 +209,25 @@ pub const PACE_WINDOW: Duration = Duration::from_secs(10);
 /// last one may grant `rate` × this many permits.
 pub const PACE_BURST: Duration = Duration::from_secs(15);
 
-/// The most permits a cluster without a pace (`--leave-rate 0`) is measured to hold while its
-/// record's writes stay within one DynamoDB item's capacity (about 1,000 write units a second; each
-/// write costs the record's size, which grows with its holders): 50 (K = 200 in the fleet bench:
-/// 602 write units in the busiest second, 704 batched), not 75 (K = 300: 1,228). Beyond it
-/// DynamoDB throttles some writes, which strict mode counts as failed checks (slower, never
-/// unsafe); `record_beyond_item` says when to warn.
+/// The most permits a cluster without a pace (`--leave-rate 0`) is measured to hold in one item
+/// while its record's writes stay within one DynamoDB item's capacity (about 1,000 write units a
+/// second; each write costs the record's size, which grows with its holders): 50 (K = 200 in the
+/// fleet bench: 602 write units in the busiest second, 704 batched), not 75 (K = 300: 1,228 in
+/// one item). Beyond it an unpaced cluster spreads its slots over shards of at most this many
+/// (`shards_for`); a paced one keeps one item, and DynamoDB throttles some writes at a pace above
+/// `PACE_WITHIN_ITEM`, which strict mode counts as failed checks (slower, never unsafe):
+/// `record_beyond_item` says when to warn.
 pub const PERMITS_WITHIN_ITEM: usize = 50;
 
 /// The fastest pace measured to keep the record within one item however many permits: the
 /// default (K = 1,000: 502 write units, 710 batched), not 3 (1,408 batched) nor 4 (2,395 batched).
 pub const PACE_WITHIN_ITEM: f64 = 2.0;
 
-/// Whether a cluster of `permits` slots at `leave_rate` (0: no pace) may make more record writes
-/// than one item takes: more than `PERMITS_WITHIN_ITEM` permits, with no pace or one above
-/// `PACE_WITHIN_ITEM`.
+/// Whether a cluster of `permits` slots at `leave_rate` (0: no pace, the record then spread over
+/// shards) may make more writes to one item than it takes: more than `PERMITS_WITHIN_ITEM`
+/// permits at a pace above `PACE_WITHIN_ITEM`.
 pub fn record_beyond_item(leave_rate: f64, permits: usize) -> bool {
-    permits > PERMITS_WITHIN_ITEM && (leave_rate == 0.0 || leave_rate > PACE_WITHIN_ITEM)
+    permits > PERMITS_WITHIN_ITEM && leave_rate > PACE_WITHIN_ITEM
 }
 
 /// The most slots one shard holds: a cluster with more permits and no pace spreads its entries
@@ -353,7 +366,7 @@ impl Written {
 pub enum LeaseError {
     #[error("permit table {table} does not exist: create it (README, \"Strict mode\") or fix --lease-table")]
     NoTable { table: String },
-    #[error("permit table {table}: {action} denied ({message}); the role needs dynamodb:GetItem and dynamodb:UpdateItem on it, for the cluster's key and the same key + \"#view\" (README, \"Strict mode\")")]
+    #[error("permit table {table}: {action} denied ({message}); the role needs dynamodb:GetItem and dynamodb:UpdateItem on it, for the cluster's key and the keys beginning with it and \"#\" (its shards and view; README, \"Strict mode\")")]
     AccessDenied { table: String, action: &'static str, message: String },
     #[error("no AWS credentials for {action} on permit table {table}: {detail}")]
     Credentials { table: String, action: &'static str, detail: String },
@@ -1073,10 +1086,13 @@ mod tests {
 
     #[test]
     fn a_cluster_whose_record_may_outgrow_one_item_is_warned_of() {
-        // Unpaced: K = 200 (50 permits) was measured within one item; K = 300 (75) was not.
+        // Unpaced: K = 200 (50 permits) was measured within one item; beyond, the record spreads.
         let rule = crate::quorum::Rule { quorum_ppm: 750_000, min_in_service: 1 };
-        assert!(!record_beyond_item(0.0, rule.permits(200)));
-        assert!(record_beyond_item(0.0, rule.permits(300)));
+        for k in [200, 300, 1000] {
+            assert!(!record_beyond_item(0.0, rule.permits(k)), "{k}");
+        }
+        assert_eq!(shards_for(rule.permits(200), 0.0), 1);
+        assert_eq!(shards_for(rule.permits(300), 0.0), 3);
         // K = 1,000: within at the default pace and below, not at 3 or 4 per second.
         for rate in [0.5, 1.0, crate::config::DEFAULT_LEAVE_RATE] {
             assert!(!record_beyond_item(rate, rule.permits(1000)), "{rate}");
