@@ -711,7 +711,10 @@ impl Permits {
                 continue;
             }
             let Some(s) = self.pick_shard(&merged, kind, limit, now, rank) else {
-                return Ok(Acquired::Refused { holders: slots });
+                // Its home shard is full (others may not be): the holders it waits for are there.
+                let home = rank.map(|(r, m)| home_shard(r, m, limit, n)).filter(|h| *h > 0);
+                let holders = home.map_or(slots, |h| merged.part(h).other_slots(&self.me, now, self.grace));
+                return Ok(Acquired::Refused { holders });
             };
             let part = merged.part(s);
             let (lim, rate) = (shard_limit(limit, n, s), if s == 0 { self.leave_rate } else { 0.0 });
@@ -1399,15 +1402,21 @@ mod shard_tests {
         freed.release().await;
         assert_eq!(slots_in(&store, shard), shard_limit(limit, n, shard) - 1);
         assert!(!p.read().await.unwrap().holders.contains_key(&me));
+        let holding = p.read().await.unwrap().holders;
         let waiter = |home: usize| {
-            (0..members).find(|&r| home_shard(r, members, limit, n) == home && r % 2 == 1).expect("a waiter")
+            (0..members)
+                .find(|&r| home_shard(r, members, limit, n) == home && !holding.contains_key(&format!("i-{r:05}")))
+                .expect("a waiter")
         };
-        let other = waiter(if shard == 1 { 2 } else { 1 });
+        let full = if shard == 1 { 2 } else { 1 };
+        let other = waiter(full);
         let refused = permits(&store, &format!("i-{other:05}"));
-        assert!(matches!(
-            refused.acquire(Kind::Slot, limit, Some((other, members))).await.unwrap(),
-            Acquired::Refused { .. }
-        ));
+        let Acquired::Refused { holders } = refused.acquire(Kind::Slot, limit, Some((other, members))).await.unwrap()
+        else {
+            panic!("its home shard is full")
+        };
+        let in_full: Vec<String> = store.record(&shard_key("web", full)).unwrap().holders.into_keys().collect();
+        assert_eq!(holders, in_full, "the refusal names the holders of its own shard");
         let at_home = waiter(shard);
         let taker = permits(&store, &format!("i-{at_home:05}"));
         let taken = taker.acquire(Kind::Slot, limit, Some((at_home, members))).await.unwrap();
