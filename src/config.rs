@@ -154,7 +154,7 @@ pub struct Layer {
     /// Strict mode: longest a permit is renewed, in seconds [default: 3600]
     #[arg(long, global = true, env = "ELB_QUORUM_MAX_HOLD", value_name = "SECS")]
     pub max_hold: Option<f64>,
-    /// Strict mode: permits granted per second across the whole cluster (up to 15 s worth at once after a pause), 0 for no pacing (with more than 50 permits, about 200 instances, no pace or one above 2 may take the permit record's writes beyond one DynamoDB item's capacity: warned of); each leave costs two calls per attachment of the account's registration budget, 20 + 4/s per API version: 2 can take all of it, 1 half [default: 2]
+    /// Strict mode: permits granted per second across the whole cluster (up to 15 s worth at once after a pause), 0 for no pacing (with more than 50 permits, about 200 instances: unpaced, the permit record is spread over several DynamoDB items; a pace above 2 may take its one item's writes beyond the item's capacity: warned of); each leave costs two calls per attachment of the account's registration budget, 20 + 4/s per API version: 2 can take all of it, 1 half [default: 2]
     #[arg(long, global = true, env = "ELB_QUORUM_LEAVE_RATE", value_name = "PER_SEC")]
     pub leave_rate: Option<f64>,
     /// Strict mode: let one instance deregister and register every holder asking, at most two calls a second for the whole cluster, instead of each making its own two calls per attachment: above a few hundred instances the account's registration budget needs it. The instance taking a batch calls for others only within a 10 s claim that a restarting instance waits out before registering itself [default: off]

@@ -1606,7 +1606,7 @@ pub struct FleetReport {
     /// Registration calls made (`Register*` and `Deregister*`, each call once whatever its
     /// attempts): 2 × K when every instance makes its own.
     pub registration_calls: usize,
-    /// Permit-store writes (the record's and the shared view's) in the busiest second.
+    /// Permit-store writes (all items: the record's shards and the shared view) in the busiest second.
     pub store_writes_peak_per_s: f64,
     /// That second: when it began, and its writes by kind and result (`acquire applied`, ...).
     pub store_writes_peak_at: Duration,
