@@ -1758,6 +1758,7 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
     let calls_lost_to_throttling = throttle.as_ref().map_or(0, |t| t.throttled(&reads).1);
     let mutate = [Api::ElbV1Mutate, Api::ElbV2Mutate];
     let (registration_throttled, registration_calls_lost) = throttle.as_ref().map_or((0, 0), |t| t.throttled(&mutate));
+    let items = store.as_ref().map_or_else(Default::default, |s| item_peaks(&s.calls()));
     let busiest_writes = store.as_ref().map_or_else(Default::default, |s| {
         let writes: Vec<(Duration, String)> = s
             .calls()
@@ -1811,16 +1812,10 @@ pub async fn simulate_fleet(p: &FleetParams) -> FleetReport {
             let reads: Vec<Duration> = s.calls().iter().filter(|c| c.op.is_read()).map(|c| c.at).collect();
             peak_rate(&reads, Duration::from_secs(1))
         }),
-        store_items: store.as_ref().map_or_else(Default::default, |s| item_peaks(&s.calls())),
-        store_item_writes_peak_per_s: store
-            .as_ref()
-            .map_or(0.0, |s| per_item(&s.calls(), |c| (!c.op.is_read()).then_some(1.0))),
-        store_read_units_peak_per_s: store
-            .as_ref()
-            .map_or(0.0, |s| per_item(&s.calls(), |c| c.op.is_read().then(|| c.read_units()))),
-        store_write_units_peak_per_s: store
-            .as_ref()
-            .map_or(0.0, |s| per_item(&s.calls(), |c| (!c.op.is_read()).then(|| c.write_units()))),
+        store_item_writes_peak_per_s: busiest_item(&items, 0),
+        store_read_units_peak_per_s: busiest_item(&items, 1),
+        store_write_units_peak_per_s: busiest_item(&items, 2),
+        store_items: items,
     }
 }
 
@@ -1842,16 +1837,10 @@ fn item_peaks(calls: &[StoreCall]) -> BTreeMap<String, [f64; 3]> {
         .collect()
 }
 
-/// The busiest second of the busiest item (one DynamoDB partition key: a shard of the record, or
-/// the shared view): the sum of `amount` over its calls (`None`: not counted).
-fn per_item(calls: &[StoreCall], amount: impl Fn(&StoreCall) -> Option<f64>) -> f64 {
-    let mut items: BTreeMap<&str, Vec<(Duration, f64)>> = BTreeMap::new();
-    for c in calls {
-        if let Some(a) = amount(c) {
-            items.entry(c.key.as_str()).or_default().push((c.at, a));
-        }
-    }
-    items.values().map(|v| peak_sum(v, Duration::from_secs(1))).fold(0.0, f64::max)
+/// The busiest item's (one DynamoDB partition key: a shard of the record, or the shared view)
+/// figure `i` of `item_peaks` (0 writes, 1 read units, 2 write units) in its busiest second.
+fn busiest_item(items: &BTreeMap<String, [f64; 3]>, i: usize) -> f64 {
+    items.values().map(|v| v[i]).fold(0.0, f64::max)
 }
 
 const ALL_APIS: [Api; 6] =
