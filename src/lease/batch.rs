@@ -243,17 +243,19 @@ impl Permits {
         now: u64,
         forgot: &mut bool,
     ) -> Result<bool, LeaseError> {
+        // `elems` that shard `s`'s sets hold.
+        let held_in = |s: usize| -> BTreeSet<String> {
+            let Some(b) = record.part(s).map(|p| &p.batches) else { return BTreeSet::new() };
+            elems.iter().filter(|e| b.want_out.contains(*e) || b.want_in.contains(*e)).cloned().collect()
+        };
         for s in 1..record.shards.max(1) {
-            let b = record.part(s).batches;
-            let here: BTreeSet<String> =
-                elems.iter().filter(|e| b.want_out.contains(*e) || b.want_in.contains(*e)).cloned().collect();
+            let here = held_in(s);
             if !here.is_empty() {
                 self.store.write(&shard_key(&self.key, s), Write::Forget { elems: here }).await?;
                 *forgot = true;
             }
         }
-        let first = record.part(0).batches;
-        let elems = elems.into_iter().filter(|e| first.want_out.contains(e) || first.want_in.contains(e)).collect();
+        let elems = held_in(0);
         let stale = now.saturating_sub(Self::ms(self.grace));
         let write = Write::Withdraw { id: self.me.clone(), elems, stale };
         let applied = self.store.write(&self.key, write).await?.applied();
@@ -285,7 +287,7 @@ impl Permits {
         calls: u32,
     ) -> Result<bool, LeaseError> {
         for s in 1..record.shards.max(1) {
-            let b = record.part(s).batches;
+            let Some(b) = record.part(s).map(|p| &p.batches) else { continue };
             let here: BTreeSet<String> = out
                 .iter()
                 .filter(|e| b.want_out.contains(*e))

@@ -148,12 +148,12 @@ impl Record {
         self.shard_of.get(id).copied().unwrap_or(0)
     }
 
-    /// Shard `s` of a merged read as read, alone (a read of one item is its own shard 0).
-    pub fn part(&self, s: usize) -> Record {
+    /// Shard `s` of a merged read as read, alone (a read of one item is its own shard 0; `None`:
+    /// no such shard).
+    pub fn part(&self, s: usize) -> Option<&Record> {
         match self.parts.get(s) {
-            Some(p) => p.clone(),
-            None if s == 0 => self.clone(),
-            None => Record::default(),
+            None if s == 0 && self.parts.is_empty() => Some(self),
+            p => p,
         }
     }
 }
@@ -502,12 +502,7 @@ pub fn plan(
         }
         return Plan::Init;
     };
-    let removals: Vec<Write> = current
-        .holders
-        .iter()
-        .filter(|(id, h)| id.as_str() == me || !h.counts(now, grace))
-        .map(|(id, h)| Write::Remove { id: id.clone(), tok: h.tok.clone(), kind: h.kind })
-        .collect();
+    let removals = removals(current, me, now, grace);
     let slots = current.other_slots(me, now, grace);
     if holder.kind == Kind::Slot && slots.len() >= limit {
         return Plan::Refuse { holders: slots };
@@ -528,6 +523,17 @@ pub fn plan(
         None
     };
     Plan::Claim(Write::Claim { id: me.into(), holder, limit, pace })
+}
+
+/// The removals an acquire makes first in `record`: expired entries (`exp + G < now`) and `me`'s
+/// from an earlier run, each conditional on the token read.
+fn removals(record: &Record, me: &str, now: u64, grace: Duration) -> Vec<Write> {
+    record
+        .holders
+        .iter()
+        .filter(|(id, h)| id.as_str() == me || !h.counts(now, grace))
+        .map(|(id, h)| Write::Remove { id: id.clone(), tok: h.tok.clone(), kind: h.kind })
+        .collect()
 }
 
 /// The live holders other than `me`: every decision counts them out, InService or not.
@@ -694,11 +700,7 @@ impl Permits {
             // unchanged, then the record is read again.
             let mut removed = false;
             for s in 0..n {
-                let part = merged.part(s);
-                for (id, h) in
-                    part.holders.iter().filter(|(id, h)| id.as_str() == self.me || !h.counts(now, self.grace))
-                {
-                    let w = Write::Remove { id: id.clone(), tok: h.tok.clone(), kind: h.kind };
+                for w in merged.part(s).map_or_else(Vec::new, |p| removals(p, &self.me, now, self.grace)) {
                     self.store.write(&shard_key(&self.key, s), w).await?;
                     removed = true;
                 }
@@ -713,13 +715,13 @@ impl Permits {
             let Some(s) = self.pick_shard(&merged, kind, limit, now, rank) else {
                 // Its home shard is full (others may not be): the holders it waits for are there.
                 let home = rank.map(|(r, m)| home_shard(r, m, limit, n)).filter(|h| *h > 0);
-                let holders = home.map_or(slots, |h| merged.part(h).other_slots(&self.me, now, self.grace));
+                let home = home.and_then(|h| merged.part(h));
+                let holders = home.map_or(slots, |p| p.other_slots(&self.me, now, self.grace));
                 return Ok(Acquired::Refused { holders });
             };
-            let part = merged.part(s);
             let (lim, rate) = (shard_limit(limit, n, s), if s == 0 { self.leave_rate } else { 0.0 });
             let key = shard_key(&self.key, s);
-            let write = match plan(Some(&part), &self.me, holder.clone(), lim, now, self.grace, rate) {
+            let write = match plan(merged.part(s), &self.me, holder.clone(), lim, now, self.grace, rate) {
                 Plan::Paced { until } => return Ok(Acquired::Paced { wait: Duration::from_millis(until - now) }),
                 Plan::Claim(w) => w,
                 Plan::Init => {
@@ -797,7 +799,7 @@ impl Permits {
             return Some(0);
         }
         let room = |s: usize| {
-            let held = merged.part(s).other_slots(&self.me, now, self.grace).len();
+            let held = merged.part(s).map_or(0, |p| p.other_slots(&self.me, now, self.grace).len());
             shard_limit(limit, n, s).saturating_sub(held)
         };
         if let Some((rank, members)) = rank {
