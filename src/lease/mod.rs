@@ -114,7 +114,8 @@ pub struct Record {
     /// `--batch-registrations`: targets asking to be taken out or put back, and the batch claim.
     pub batches: batch::Batches,
     /// `np` (shard 0 only): the items the cluster's entries are spread over (`shard_key`); 0 and 1
-    /// both mean this item alone.
+    /// both mean this item alone (and the item has no `np`, so its size is as without shards).
+    #[serde(skip_serializing_if = "one_item")]
     pub shards: usize,
     /// A merged read (`Permits::read`): every shard's `ver`, by shard.
     #[serde(skip)]
@@ -140,6 +141,11 @@ impl Record {
             .map(|(id, _)| id.clone())
             .collect()
     }
+}
+
+/// A shard count that means the record is one item.
+fn one_item(shards: &usize) -> bool {
+    *shards <= 1
 }
 
 impl Record {
