@@ -188,6 +188,7 @@ async fn run(seed: u64, batch: bool) -> SeedReport {
                             StoreOp::LoadView,
                             StoreOp::LeaseView,
                             StoreOp::PublishView,
+                            StoreOp::PublishHead,
                             StoreOp::Batch,
                         ];
                         let op = pick(&ops[..if batch { ops.len() } else { ops.len() - 1 }]);

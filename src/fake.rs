@@ -1084,10 +1084,12 @@ pub enum StoreOp {
     Remove,
     /// `--batch-registrations`: asks, withdrawals, batch claims and their ends.
     Batch,
-    /// The shared view's item: read, refresh lease, publication.
+    /// The shared view's item and its head: reads, refresh lease, publication.
     LoadView,
     LeaseView,
     PublishView,
+    /// The view's head after a publication (`SharedWrite::Head`).
+    PublishHead,
 }
 
 impl StoreOp {
@@ -1130,10 +1132,10 @@ fn record_bytes(r: Option<&Record>) -> usize {
     r.map_or(0, |r| serde_json::to_string(r).map_or(0, |j| j.len()))
 }
 
-/// The shared view's item size: the view, and about 64 bytes for its key and numbers (`n`, `sv`,
-/// `at`, `lu`).
+/// The shared view's item size (or its head's): the view, about 64 bytes for the key and numbers
+/// (`n`, `sv`, `at`, `lu`), the lease's holder and the shards' versions (`svs`).
 fn shared_bytes(s: Option<&Shared>) -> usize {
-    s.map_or(0, |s| s.data.len() + 64)
+    s.map_or(0, |s| s.data.len() + 64 + s.lease_holder.len() + 6 * s.seen.len())
 }
 
 impl StoreCall {
@@ -1372,6 +1374,12 @@ impl FakeStore {
                 }
                 *item = Shared { seen_ver, seen, n: item.n + 1, at, data, ..std::mem::take(item) };
             }
+            SharedWrite::Head { n, seen_ver, seen, at } => {
+                if item.n >= n {
+                    return false;
+                }
+                *item = Shared { seen_ver, seen, n, at, ..std::mem::take(item) };
+            }
         }
         true
     }
@@ -1436,6 +1444,7 @@ impl FakeStore {
         let op = match write {
             SharedWrite::Lease { .. } => StoreOp::LeaseView,
             SharedWrite::Publish { .. } => StoreOp::PublishView,
+            SharedWrite::Head { .. } => StoreOp::PublishHead,
         };
         let bytes = || shared_bytes(self.shared(key).as_ref());
         self.conditional(key, op, None, || self.apply_shared(key, write), |applied| *applied, bytes).await

@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::*;
 use elb_quorum::lease::dynamo::DynamoStore;
 use elb_quorum::lease::{
-    view_key, Acquired, Kind, LeaseError, PermitStore, Permits, Record, SharedWrite, Write, Written,
+    head_key, view_key, Acquired, Kind, LeaseError, PermitStore, Permits, Record, SharedWrite, Write, Written,
 };
 
 const TABLE: &str = "elb-quorum-permits";
@@ -229,6 +229,18 @@ async fn claims_are_capped_by_size_and_the_shared_view_is_leased_and_ordered() {
     let s = store.load_shared(&vk).await.unwrap().unwrap();
     assert_eq!((s.seen_ver, s.n, s.data.as_str(), s.lease_until), (5, 2, "five again", now + 3000));
     assert_eq!(s.lease_holder, "i-b");
+    // The head: the lease beside a copy of a publication's numbers, which never goes back.
+    let hk = head_key(key);
+    let head = |n: u64, v: u64| SharedWrite::Head { n, seen_ver: v, seen: vec![v - 1, 1], at: now + n };
+    assert!(store.write_shared(&hk, lease("i-a", now, now + 1000)).await.unwrap());
+    assert!(store.write_shared(&hk, head(2, 5)).await.unwrap());
+    assert!(!store.write_shared(&hk, head(2, 6)).await.unwrap(), "the same publication");
+    assert!(!store.write_shared(&hk, head(1, 4)).await.unwrap(), "never back");
+    assert!(store.write_shared(&hk, head(3, 7)).await.unwrap());
+    let h = store.load_shared(&hk).await.unwrap().unwrap();
+    assert_eq!((h.n, h.seen_ver, h.seen.clone(), h.at, h.data.as_str()), (3, 7, vec![6, 1], now + 3, ""));
+    assert_eq!((h.lease_holder.as_str(), h.lease_until), ("i-a", now + 1000), "the lease kept beside it");
+    assert!(!store.write_shared(&hk, lease("i-b", now + 500, now + 1500)).await.unwrap(), "held");
     a.release().await;
     b.release().await;
 }
@@ -366,13 +378,18 @@ async fn shard_writes(store: Arc<dyn PermitStore>) {
     let vk = view_key(key);
     let now = a.now();
     let vers = r.vers.clone();
-    assert!(a.publish_view(&vers, now, "v".into()).await.unwrap());
+    assert!(a.publish_view(&vers, now, "v".into(), 1).await.unwrap());
     let s = store.load_shared(&vk).await.unwrap().unwrap();
     assert_eq!((s.seen.clone(), s.seen_ver), (vers.clone(), vers.iter().sum::<u64>()));
     assert!(s.read_after(held_b.after) && s.read_after(touched));
     assert!(!s.read_after(After { shard: 2, ver: vers[2] + 1 }));
+    // Its head names it with the same versions, and no view.
+    let h = a.head().await.unwrap().unwrap();
+    assert_eq!((h.n, h.seen.clone(), h.seen_ver, h.data.as_str()), (1, vers.clone(), s.seen_ver, ""));
+    assert!(h.read_after(held_b.after) && h.read_after(touched));
     let older: Vec<u64> = vers.iter().map(|v| v - 1).collect();
-    assert!(!a.publish_view(&older, now, "older".into()).await.unwrap(), "an earlier read never replaces it");
+    assert!(!a.publish_view(&older, now, "older".into(), 2).await.unwrap(), "an earlier read never replaces it");
+    assert_eq!(a.head().await.unwrap().unwrap().n, 1, "nor its head");
     held_a.release().await;
     held_b.release().await;
     let r = a.read().await.unwrap();

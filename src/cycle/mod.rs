@@ -1159,9 +1159,12 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// after publication `after_n`, with its publication number. When the stored one is not, this
     /// instance refreshes it if the refresh lease is free (members, every attachment's targets, and
     /// their timings when older than `TIMINGS_MAX_AGE`), else waits for the instance that holds
-    /// the lease; within `VIEW_WAIT`. `read`: the item as the caller just read it, if it did (at a
-    /// fleet's restart every instance reads it at once: a second read would double that second's
-    /// cost, each read charged the item's size).
+    /// the lease; within `VIEW_WAIT`. `read`: the view's item as the caller just read it, if it did
+    /// (at a fleet's restart every instance reads it at once: a second read would double that
+    /// second's cost, each read charged the item's size). Otherwise it polls the view's head
+    /// (`Permits::head`: about 100 bytes) and reads the view only when the head names a
+    /// publication it can use; the view itself must then say so too (an eventually consistent
+    /// read may still return the one before it): the head only saves reads, it decides nothing.
     async fn shared_view(
         &self,
         permits: &Permits,
@@ -1174,11 +1177,18 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
         loop {
             let current = match known.take() {
                 Some(held) => held,
-                None => permits.shared().await?,
+                None => permits.head().await?,
             };
-            if let Some(s) = current.as_ref().filter(|s| s.n > after_n && s.read_after(need) && !s.data.is_empty()) {
-                let view = View::decode(&s.data).map_err(|d| self.malformed_view(permits, d))?;
-                return Ok((view, s.n));
+            let usable = |s: &Shared| s.n > after_n && s.read_after(need);
+            if current.as_ref().is_some_and(usable) {
+                let item = match current.as_ref().filter(|s| !s.data.is_empty()) {
+                    Some(s) => Some(s.clone()),
+                    None => permits.shared().await?,
+                };
+                if let Some(s) = item.filter(|s| usable(s) && !s.data.is_empty()) {
+                    let view = View::decode(&s.data).map_err(|d| self.malformed_view(permits, d))?;
+                    return Ok((view, s.n));
+                }
             }
             // Take the refresh only when the item says nobody holds it (so that a crowd of
             // pollers does not write at once); the cluster's first view in a while (none yet, or
@@ -1231,11 +1241,23 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// Reads the members and every attachment's targets (and their timings when `current`'s are
     /// older than `TIMINGS_MAX_AGE`) and publishes them, holding the refresh lease; returns the
     /// view with its publication number.
+    /// `current`: the view's item or its head as last read (the view's item is read for the
+    /// timings when it is the head).
     async fn refresh_view(&self, permits: &Permits, current: Option<&Shared>) -> Result<(View, u64), CycleError> {
         let vers = permits.read().await?.vers;
         let at = permits.now();
+        let fetched;
+        let last = match current.filter(|s| !s.data.is_empty()) {
+            Some(s) => Some(s),
+            None => {
+                fetched = permits.shared().await?;
+                fetched.as_ref()
+            }
+        };
+        // The head never names a later publication than the view's item holds.
+        let n = current.into_iter().chain(last).map(|s| s.n).max().unwrap_or(0) + 1;
         let max_age = TIMINGS_MAX_AGE.as_millis() as u64;
-        let previous = current
+        let previous = last
             .and_then(|s| View::decode(&s.data).ok())
             .filter(|v| v.timings.len() == self.lbs.len() && at.saturating_sub(v.timings_at) < max_age);
         let roster = self.members.members().await?;
@@ -1245,8 +1267,8 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             None => (self.timings().await?, at),
         };
         let view = View { roster, listed, timings, timings_at };
-        permits.publish_view(&vers, at, view.encode()).await?;
-        Ok((view, current.map_or(0, |s| s.n) + 1))
+        permits.publish_view(&vers, at, view.encode(), n).await?;
+        Ok((view, n))
     }
 
     /// Strict mode: publishes a view now, for the processes waiting on one at their start
@@ -1255,7 +1277,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// another instance holds it by now (it publishes).
     pub async fn prime_view(&self) -> Result<(), CycleError> {
         let Some(permits) = &self.permits else { return Ok(()) };
-        let current = permits.shared().await?;
+        let current = permits.head().await?;
         let held = current.as_ref().is_some_and(|s| s.lease_holder == permits.me && s.lease_until > permits.now());
         if held || permits.lease_view(self.view_lease()).await? {
             self.refresh_view(permits, current.as_ref()).await?;

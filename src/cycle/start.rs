@@ -69,7 +69,9 @@ where
             first_view_pause(current.as_ref()).await;
             continue;
         }
-        let free = current.as_ref().is_none_or(|s| s.lease_free(&permits.me, now));
+        // The refresh lease is in the view's head (an unreadable head: try the lease anyway).
+        let head = permits.head().await.ok().flatten();
+        let free = head.as_ref().is_none_or(|s| s.lease_free(&permits.me, now));
         if free && permits.lease_view(VIEW_REFRESH).await.unwrap_or(false) {
             info!(group = %name, "no shared view lists this instance yet: looking the Auto Scaling group up for the cluster");
             return Ok(GroupAtStart { group: lookup().await?, read: None, publish: true });
@@ -128,7 +130,7 @@ mod tests {
                 tokio::spawn(async move {
                     let start = group_at_start(&permits, "fleet", counting(&calls)).await.unwrap();
                     if start.publish {
-                        assert!(permits.publish_view(&[0], permits.now(), view_of(&all)).await.unwrap());
+                        assert!(permits.publish_view(&[0], permits.now(), view_of(&all), 1).await.unwrap());
                     }
                     (start.group.name, start.read.is_some(), start.publish)
                 })
@@ -153,14 +155,14 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let (listed, newcomer) =
             (fake_permits(&store, "asg:fleet", &ids[0]), fake_permits(&store, "asg:fleet", "i-new"));
-        assert!(listed.publish_view(&[0], 1, view_of(&ids)).await.unwrap(), "a view long stale");
+        assert!(listed.publish_view(&[0], 1, view_of(&ids), 1).await.unwrap(), "a view long stale");
         let start = group_at_start(&listed, "fleet", counting(&calls)).await.unwrap();
         assert_eq!((start.group.name.as_str(), start.read.is_some(), start.publish), ("fleet", true, false));
         assert_eq!(calls.load(Ordering::SeqCst), 0);
         assert!(group_at_start(&listed, "other", counting(&calls)).await.is_ok());
         assert_eq!(calls.load(Ordering::SeqCst), 1, "a view of another group does not answer");
 
-        assert!(listed.publish_view(&[0], listed.now(), view_of(&ids)).await.unwrap());
+        assert!(listed.publish_view(&[0], listed.now(), view_of(&ids), 2).await.unwrap());
         let before = tokio::time::Instant::now();
         let start = group_at_start(&newcomer, "fleet", counting(&calls)).await.unwrap();
         assert_eq!((start.read.is_some(), start.publish, calls.load(Ordering::SeqCst)), (false, false, 2));

@@ -1,8 +1,8 @@
 //! `PermitStore` on a DynamoDB table (hash key `pk`, a string) through `aws-sdk-dynamodb`. Every
 //! attribute name goes through a placeholder (`#h` holders, `#x` exempt, `#v` ver, `#id` one
 //! holder), so no name can collide with DynamoDB's reserved words. The shared view is a second
-//! item of the same table (`pk` = key + `#view`), and each shard of a spread record another (key
-//! + `#pN`). All `SdkError` mapping happens here.
+//! item of the same table (`pk` = key + `#view`), its head with the refresh lease a third (key +
+//! `#vh`), and each shard of a spread record another (key + `#pN`). All `SdkError` mapping happens here.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -361,6 +361,20 @@ impl DynamoStore {
                 .expression_attribute_values(":d", AttributeValue::S(data))
                 .expression_attribute_values(":zero", n(0))
                 .expression_attribute_values(":one", n(1)),
+            SharedWrite::Head { n: number, seen_ver, seen, at } => req
+                .update_expression("SET #n = :n, #sv = :sv, #svs = :svs, #at = :at")
+                .condition_expression("attribute_not_exists(#n) OR #n < :n")
+                .expression_attribute_names("#n", "n")
+                .expression_attribute_names("#sv", "sv")
+                .expression_attribute_names("#svs", "svs")
+                .expression_attribute_names("#at", "at")
+                .expression_attribute_values(":n", n(number))
+                .expression_attribute_values(":sv", n(seen_ver))
+                .expression_attribute_values(
+                    ":svs",
+                    AttributeValue::S(seen.iter().map(u64::to_string).collect::<Vec<_>>().join(",")),
+                )
+                .expression_attribute_values(":at", n(at)),
         };
         match req.send().await {
             Ok(_) => Ok(true),
