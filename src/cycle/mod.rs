@@ -417,6 +417,10 @@ pub struct Cycle<L, M, S> {
     /// Strict mode: the shared view's item as the process read it at its start, and when
     /// (`with_view_read`).
     view_read: std::sync::Mutex<Option<(Instant, Shared)>>,
+    /// Strict mode: the last view a check sized the cluster from, when it was read (Unix ms, its
+    /// reader's clock) and its publication number: the next checks take it while it is at most
+    /// `VIEW_MAX_AGE` old instead of reading the view's item again (`view_for_limit`).
+    sized_from: std::sync::Mutex<Option<(View, u64, u64)>>,
 }
 
 /// Strict mode, while a permit is held: the shared view this holder may use.
@@ -538,6 +542,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             from_group: false,
             batch: false,
             view_read: std::sync::Mutex::new(None),
+            sized_from: std::sync::Mutex::new(None),
         }
     }
 
@@ -563,6 +568,7 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
             from_group: self.from_group,
             batch: self.batch,
             view_read: self.view_read,
+            sized_from: self.sized_from,
         }
     }
 
@@ -1064,10 +1070,14 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     if exemption_lost {
                         return Ok(StrictCheck::Full { holders, permits: limit });
                     }
-                    // Whether this instance serves, from a view at most `EXEMPTION_VIEW_AGE` old.
-                    let old = permits.now().saturating_sub(seen_at) > EXEMPTION_VIEW_AGE.as_millis() as u64;
-                    let listed = if old {
-                        self.shared_view(permits, After::default(), seen_n, None).await?.0.listed
+                    // Whether this instance serves, from a view at most `EXEMPTION_VIEW_AGE` old:
+                    // the stored one when it is (the head says), else the next one published.
+                    let exemption_age = EXEMPTION_VIEW_AGE.as_millis() as u64;
+                    let old = |at: u64| permits.now().saturating_sub(at) > exemption_age;
+                    let listed = if old(seen_at) {
+                        let head = permits.head().await?;
+                        let after_n = head.filter(|h| old(h.at)).map_or(seen_n, |h| h.n.max(seen_n));
+                        self.shared_view(permits, After::default(), after_n, None).await?.0.listed
                     } else {
                         seen.listed.clone()
                     };
@@ -1127,24 +1137,36 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     }
 
     /// Strict mode: a view recent enough to size the cluster (L) and to tell whether this instance
-    /// serves: the shared one when at most `VIEW_MAX_AGE` old, else a fresh one.
-    /// Returns it with when it was read (Unix ms, its reader's clock) and its publication number.
+    /// serves: the one the last check sized it from, or the shared one, when at most
+    /// `VIEW_MAX_AGE` old, else a fresh one. Returns it with when it was read (Unix ms, its
+    /// reader's clock) and its publication number. A waiter checking again thus reads nothing
+    /// here: at a wave's end every new holder's check would otherwise read the whole view (up to
+    /// 37 KB at K = 1,000) in the same second as its read after the grant.
     async fn view_for_limit(&self, permits: &Permits) -> Result<(View, u64, u64), CycleError> {
         let start_read = self.view_read.lock().unwrap().take();
+        let max_age = VIEW_MAX_AGE.as_millis() as u64;
+        if start_read.is_none() {
+            let last = self.sized_from.lock().unwrap().clone();
+            if let Some(last) = last.filter(|(_, at, _)| permits.now().saturating_sub(*at) <= max_age) {
+                return Ok(last);
+            }
+        }
         let current = match start_read.filter(|(at, _)| at.elapsed() < VIEW_POLL) {
             Some((_, read)) => Some(read),
             None => permits.shared().await?,
         };
-        match current {
+        let sized = match current {
             Some(s) if is_fresh(&s, permits.now()) => {
-                Ok((View::decode(&s.data).map_err(|d| self.malformed_view(permits, d))?, s.at, s.n))
+                (View::decode(&s.data).map_err(|d| self.malformed_view(permits, d))?, s.at, s.n)
             }
             s => {
                 let after_n = s.as_ref().map_or(0, |s| s.n);
                 let (view, n) = self.shared_view(permits, After::default(), after_n, Some(s)).await?;
-                Ok((view, permits.now(), n))
+                (view, permits.now(), n)
             }
-        }
+        };
+        *self.sized_from.lock().unwrap() = Some(sized.clone());
+        Ok(sized)
     }
 
     fn malformed_view(&self, permits: &Permits, detail: String) -> CycleError {
