@@ -135,7 +135,9 @@ const TARGET_IN_FULL_BYTES: usize = 64;
 
 /// Attachment `listed`'s targets as groups over the members `index` (of `members` in all).
 fn groups(listed: &[TargetHealth], index: &HashMap<&str, usize>, members: usize, t: &LbTimings) -> WireGroups {
-    let mut groups: Vec<(TargetState, &str, Option<i32>, Vec<u8>, Vec<&TargetHealth>)> = Vec::new();
+    // (state, description, port), the bitmap, the targets in it.
+    type Group<'a> = ((TargetState, &'a str, Option<i32>), Vec<u8>, Vec<&'a TargetHealth>);
+    let mut groups: Vec<Group> = Vec::new();
     let mut o = Vec::new();
     for h in listed {
         let Some(&i) = index.get(h.target.instance_id.as_str()) else {
@@ -143,14 +145,14 @@ fn groups(listed: &[TargetHealth], index: &HashMap<&str, usize>, members: usize,
             continue;
         };
         let key = (h.state, h.raw.as_str(), h.target.port);
-        let g = match groups.iter().position(|g| (g.0, g.1, g.2) == key) {
+        let g = match groups.iter().position(|g| g.0 == key) {
             Some(g) => g,
             None => {
-                groups.push((key.0, key.1, key.2, vec![0u8; members.div_ceil(8)], Vec::new()));
+                groups.push((key, vec![0u8; members.div_ceil(8)], Vec::new()));
                 groups.len() - 1
             }
         };
-        let (_, _, _, bits, of) = &mut groups[g];
+        let (_, bits, of) = &mut groups[g];
         match bits[i / 8] & (1 << (i % 8)) {
             0 => {
                 bits[i / 8] |= 1 << (i % 8);
@@ -161,7 +163,7 @@ fn groups(listed: &[TargetHealth], index: &HashMap<&str, usize>, members: usize,
     }
     let bitmap_bytes = members.div_ceil(8).div_ceil(3) * 4;
     let mut g = Vec::new();
-    for (state, raw, port, bits, of) in groups {
+    for ((state, raw, port), bits, of) in groups {
         if of.len() * TARGET_IN_FULL_BYTES > bitmap_bytes {
             g.push(WireGroup { t: state, r: raw.to_owned(), p: port, k: B64.encode(bits) });
         } else {
