@@ -17,8 +17,10 @@ use crate::quorum::Members;
 /// lease): about two `Describe*` calls per second on the load balancer's API, whatever the
 /// number of attachments, and two `DescribeInstances` or fewer.
 pub const VIEW_REFRESH: Duration = Duration::from_millis(500);
-/// A holder waiting for a view newer than the one it has reads the item this often.
-pub const VIEW_POLL: Duration = Duration::from_millis(500);
+/// A holder waiting for a view newer than the one it has reads the view's head this often (about
+/// 100 bytes: `crate::lease::head_key`), and the view only when the head names one it can use.
+/// At 0.5 s the unpaced batched fleet of 1,000 took 2.4 s longer (seed 0: 200.6 s against 198.1).
+pub const VIEW_POLL: Duration = Duration::from_millis(250);
 /// A holder gives up waiting for a fresh view after this long (a failed check or poll).
 pub const VIEW_WAIT: Duration = Duration::from_secs(30);
 /// A waiter sizes the cluster (L) from a view at most this old; an older one is refreshed first.
