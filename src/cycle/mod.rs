@@ -1147,8 +1147,8 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// serves: the one the last check sized it from, or the shared one, when at most
     /// `VIEW_MAX_AGE` old, else a fresh one. Returns it with when it was read (Unix ms, its
     /// reader's clock) and its publication number. A waiter checking again thus reads nothing
-    /// here: at a wave's end every new holder's check would otherwise read the whole view (up to
-    /// 37 KB at K = 1,000) in the same second as its read after the grant.
+    /// here: at a wave's end every new holder's check would otherwise read the whole view (about
+    /// 16 KB at K = 1,000) in the same second as its read after the grant.
     async fn view_for_limit(&self, permits: &Permits) -> Result<(View, u64, u64), CycleError> {
         let start_read = self.view_read.lock().unwrap().take();
         let max_age = VIEW_MAX_AGE.as_millis() as u64;
@@ -1269,9 +1269,8 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
 
     /// Reads the members and every attachment's targets (and their timings when `current`'s are
     /// older than `TIMINGS_MAX_AGE`) and publishes them, holding the refresh lease; returns the
-    /// view with its publication number.
-    /// `current`: the view's item or its head as last read (the view's item is read for the
-    /// timings when it is the head).
+    /// view with its publication number. `current`: the view's item or its head as last read
+    /// (when it is the head, the view's item is read for the timings and the publication number).
     async fn refresh_view(&self, permits: &Permits, current: Option<&Shared>) -> Result<(View, u64), CycleError> {
         let vers = permits.read().await?.vers;
         let at = permits.now();
