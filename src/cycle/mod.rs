@@ -1083,8 +1083,8 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
                     let old = |at: u64| permits.now().saturating_sub(at) > exemption_age;
                     let listed = if old(seen_at) {
                         let head = permits.head().await?;
-                        let after_n = head.filter(|h| old(h.at)).map_or(seen_n, |h| h.n.max(seen_n));
-                        self.shared_view(permits, After::default(), after_n, None).await?.0.listed
+                        let after_n = head.as_ref().filter(|h| old(h.at)).map_or(seen_n, |h| h.n.max(seen_n));
+                        self.shared_view(permits, After::default(), after_n, Some(head)).await?.0.listed
                     } else {
                         seen.listed.clone()
                     };
@@ -1188,9 +1188,9 @@ impl<L: LoadBalancer, M: Membership, S: Services> Cycle<L, M, S> {
     /// after publication `after_n`, with its publication number. When the stored one is not, this
     /// instance refreshes it if the refresh lease is free (members, every attachment's targets, and
     /// their timings when older than `TIMINGS_MAX_AGE`), else waits for the instance that holds
-    /// the lease; within `VIEW_WAIT`. `read`: the view's item as the caller just read it, if it did
-    /// (at a fleet's restart every instance reads it at once: a second read would double that
-    /// second's cost, each read charged the item's size). Otherwise it polls the view's head
+    /// the lease; within `VIEW_WAIT`. `read`: the view's item, or its head, as the caller just read
+    /// it, if it did (at a fleet's restart every instance reads the view at once: a second read
+    /// would double that second's cost, each read charged the item's size). Then it polls the head
     /// (`Permits::head`: about 100 bytes) and reads the view only when the head names a
     /// publication it can use; the view itself must then say so too (an eventually consistent
     /// read may still return the one before it): the head only saves reads, it decides nothing.

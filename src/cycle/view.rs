@@ -112,7 +112,7 @@ struct Wire {
 #[derive(Serialize, Deserialize)]
 struct WireGroups {
     g: Vec<WireGroup>,
-    o: Vec<(String, Option<i32>, TargetState, String)>,
+    o: Vec<InFull>,
     d: Option<u64>,
     h: u64,
 }
@@ -126,8 +126,10 @@ struct WireGroup {
     k: String,
 }
 
-/// A target written out in full (`o`).
-fn in_full(h: &TargetHealth) -> (String, Option<i32>, TargetState, String) {
+/// A target written out in full (`o`): id, port, state, description.
+type InFull = (String, Option<i32>, TargetState, String);
+
+fn in_full(h: &TargetHealth) -> InFull {
     (h.target.instance_id.clone(), h.target.port, h.state, h.raw.clone())
 }
 
@@ -187,7 +189,7 @@ struct WireLb {
     s: Vec<String>,
     #[serde(default)]
     r: String,
-    o: Vec<(String, Option<i32>, TargetState, String)>,
+    o: Vec<InFull>,
     d: Option<u64>,
     h: u64,
 }
@@ -291,7 +293,7 @@ fn timings(d: Option<u64>, h: u64) -> LbTimings {
     LbTimings { drain: d.map(Duration::from_millis), healthy_after: Duration::from_millis(h) }
 }
 
-fn written_out(o: Vec<(String, Option<i32>, TargetState, String)>) -> impl Iterator<Item = TargetHealth> {
+fn written_out(o: Vec<InFull>) -> impl Iterator<Item = TargetHealth> {
     o.into_iter().map(|(id, port, state, raw)| TargetHealth { target: Target { instance_id: id, port }, state, raw })
 }
 
@@ -470,8 +472,9 @@ mod tests {
 
     /// A wave out: 240 of the 1,000 members' targets draining, unused or starting (each state
     /// with one description) take a bitmap per state, not 240 targets written out (a 37 KB view
-    /// in the fleet model before); a lone target of its own state and description stays written out. Written as `e`
-    /// only: listeners that know only `a` or `b` fail to read it rather than misread it.
+    /// in the fleet model before); a lone target of its own state and description stays written
+    /// out. Written as `e` only: listeners that know only `a` or `b` fail to read it rather than
+    /// misread it.
     #[test]
     fn a_wave_out_takes_a_bitmap_per_state_and_round_trips() {
         let (_, mut view) = fleet();

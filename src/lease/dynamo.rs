@@ -349,10 +349,7 @@ impl DynamoStore {
                 .condition_expression("attribute_not_exists(#sv) OR #sv <= :sv")
                 .expression_attribute_names("#sv", "sv")
                 .expression_attribute_names("#svs", "svs")
-                .expression_attribute_values(
-                    ":svs",
-                    AttributeValue::S(seen.iter().map(u64::to_string).collect::<Vec<_>>().join(",")),
-                )
+                .expression_attribute_values(":svs", svs(&seen))
                 .expression_attribute_names("#at", "at")
                 .expression_attribute_names("#d", "d")
                 .expression_attribute_names("#n", "n")
@@ -370,10 +367,7 @@ impl DynamoStore {
                 .expression_attribute_names("#at", "at")
                 .expression_attribute_values(":n", n(number))
                 .expression_attribute_values(":sv", n(seen_ver))
-                .expression_attribute_values(
-                    ":svs",
-                    AttributeValue::S(seen.iter().map(u64::to_string).collect::<Vec<_>>().join(",")),
-                )
+                .expression_attribute_values(":svs", svs(&seen))
                 .expression_attribute_values(":at", n(at)),
         };
         match req.send().await {
@@ -382,6 +376,11 @@ impl DynamoStore {
             Err(e) => Err(self.map("UpdateItem", e)),
         }
     }
+}
+
+/// Every shard's version as stored in `svs` (a string: `3,7,4`; empty for one item).
+fn svs(seen: &[u64]) -> AttributeValue {
+    AttributeValue::S(seen.iter().map(u64::to_string).collect::<Vec<_>>().join(","))
 }
 
 impl PermitStore for DynamoStore {
